@@ -1,0 +1,86 @@
+//! File names on keel's partitions, all derived from the image name (`keel.image=`).
+//!
+//! On `img`: `root-squashfs.img` (current), `root-squashfs-old.img` (previous),
+//! `root-squashfs.img.new` (a promotion in progress), `keel-state.json` (the boot state).
+//! On `newimg`: `root-squashfs.img` (staged) and `root-squashfs.img.manifest` (its signed
+//! manifest, written last: the commit marker).
+
+/// The boot state's file name on the `img` partition.
+pub const STATE_FILE: &str = "keel-state.json";
+/// Temporary name the state is written to before the atomic rename.
+pub const STATE_TMP: &str = "keel-state.json.tmp";
+/// The default image file name.
+pub const DEFAULT_IMAGE: &str = "root-squashfs.img";
+
+/// Names of every file keel keeps for one image name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Names {
+    /// The current image, e.g. `root-squashfs.img`.
+    pub current: String,
+    /// The previous image, e.g. `root-squashfs-old.img`.
+    pub old: String,
+    /// A temporary link made while the previous image is renamed to `old`.
+    pub old_tmp: String,
+    /// The new image being copied in, e.g. `root-squashfs.img.new`.
+    pub new_tmp: String,
+    /// The staged image on `newimg` (same name as the current one).
+    pub staged: String,
+    /// The staged image's signed manifest on `newimg`: the commit marker.
+    pub staged_manifest: String,
+    /// Temporary name of a staged image being received.
+    pub staged_partial: String,
+}
+
+/// Whether `name` is a plain file name keel accepts as an image name.
+pub fn valid_image_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && name != STATE_FILE
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))
+}
+
+impl Names {
+    /// Derives all names from the image name: `-old` goes before the extension.
+    pub fn for_image(image: &str) -> Names {
+        let old = match image.rfind('.') {
+            Some(dot) if dot > 0 => format!("{}-old{}", &image[..dot], &image[dot..]),
+            _ => format!("{image}-old"),
+        };
+        Names {
+            current: image.to_string(),
+            old_tmp: format!("{old}.tmp"),
+            old,
+            new_tmp: format!("{image}.new"),
+            staged: image.to_string(),
+            staged_manifest: format!("{image}.manifest"),
+            staged_partial: format!("{image}.partial"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_name_goes_before_extension() {
+        assert_eq!(Names::for_image("root-squashfs.img").old, "root-squashfs-old.img");
+        assert_eq!(Names::for_image("rootfs").old, "rootfs-old");
+        assert_eq!(Names::for_image("a.b.erofs").old, "a.b-old.erofs");
+        assert_eq!(Names::for_image(".img").old, ".img-old");
+    }
+
+    #[test]
+    fn image_names() {
+        assert!(valid_image_name("root-squashfs.img"));
+        assert!(!valid_image_name("../x"));
+        assert!(!valid_image_name("a/b"));
+        assert!(!valid_image_name(""));
+        assert!(!valid_image_name(".."));
+        assert!(!valid_image_name(STATE_FILE));
+    }
+}

@@ -1,0 +1,19 @@
+//! keel-proto: the types that keel's parts share, with no I/O.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`hex`] | lower-case hex for digests and signatures |
+//! | [`manifest`] | the signed image manifest, its canonical bytes, key loading and verification |
+//! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
+//! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
+//! | [`layout`] | file names on the partitions, derived from the image name |
+//!
+//! Everything here is pure: callers read and write the bytes.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod bootstate;
+pub mod hex;
+pub mod layout;
+pub mod manifest;
+pub mod report;

@@ -1,0 +1,329 @@
+//! The signed image manifest.
+//!
+//! A manifest names an image (`name`), its monotonic integer `version`, its exact `size` and
+//! `sha256`. What is signed is [`Manifest::canonical_bytes`], a fixed line-based text, so a
+//! user can sign it with `openssl pkeyutl -sign -rawin` in their own CI. The signature is a
+//! detached ed25519 signature; keys are the PEM files `openssl genpkey -algorithm ed25519`
+//! makes (PKCS#8 private, SPKI public). Several trusted keys may be configured (rotation).
+
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::hex;
+
+/// The manifest format this code writes and accepts.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// The first line of the canonical encoding.
+const CANONICAL_MAGIC: &str = "keel-manifest";
+/// Longest product name accepted.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a manifest or key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    /// The JSON did not parse.
+    #[error("manifest is not valid JSON: {0}")]
+    Json(String),
+    /// The format version is not one this build knows.
+    #[error("manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})")]
+    Format {
+        /// Format found in the manifest.
+        found: u32,
+    },
+    /// The name has characters outside `[A-Za-z0-9._-]` or is too long.
+    #[error("manifest name {0:?} is not 1-64 characters of A-Z a-z 0-9 . _ -")]
+    Name(String),
+    /// The digest is not 64 hex digits.
+    #[error("manifest sha256 {0:?} is not 64 hex digits")]
+    Digest(String),
+    /// The signature is not 128 hex digits.
+    #[error("signature is not 128 hex digits")]
+    SignatureEncoding,
+    /// No trusted key verifies the signature.
+    #[error("signature does not verify with any of the {keys} trusted key(s)")]
+    BadSignature {
+        /// How many keys were tried.
+        keys: usize,
+    },
+    /// No trusted keys are configured.
+    #[error("no trusted keys are configured")]
+    NoKeys,
+    /// A PEM key did not parse.
+    #[error("key is not an ed25519 {kind} key in PEM form: {detail}")]
+    Key {
+        /// "public" or "private".
+        kind: &'static str,
+        /// The parser's message.
+        detail: String,
+    },
+    /// `min_version` is above `version`.
+    #[error("min_version {min} is above version {version}")]
+    MinVersion {
+        /// The manifest's min_version.
+        min: u64,
+        /// The manifest's version.
+        version: u64,
+    },
+}
+
+/// An image manifest: what is signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format, [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// Product name; a device accepts only images of its own name.
+    pub name: String,
+    /// Monotonic image version: a device accepts only higher versions.
+    pub version: u64,
+    /// Exact image size in bytes.
+    pub size: u64,
+    /// SHA-256 of the image, lower-case hex.
+    pub sha256: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created: u64,
+    /// If set, a device must run at least this version to install the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_version: Option<u64>,
+}
+
+/// A manifest with its detached signature, as stored next to a staged image and sent on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedManifest {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// ed25519 signature over [`Manifest::canonical_bytes`], 128 hex digits.
+    pub signature: String,
+}
+
+impl Manifest {
+    /// Checks the fields that have rules of their own (name, digest, min_version, format).
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.format != MANIFEST_FORMAT {
+            return Err(ManifestError::Format { found: self.format });
+        }
+        if self.name.is_empty()
+            || self.name.len() > MAX_NAME_LEN
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(ManifestError::Name(self.name.clone()));
+        }
+        if hex::decode::<32>(&self.sha256).is_none() {
+            return Err(ManifestError::Digest(self.sha256.clone()));
+        }
+        if let Some(min) = self.min_version {
+            if min > self.version {
+                return Err(ManifestError::MinVersion {
+                    min,
+                    version: self.version,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The digest as bytes (after [`Manifest::validate`], never `None`).
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        hex::decode::<32>(&self.sha256)
+    }
+
+    /// The exact bytes that are signed: one `key value` pair a line, fixed order, `\n` endings.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let min = self
+            .min_version
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "-".to_string());
+        format!(
+            "{CANONICAL_MAGIC} {}\nname {}\nversion {}\nsize {}\nsha256 {}\ncreated {}\nmin-version {}\n",
+            self.format,
+            self.name,
+            self.version,
+            self.size,
+            self.sha256.to_ascii_lowercase(),
+            self.created,
+            min
+        )
+        .into_bytes()
+    }
+
+    /// Signs the manifest with `key`.
+    pub fn sign(self, key: &SigningKey) -> SignedManifest {
+        let sig = key.sign(&self.canonical_bytes());
+        SignedManifest {
+            manifest: self,
+            signature: hex::encode(&sig.to_bytes()),
+        }
+    }
+}
+
+impl SignedManifest {
+    /// Attaches a raw 64-byte signature (as `openssl pkeyutl -sign -rawin` writes it).
+    pub fn with_raw_signature(manifest: Manifest, sig: &[u8]) -> Result<Self, ManifestError> {
+        if sig.len() != 64 {
+            return Err(ManifestError::SignatureEncoding);
+        }
+        Ok(SignedManifest {
+            manifest,
+            signature: hex::encode(sig),
+        })
+    }
+
+    /// Parses the JSON form and validates the manifest's fields (not the signature).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ManifestError> {
+        let m: SignedManifest =
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Json(e.to_string()))?;
+        m.manifest.validate()?;
+        Ok(m)
+    }
+
+    /// The JSON form, pretty-printed, newline-terminated.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Verifies the signature against any of `keys` (strict ed25519) and the manifest's rules.
+    pub fn verify(&self, keys: &[VerifyingKey]) -> Result<&Manifest, ManifestError> {
+        self.manifest.validate()?;
+        if keys.is_empty() {
+            return Err(ManifestError::NoKeys);
+        }
+        let raw = hex::decode::<64>(&self.signature).ok_or(ManifestError::SignatureEncoding)?;
+        let sig = Signature::from_bytes(&raw);
+        let msg = self.manifest.canonical_bytes();
+        if keys.iter().any(|k| k.verify_strict(&msg, &sig).is_ok()) {
+            Ok(&self.manifest)
+        } else {
+            Err(ManifestError::BadSignature { keys: keys.len() })
+        }
+    }
+}
+
+/// Parses every `-----BEGIN PUBLIC KEY-----` block in `pem` (one file may hold several keys).
+pub fn public_keys_from_pem(pem: &str) -> Result<Vec<VerifyingKey>, ManifestError> {
+    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const END: &str = "-----END PUBLIC KEY-----";
+    let mut keys = Vec::new();
+    let mut rest = pem;
+    while let Some(start) = rest.find(BEGIN) {
+        let after = &rest[start..];
+        let end = after.find(END).ok_or_else(|| ManifestError::Key {
+            kind: "public",
+            detail: "unterminated PEM block".into(),
+        })? + END.len();
+        let block = &after[..end];
+        keys.push(
+            VerifyingKey::from_public_key_pem(block).map_err(|e| ManifestError::Key {
+                kind: "public",
+                detail: e.to_string(),
+            })?,
+        );
+        rest = &after[end..];
+    }
+    if keys.is_empty() {
+        return Err(ManifestError::Key {
+            kind: "public",
+            detail: "no PUBLIC KEY block found".into(),
+        });
+    }
+    Ok(keys)
+}
+
+/// Parses a PKCS#8 `-----BEGIN PRIVATE KEY-----` ed25519 key.
+pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey, ManifestError> {
+    SigningKey::from_pkcs8_pem(pem).map_err(|e| ManifestError::Key {
+        kind: "private",
+        detail: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT,
+            name: "demo".into(),
+            version: 2,
+            size: 4096,
+            sha256: "ab".repeat(32),
+            created: 1_700_000_000,
+            min_version: None,
+        }
+    }
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    #[test]
+    fn canonical_bytes_are_stable() {
+        let text = String::from_utf8(sample().canonical_bytes()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "keel-manifest 1\nname demo\nversion 2\nsize 4096\nsha256 {}\ncreated 1700000000\nmin-version -\n",
+                "ab".repeat(32)
+            )
+        );
+    }
+
+    #[test]
+    fn sign_verify_and_tamper() {
+        let k = key(7);
+        let signed = sample().sign(&k);
+        assert!(signed.verify(&[k.verifying_key()]).is_ok());
+        // Rotation: any trusted key may verify.
+        assert!(signed.verify(&[key(1).verifying_key(), k.verifying_key()]).is_ok());
+        assert_eq!(
+            signed.verify(&[key(1).verifying_key()]),
+            Err(ManifestError::BadSignature { keys: 1 })
+        );
+        let mut tampered = signed.clone();
+        tampered.manifest.version = 3;
+        assert!(matches!(
+            tampered.verify(&[k.verifying_key()]),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        let mut flipped = signed.clone();
+        let c = if flipped.signature.starts_with('0') { "1" } else { "0" };
+        flipped.signature.replace_range(0..1, c);
+        assert!(flipped.verify(&[k.verifying_key()]).is_err());
+        assert_eq!(signed.verify(&[]), Err(ManifestError::NoKeys));
+    }
+
+    #[test]
+    fn json_round_trip_and_validation() {
+        let signed = sample().sign(&key(3));
+        let back = SignedManifest::from_json(&signed.to_json()).unwrap();
+        assert_eq!(back, signed);
+        let mut bad = sample();
+        bad.name = "a b".into();
+        assert!(matches!(bad.validate(), Err(ManifestError::Name(_))));
+        let mut bad = sample();
+        bad.sha256 = "xyz".into();
+        assert!(matches!(bad.validate(), Err(ManifestError::Digest(_))));
+        let mut bad = sample();
+        bad.format = 9;
+        assert_eq!(bad.validate(), Err(ManifestError::Format { found: 9 }));
+        let mut bad = sample();
+        bad.min_version = Some(5);
+        assert!(matches!(bad.validate(), Err(ManifestError::MinVersion { .. })));
+        assert!(matches!(
+            SignedManifest::from_json(b"{not json"),
+            Err(ManifestError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn pem_errors_are_clear() {
+        let e = public_keys_from_pem("hello").unwrap_err();
+        assert!(e.to_string().contains("no PUBLIC KEY block"), "{e}");
+        assert!(signing_key_from_pem("nope").is_err());
+    }
+}

@@ -1,0 +1,61 @@
+//! `/run/keel/boot.json`: what initstage found and did this boot, read by the agent.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bootstate::{ImageRecord, Trial};
+
+/// A partition initstage found by its label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoundPartition {
+    /// Role: `img`, `overlay`, `newimg` or `boot`.
+    pub role: String,
+    /// The label searched for.
+    pub label: String,
+    /// The block device, e.g. `/dev/vda2`.
+    pub device: String,
+    /// Filesystem type libblkid reported.
+    pub fstype: String,
+    /// Where it is mounted (under the run directory).
+    pub mountpoint: String,
+}
+
+/// The boot report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootReport {
+    /// initstage's version.
+    pub initstage_version: String,
+    /// Image file name on `img`.
+    pub image_file: String,
+    /// The booted image.
+    pub booted: ImageRecord,
+    /// Filesystem of the image (squashfs, erofs).
+    pub image_fstype: String,
+    /// Set when the booted image is on trial.
+    pub trial: Option<Trial>,
+    /// Boots left for the trial after this one.
+    pub tries_left: Option<u32>,
+    /// Boot counter.
+    pub boot_count: u64,
+    /// Partitions found.
+    pub partitions: Vec<FoundPartition>,
+    /// Where the overlay's upper layer lives: `partition` or `tmpfs`.
+    pub upper: String,
+    /// What happened this boot, in order (promoted, rolled back and why, ...).
+    pub actions: Vec<String>,
+    /// The run directory holding the partitions' mounts.
+    pub run_dir: String,
+}
+
+impl BootReport {
+    /// The report's JSON bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("report serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses a report.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
