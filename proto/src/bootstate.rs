@@ -226,7 +226,10 @@ impl BootState {
                 let v = self.current.as_ref().map(|c| c.version).unwrap_or(0);
                 self.push_event(
                     EventKind::MarkedGood,
-                    format!("version {v} marked good after {} of {} boots", t.used, t.tries),
+                    format!(
+                        "version {v} marked good after {} of {} boots",
+                        t.used, t.tries
+                    ),
                 );
                 Ok(MarkGood::Ended)
             }
@@ -300,9 +303,14 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(BootState::from_json(&s.to_json()).unwrap(), s);
-        assert!(matches!(BootState::from_json(b"[]"), Err(StateError::Json(_))));
-        let mut future = BootState::default();
-        future.format = 99;
+        assert!(matches!(
+            BootState::from_json(b"[]"),
+            Err(StateError::Json(_))
+        ));
+        let future = BootState {
+            format: 99,
+            ..Default::default()
+        };
         assert_eq!(
             BootState::from_json(&future.to_json()),
             Err(StateError::Format(99))

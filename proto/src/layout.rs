@@ -68,7 +68,10 @@ mod tests {
 
     #[test]
     fn old_name_goes_before_extension() {
-        assert_eq!(Names::for_image("root-squashfs.img").old, "root-squashfs-old.img");
+        assert_eq!(
+            Names::for_image("root-squashfs.img").old,
+            "root-squashfs-old.img"
+        );
         assert_eq!(Names::for_image("rootfs").old, "rootfs-old");
         assert_eq!(Names::for_image("a.b.erofs").old, "a.b-old.erofs");
         assert_eq!(Names::for_image(".img").old, ".img-old");

@@ -7,7 +7,8 @@
 //! makes (PKCS#8 private, SPKI public). Several trusted keys may be configured (rotation).
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
 use crate::hex;
@@ -26,7 +27,9 @@ pub enum ManifestError {
     #[error("manifest is not valid JSON: {0}")]
     Json(String),
     /// The format version is not one this build knows.
-    #[error("manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})")]
+    #[error(
+        "manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})"
+    )]
     Format {
         /// Format found in the manifest.
         found: u32,
@@ -279,7 +282,9 @@ mod tests {
         let signed = sample().sign(&k);
         assert!(signed.verify(&[k.verifying_key()]).is_ok());
         // Rotation: any trusted key may verify.
-        assert!(signed.verify(&[key(1).verifying_key(), k.verifying_key()]).is_ok());
+        assert!(signed
+            .verify(&[key(1).verifying_key(), k.verifying_key()])
+            .is_ok());
         assert_eq!(
             signed.verify(&[key(1).verifying_key()]),
             Err(ManifestError::BadSignature { keys: 1 })
@@ -291,7 +296,11 @@ mod tests {
             Err(ManifestError::BadSignature { .. })
         ));
         let mut flipped = signed.clone();
-        let c = if flipped.signature.starts_with('0') { "1" } else { "0" };
+        let c = if flipped.signature.starts_with('0') {
+            "1"
+        } else {
+            "0"
+        };
         flipped.signature.replace_range(0..1, c);
         assert!(flipped.verify(&[k.verifying_key()]).is_err());
         assert_eq!(signed.verify(&[]), Err(ManifestError::NoKeys));
@@ -313,7 +322,10 @@ mod tests {
         assert_eq!(bad.validate(), Err(ManifestError::Format { found: 9 }));
         let mut bad = sample();
         bad.min_version = Some(5);
-        assert!(matches!(bad.validate(), Err(ManifestError::MinVersion { .. })));
+        assert!(matches!(
+            bad.validate(),
+            Err(ManifestError::MinVersion { .. })
+        ));
         assert!(matches!(
             SignedManifest::from_json(b"{not json"),
             Err(ManifestError::Json(_))

@@ -1,0 +1,272 @@
+//! Runs a [`Plan`]: the thin layer of file-system calls behind the pure state machine.
+//!
+//! Every write, rename and fsync is followed by a [`failpoint::hit`], so tests can stop the
+//! process after each one and check that the next boot still starts an intact image.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use keel_proto::bootstate::BootState;
+use keel_proto::layout::{Names, STATE_FILE, STATE_TMP};
+use keel_proto::manifest::{Manifest, SignedManifest, VerifyingKey};
+use keel_proto::{bootstate::ImageRecord, hex};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::failpoint;
+use crate::promote::{Facts, Plan, Staged, Step};
+
+/// Copy buffer size: large and aligned for the page cache.
+const CHUNK: usize = 1 << 20;
+
+/// Where the plan's files live.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// Mounted img partition.
+    pub img: PathBuf,
+    /// Mounted newimg partition, if any.
+    pub newimg: Option<PathBuf>,
+    /// File names.
+    pub names: Names,
+}
+
+impl Dirs {
+    fn img(&self, name: &str) -> PathBuf {
+        self.img.join(name)
+    }
+
+    fn newimg(&self, name: &str) -> Option<PathBuf> {
+        self.newimg.as_ref().map(|d| d.join(name))
+    }
+}
+
+/// fsyncs a directory so renames and unlinks in it are durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .ctx("open directory", dir)?
+        .sync_all()
+        .ctx("fsync directory", dir)?;
+    failpoint::hit("fsync dir");
+    Ok(())
+}
+
+/// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync dir.
+pub fn atomic_write(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = dir.join(tmp);
+    let dst = dir.join(name);
+    {
+        let mut f = File::create(&tmp).ctx("create", &tmp)?;
+        f.write_all(bytes).ctx("write", &tmp)?;
+        failpoint::hit("write temp");
+        f.sync_all().ctx("fsync", &tmp)?;
+        failpoint::hit("fsync temp");
+    }
+    fs::rename(&tmp, &dst).ctx("rename", &dst)?;
+    failpoint::hit("rename");
+    fsync_dir(dir)
+}
+
+/// Reads the boot state; a missing file is a fresh state, an unreadable one is reported.
+pub fn load_state(img: &Path) -> Result<Option<BootState>> {
+    let p = img.join(STATE_FILE);
+    match fs::read(&p) {
+        Ok(b) => BootState::from_json(&b)
+            .map(Some)
+            .map_err(|e| Error::Invalid {
+                path: p,
+                detail: e.to_string(),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::Io {
+            op: "read",
+            path: p,
+            source: e,
+        }),
+    }
+}
+
+/// Persists the boot state atomically.
+pub fn save_state(img: &Path, s: &BootState) -> Result<()> {
+    atomic_write(img, STATE_TMP, STATE_FILE, &s.to_json())
+}
+
+fn remove_if_exists(p: &Path) -> Result<bool> {
+    match fs::remove_file(p) {
+        Ok(()) => {
+            failpoint::hit("unlink");
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::Io {
+            op: "remove",
+            path: p.to_path_buf(),
+            source: e,
+        }),
+    }
+}
+
+/// Reads and checks the staged slot on newimg. `keys`: verify the signature too.
+pub fn read_staged(dirs: &Dirs, keys: &[VerifyingKey]) -> Staged {
+    let Some(mpath) = dirs.newimg(&dirs.names.staged_manifest) else {
+        return Staged::None;
+    };
+    let bytes = match fs::read(&mpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Staged::None,
+        Err(e) => return Staged::Invalid(format!("cannot read {}: {e}", mpath.display())),
+    };
+    let signed = match SignedManifest::from_json(&bytes) {
+        Ok(m) => m,
+        Err(e) => return Staged::Invalid(format!("{}: {e}", mpath.display())),
+    };
+    if !keys.is_empty() {
+        if let Err(e) = signed.verify(keys) {
+            return Staged::Invalid(format!("{}: {e}", mpath.display()));
+        }
+    }
+    let ipath = dirs.newimg(&dirs.names.staged).expect("newimg is mounted");
+    match fs::metadata(&ipath) {
+        Ok(md) if md.len() == signed.manifest.size => Staged::Ready(signed.manifest),
+        Ok(md) => Staged::Invalid(format!(
+            "{} is {} bytes, its manifest says {}",
+            ipath.display(),
+            md.len(),
+            signed.manifest.size
+        )),
+        Err(e) => Staged::Invalid(format!("{}: {e}", ipath.display())),
+    }
+}
+
+/// Looks at the img partition (and the staged slot) for the planner.
+pub fn gather_facts(dirs: &Dirs, keys: &[VerifyingKey]) -> Facts {
+    let n = &dirs.names;
+    let adopt = fs::read(dirs.img(&format!("{}.manifest", n.current)))
+        .ok()
+        .and_then(|b| SignedManifest::from_json(&b).ok())
+        .map(|m| ImageRecord::from_manifest(&m.manifest));
+    Facts {
+        current_exists: dirs.img(&n.current).exists(),
+        old_exists: dirs.img(&n.old).exists(),
+        new_tmp_exists: dirs.img(&n.new_tmp).exists(),
+        old_tmp_exists: dirs.img(&n.old_tmp).exists(),
+        staged: read_staged(dirs, keys),
+        adopt,
+    }
+}
+
+/// Copies `src` to `dst` hashing as it goes, fsyncs, and checks size and digest.
+pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()> {
+    let mut input = File::open(src).ctx("open", src)?;
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dst)
+        .ctx("create", dst)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = input.read(&mut buf).ctx("read", src)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).ctx("write", dst)?;
+        total += n as u64;
+    }
+    failpoint::hit("copy image");
+    out.sync_all().ctx("fsync", dst)?;
+    failpoint::hit("fsync image");
+    if total != size {
+        return Err(Error::SizeMismatch {
+            path: src.to_path_buf(),
+            expected: size,
+            found: total,
+        });
+    }
+    let found = hex::encode(&hasher.finalize());
+    if !found.eq_ignore_ascii_case(sha256) {
+        return Err(Error::HashMismatch {
+            path: src.to_path_buf(),
+            expected: sha256.to_string(),
+            found,
+        });
+    }
+    Ok(())
+}
+
+/// Runs one step.
+pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
+    let n = &dirs.names;
+    match step {
+        Step::RemoveNewTmp => {
+            if remove_if_exists(&dirs.img(&n.new_tmp))? {
+                fsync_dir(&dirs.img)?;
+            }
+        }
+        Step::RemoveOldTmp => {
+            if remove_if_exists(&dirs.img(&n.old_tmp))? {
+                fsync_dir(&dirs.img)?;
+            }
+        }
+        Step::CopyStaged { size, sha256 } => {
+            let src = dirs
+                .newimg(&n.staged)
+                .ok_or_else(|| Error::Usage("no newimg partition to copy from".into()))?;
+            let dst = dirs.img(&n.new_tmp);
+            copy_verify(&src, &dst, *size, sha256)?;
+            fsync_dir(&dirs.img)?;
+        }
+        Step::WriteState(s) => save_state(&dirs.img, s)?,
+        Step::KeepCurrentAsOld => {
+            let tmp = dirs.img(&n.old_tmp);
+            remove_if_exists(&tmp)?;
+            fs::hard_link(dirs.img(&n.current), &tmp).ctx("link", &tmp)?;
+            failpoint::hit("link old");
+            fs::rename(&tmp, dirs.img(&n.old)).ctx("rename", dirs.img(&n.old))?;
+            failpoint::hit("rename old");
+            fsync_dir(&dirs.img)?;
+        }
+        Step::InstallNew => {
+            fs::rename(dirs.img(&n.new_tmp), dirs.img(&n.current))
+                .ctx("rename", dirs.img(&n.current))?;
+            failpoint::hit("rename new");
+            fsync_dir(&dirs.img)?;
+        }
+        Step::RestoreOld => {
+            fs::rename(dirs.img(&n.old), dirs.img(&n.current))
+                .ctx("rename", dirs.img(&n.current))?;
+            failpoint::hit("rename old to current");
+            fsync_dir(&dirs.img)?;
+        }
+        Step::RemoveStaged => {
+            if let Some(dir) = &dirs.newimg {
+                // The manifest is the commit marker: it goes first.
+                let a = remove_if_exists(&dir.join(&n.staged_manifest))?;
+                let b = remove_if_exists(&dir.join(&n.staged))?;
+                if a || b {
+                    fsync_dir(dir)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs every step of `plan` in order, stopping at the first error.
+pub fn execute(plan: &Plan, dirs: &Dirs) -> Result<()> {
+    for step in &plan.steps {
+        run_step(step, dirs)?;
+    }
+    Ok(())
+}
+
+/// The manifest of a staged image, for [`crate::promote::plan_reject_staged`].
+pub fn staged_manifest(facts: &Facts) -> Option<&Manifest> {
+    match &facts.staged {
+        Staged::Ready(m) => Some(m),
+        _ => None,
+    }
+}

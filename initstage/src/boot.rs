@@ -1,0 +1,336 @@
+//! One boot's work between "the kernel started us" and switch_root (steps 2–9 of the boot
+//! flow): find partitions, promote or roll back, mount the image and the overlay, write
+//! `boot.json`. Shared by PID 1 mode and `initstage prepare`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use keel_proto::bootstate::BootState;
+use keel_proto::layout::Names;
+use keel_proto::manifest::VerifyingKey;
+use keel_proto::report::{BootReport, FoundPartition};
+
+use crate::apply::{self, Dirs};
+use crate::blkid;
+use crate::cmdline::Config;
+use crate::error::{Error, IoContext, Result};
+use crate::kmsg::step;
+use crate::loopdev;
+use crate::mountplan::{self, Access, Layout, MountOp};
+use crate::mounts::Mounts;
+use crate::probe::{self, Partitions, Scope};
+use crate::promote::{self, Step};
+use crate::switch_root::init_present;
+
+/// Inputs of one boot.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Parsed command line.
+    pub cfg: Config,
+    /// Paths.
+    pub layout: Layout,
+    /// Which block devices to probe.
+    pub scope: Scope,
+    /// Trusted keys; when non-empty, a staged manifest must verify with one of them.
+    pub keys: Vec<VerifyingKey>,
+    /// Modules `modules=` named that the initramfs did not have, to load from `boot`.
+    pub modules_pending: Vec<String>,
+}
+
+/// Result of a prepared boot.
+#[derive(Debug)]
+pub struct Prepared {
+    /// What was found and done.
+    pub report: BootReport,
+    /// The mounted upper filesystem's trash directory, to empty off the boot path.
+    pub trash: Option<PathBuf>,
+}
+
+fn image_fstype(path: &Path) -> Result<String> {
+    if !path.exists() {
+        return Err(Error::Invalid {
+            path: path.to_path_buf(),
+            detail: "image file is missing".into(),
+        });
+    }
+    let sb = blkid::probe(path).map_err(|e| Error::Probe {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    match sb.fstype.as_deref() {
+        Some(t @ ("squashfs" | "erofs")) => Ok(t.to_string()),
+        other => Err(Error::ImageType {
+            path: path.to_path_buf(),
+            found: other.unwrap_or("no known filesystem").to_string(),
+        }),
+    }
+}
+
+/// Loop-mounts the image read-only at `<run>/ro`.
+fn mount_image(image: &Path, layout: &Layout, mounts: &mut Mounts) -> Result<String> {
+    let fstype = image_fstype(image)?;
+    let dev = loopdev::attach_read_only(image)?;
+    mounts.mount(&MountOp {
+        source: dev.path.display().to_string(),
+        target: layout.ro(),
+        fstype: fstype.clone(),
+        access: Access::ReadOnly,
+        data: String::new(),
+    })?;
+    // `dev` drops here: the mount holds the device; autoclear frees it at unmount.
+    Ok(fstype)
+}
+
+/// Moves the old upper and work into `.trash` (a rename: O(1) whatever they hold) and makes
+/// fresh empty ones.
+fn rotate_upper(up: &mountplan::UpperPlan) -> Result<Option<PathBuf>> {
+    let trash = up.base.join(".trash");
+    std::fs::create_dir_all(&trash).ctx("create", &trash)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    for (dir, name) in [(&up.upper, "upper"), (&up.work, "work")] {
+        if dir.exists() {
+            let to = trash.join(format!("{name}.{stamp}"));
+            std::fs::rename(dir, &to).ctx("rename aside", dir)?;
+        }
+    }
+    Ok(Some(trash))
+}
+
+fn prepare_upper(up: &mountplan::UpperPlan, mounts: &mut Mounts) -> Result<Option<PathBuf>> {
+    if let Some(w) = &up.warning {
+        log::warn!("{w}");
+    }
+    if let Some(t) = &up.tmpfs {
+        mounts.mount(t)?;
+    }
+    let trash = if up.rotate { rotate_upper(up)? } else { None };
+    for d in [&up.upper, &up.work] {
+        std::fs::create_dir_all(d).ctx("create", d)?;
+    }
+    if let Some(p) = &up.persistent {
+        std::fs::create_dir_all(p).ctx("create", p)?;
+    }
+    Ok(trash)
+}
+
+/// Runs the promotion plan; a staged image that fails its copy is refused, never booted.
+fn promote_and_account(
+    opts: &Options,
+    dirs: &Dirs,
+    actions: &mut Vec<String>,
+) -> Result<BootState> {
+    let state = match apply::load_state(&dirs.img) {
+        Ok(s) => s.unwrap_or_default(),
+        Err(e) => {
+            log::error!("{e}; starting from a fresh state");
+            actions.push(format!("boot state unreadable ({e}); started afresh"));
+            BootState::default()
+        }
+    };
+    let facts = apply::gather_facts(dirs, &opts.keys);
+    let plan = promote::plan(&state, &facts, opts.cfg.tries);
+    for a in &plan.actions {
+        log::info!("{a}");
+    }
+    for s in &plan.steps {
+        if let Err(e) = apply::run_step(s, dirs) {
+            if let (Step::CopyStaged { .. }, Some(m)) = (s, apply::staged_manifest(&facts)) {
+                let rej = promote::plan_reject_staged(&state, m, &e.to_string());
+                log::error!("{}", rej.actions[0]);
+                apply::execute(&rej, dirs)?;
+                actions.extend(rej.actions);
+                // Then this boot's ordinary accounting, from the state just written.
+                let follow = promote::plan(
+                    &rej.state,
+                    &apply::gather_facts(dirs, &opts.keys),
+                    opts.cfg.tries,
+                );
+                apply::execute(&follow, dirs)?;
+                actions.extend(follow.actions);
+                return Ok(follow.state);
+            }
+            return Err(e);
+        }
+    }
+    actions.extend(plan.actions.iter().cloned());
+    Ok(plan.state)
+}
+
+/// Prepares the new root: everything up to (not including) switch_root.
+pub fn prepare(opts: &Options) -> Result<Prepared> {
+    let mut mounts = Mounts::default();
+    match prepare_inner(opts, &mut mounts) {
+        Ok(p) => {
+            mounts.keep();
+            Ok(p)
+        }
+        Err(e) => {
+            mounts.unwind();
+            Err(e)
+        }
+    }
+}
+
+fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
+    let cfg = &opts.cfg;
+    let layout = &opts.layout;
+    let parts: Partitions = step("find partitions", || {
+        probe::wait_for(&opts.scope, &cfg.labels, cfg.wait)
+    })?;
+    for f in parts.all() {
+        log::info!(
+            "{} = {} ({}, label {:?})",
+            f.role,
+            f.device.display(),
+            f.fstype,
+            f.label
+        );
+    }
+    for role in ["overlay", "newimg", "boot"] {
+        if !parts.all().any(|f| f.role == role) {
+            log::info!("no {role} partition");
+        }
+    }
+    step("mount partitions", || -> Result<()> {
+        for op in mountplan::partition_mounts(&parts, layout) {
+            mounts.mount(&op)?;
+        }
+        Ok(())
+    })?;
+    if !opts.modules_pending.is_empty() {
+        if parts.boot.is_some() {
+            let release = rustix::system::uname();
+            let dir = layout
+                .part("boot")
+                .join("modules")
+                .join(release.release().to_string_lossy().as_ref());
+            step("load modules from boot", || {
+                crate::modules::load_all(&dir, &opts.modules_pending).map(|missing| {
+                    for m in missing {
+                        log::warn!("module {m} not found in the initramfs or {}", dir.display());
+                    }
+                })
+            })?;
+        } else {
+            log::warn!(
+                "modules not found and no boot partition: {}",
+                opts.modules_pending.join(",")
+            );
+        }
+    }
+
+    let dirs = Dirs {
+        img: layout.part("img"),
+        newimg: parts.newimg.as_ref().map(|_| layout.part("newimg")),
+        names: Names::for_image(&cfg.image),
+    };
+    let mut actions = Vec::new();
+    let mut state = step("promotion", || {
+        promote_and_account(opts, &dirs, &mut actions)
+    })?;
+
+    // Mount the current image; if it (or its init) fails, fall back to the previous one.
+    let image = dirs.img.join(&dirs.names.current);
+    let up = mountplan::upper_plan(cfg, parts.overlay.is_some(), layout);
+    let mut attempt = 0;
+    let (fstype, trash) = loop {
+        attempt += 1;
+        let mark = mounts.mark();
+        let r = step(
+            "mount image and overlay",
+            || -> Result<(String, Option<PathBuf>)> {
+                let fstype = mount_image(&image, layout, mounts)?;
+                let trash = prepare_upper(&up, mounts)?;
+                mounts.mount(&mountplan::overlay_mount(&up, layout))?;
+                if !init_present(&layout.sysroot, &cfg.init) {
+                    return Err(Error::InitMissing {
+                        init: cfg.init.clone(),
+                        sysroot: layout.sysroot.clone(),
+                    });
+                }
+                Ok((fstype, trash))
+            },
+        );
+        match r {
+            Ok(v) => break v,
+            Err(e) if attempt == 1 => {
+                mounts.unwind_to(mark);
+                let facts = apply::gather_facts(&dirs, &[]);
+                let reason = format!("image failed: {e}");
+                let Some(rb) = promote::plan_rollback(&state, &facts, &reason) else {
+                    return Err(e);
+                };
+                log::error!("{}", rb.actions[0]);
+                step("roll back", || apply::execute(&rb, &dirs))?;
+                actions.extend(rb.actions.iter().cloned());
+                state = rb.state;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    step("layer views", || -> Result<()> {
+        for b in mountplan::layer_binds(&up, layout) {
+            mounts.mount(&b)?;
+        }
+        Ok(())
+    })?;
+
+    let current = state
+        .current
+        .clone()
+        .unwrap_or_else(keel_proto::bootstate::ImageRecord::unknown);
+    let report = BootReport {
+        initstage_version: env!("CARGO_PKG_VERSION").into(),
+        image_file: cfg.image.clone(),
+        booted: current,
+        image_fstype: fstype,
+        trial: state.trial,
+        tries_left: state.trial.map(|t| t.left()),
+        boot_count: state.boot_count,
+        partitions: parts
+            .all()
+            .map(|f| FoundPartition {
+                role: f.role.into(),
+                label: f.label.clone(),
+                device: f.device.display().to_string(),
+                fstype: f.fstype.clone(),
+                mountpoint: layout.part(f.role).display().to_string(),
+            })
+            .collect(),
+        upper: up.kind.into(),
+        actions,
+        run_dir: layout.run.display().to_string(),
+    };
+    let rp = layout.report();
+    std::fs::write(&rp, report.to_json()).ctx("write", &rp)?;
+    log::info!(
+        "booting {} version {}{}",
+        report.booted.name,
+        report.booted.version,
+        match report.trial {
+            Some(t) => format!(" (trial boot {} of {})", t.used, t.tries),
+            None => String::new(),
+        }
+    );
+    Ok(Prepared { report, trash })
+}
+
+/// Empties a trash directory (old upper layers), off the boot path.
+pub fn clean_trash(trash: &Path) -> std::io::Result<()> {
+    let t = Instant::now();
+    for e in std::fs::read_dir(trash)? {
+        let p = e?.path();
+        // The overlay's work dir holds a mode-000 "work" directory: plain recursive removal
+        // as root copes with it.
+        std::fs::remove_dir_all(&p)?;
+    }
+    log::info!(
+        "emptied {} ({:.1} ms)",
+        trash.display(),
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! PID 1 mode: the `/init` of the initramfs.
+//!
+//! Mounts the API filesystems, reads the command line, loads modules, prepares the new root
+//! ([`crate::boot::prepare`]) and switch_root's into it. PID 1 never exits and never panics
+//! out: any failure prints why and reboots, or with `keel.debug` starts a shell first.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rustix::mount::{mount, MountFlags};
+
+use crate::boot::{self, Options};
+use crate::cmdline;
+use crate::error::{Error, Result};
+use crate::kmsg::{self, step};
+use crate::mountplan::Layout;
+use crate::probe::Scope;
+use crate::switch_root;
+use crate::{failpoint, modules};
+
+/// Trusted keys inside the initramfs.
+pub const TRUSTED_KEYS: &str = "/etc/keel/trusted.pem";
+/// Where the partitions are mounted; moved into the new root with /run.
+pub const RUN_DIR: &str = "/run/keel";
+/// Where the new root is assembled.
+pub const SYSROOT: &str = "/sysroot";
+
+/// (source, target, fstype, options) of the API filesystems, mounted in order.
+const API_MOUNTS: &[(&str, &str, &str, &str)] = &[
+    ("proc", "/proc", "proc", ""),
+    ("sysfs", "/sys", "sysfs", ""),
+    ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
+    ("tmpfs", "/run", "tmpfs", "mode=0755,nosuid,nodev"),
+];
+
+fn api_mounts() -> Result<()> {
+    for (src, target, fstype, data) in API_MOUNTS {
+        let _ = std::fs::create_dir_all(target);
+        let data = std::ffi::CString::new(*data).expect("static options");
+        match mount(
+            *src,
+            *target,
+            *fstype,
+            MountFlags::empty(),
+            Some(data.as_c_str()),
+        ) {
+            Ok(()) | Err(rustix::io::Errno::BUSY) => {}
+            Err(e) => {
+                return Err(Error::Mount {
+                    source_dev: src.to_string(),
+                    target: PathBuf::from(target),
+                    fstype: fstype.to_string(),
+                    options: data.to_string_lossy().into_owned(),
+                    source: e.into(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+fn console_stdio() {
+    use std::os::fd::AsFd;
+    if let Ok(c) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        for fd in 0..3 {
+            // SAFETY: fds 0-2 are the standard streams; dup2 over them is how init sets them.
+            let target = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            let mut owned = std::mem::ManuallyDrop::new(
+                // SAFETY: the fd number is a live standard stream; ManuallyDrop never closes it.
+                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
+            );
+            let _ = target;
+            let _ = rustix::io::dup2(c.as_fd(), &mut owned);
+        }
+    }
+}
+
+/// Reboots (or, with `keel.debug`, first starts a shell). Never returns.
+fn fail(e: &Error, debug: bool) -> ! {
+    log::error!("boot failed: {e}");
+    if debug && Path::new("/bin/sh").exists() {
+        log::error!("keel.debug: starting /bin/sh; exit it to reboot");
+        let _ = std::process::Command::new("/bin/sh").status();
+    } else {
+        log::error!("rebooting in 5 s (add keel.debug to the kernel command line for a shell)");
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    reboot()
+}
+
+fn reboot() -> ! {
+    rustix::fs::sync();
+    let _ = rustix::system::reboot(rustix::system::RebootCommand::Restart);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Starts a low-priority child that empties the old upper layers after switch_root.
+fn spawn_trash_cleaner(trash: &Path) {
+    // SAFETY: PID 1 is single-threaded here; the child only touches the filesystem and exits.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: setpriority on our own process.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+        let _ = boot::clean_trash(trash);
+        // SAFETY: _exit ends the child without running PID 1's atexit handlers.
+        unsafe { libc::_exit(0) };
+    }
+}
+
+/// Runs PID 1 mode. `argv` is what the kernel passed (arguments it did not recognise).
+pub fn run(argv: Vec<String>) -> ! {
+    kmsg::init();
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("initstage panicked: {info}");
+        reboot();
+    }));
+    if let Err(e) = api_mounts() {
+        fail(&e, false);
+    }
+    console_stdio();
+    kmsg::open_kmsg();
+    let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let (cfg, warnings) = cmdline::parse(&line);
+    for w in &warnings {
+        log::warn!("{w}");
+    }
+    failpoint::arm(cfg.failpoint);
+    let debug = cfg.debug;
+
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let modules_pending = match step("load modules", || {
+        modules::load_all(&Path::new("/lib/modules").join(&release), &cfg.modules)
+    }) {
+        Ok(missing) => missing,
+        Err(e) => {
+            log::error!("{e}; continuing");
+            Vec::new()
+        }
+    };
+    let keys = match std::fs::read_to_string(TRUSTED_KEYS) {
+        Ok(pem) => keel_proto::manifest::public_keys_from_pem(&pem).unwrap_or_else(|e| {
+            log::error!("{TRUSTED_KEYS}: {e}; staged images are checked by hash only");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    };
+    let opts = Options {
+        cfg: cfg.clone(),
+        layout: Layout {
+            run: RUN_DIR.into(),
+            sysroot: SYSROOT.into(),
+        },
+        scope: Scope::All,
+        keys,
+        modules_pending,
+    };
+    let prepared = match boot::prepare(&opts) {
+        Ok(p) => p,
+        Err(e) => fail(&e, debug),
+    };
+    let old_root = match step("switch_root", || {
+        switch_root::switch_root(Path::new(SYSROOT))
+    }) {
+        Ok(f) => f,
+        Err(e) => fail(&e, debug),
+    };
+    switch_root::free_initramfs(&old_root);
+    drop(old_root);
+    if let Some(t) = &prepared.trash {
+        // After switch_root the run directory is at the same path inside the new root.
+        spawn_trash_cleaner(t);
+    }
+    let mut args = cfg.init_args.clone();
+    args.extend(argv.into_iter().skip(1));
+    log::info!("exec {} {}", cfg.init, args.join(" "));
+    let e = switch_root::exec_init(&cfg.init, &args);
+    fail(&e, debug)
+}
