@@ -3,5 +3,8 @@
 //! reserves the name and fails loudly rather than pretending to work.
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("keel-agent {} is not implemented yet", env!("CARGO_PKG_VERSION"))
+    anyhow::bail!(
+        "keel-agent {} is not implemented yet",
+        env!("CARGO_PKG_VERSION")
+    )
 }

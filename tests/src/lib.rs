@@ -120,7 +120,8 @@ impl Sandbox {
             .expect("unshare(CLONE_NEWNS)");
         rustix::mount::mount_change(
             "/",
-            rustix::mount::MountPropagationFlags::REC | rustix::mount::MountPropagationFlags::PRIVATE,
+            rustix::mount::MountPropagationFlags::REC
+                | rustix::mount::MountPropagationFlags::PRIVATE,
         )
         .expect("make / rprivate");
         let dir = std::env::temp_dir().join(format!("keel-{name}-{}", std::process::id()));
@@ -161,10 +162,13 @@ impl Sandbox {
     pub fn squashfs(&mut self, version: u64) -> PathBuf {
         let root = self.rootfs(version);
         let out = self.fresh("img").with_extension("squashfs");
-        run(Command::new("mksquashfs")
-            .arg(&root)
-            .arg(&out)
-            .args(["-noappend", "-quiet", "-comp", "gzip", "-all-root"]));
+        run(Command::new("mksquashfs").arg(&root).arg(&out).args([
+            "-noappend",
+            "-quiet",
+            "-comp",
+            "gzip",
+            "-all-root",
+        ]));
         out
     }
 
@@ -211,7 +215,11 @@ impl Sandbox {
             .spawn()
             .unwrap();
         use std::io::Write;
-        sf.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+        sf.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
         assert!(sf.wait().unwrap().success(), "sfdisk failed");
         for (img, start) in files {
             run(Command::new("dd")
@@ -246,8 +254,14 @@ impl Sandbox {
         let mnt = self.fresh("mnt");
         fs::create_dir_all(&mnt).unwrap();
         let dev = format!("/dev/{}", disk.devs[n as usize - 1]);
-        rustix::mount::mount(dev.as_str(), &mnt, "ext4", rustix::mount::MountFlags::empty(), None)
-            .unwrap_or_else(|e| panic!("mount {dev}: {e}"));
+        rustix::mount::mount(
+            dev.as_str(),
+            &mnt,
+            "ext4",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("mount {dev}: {e}"));
         let r = f(&mnt);
         rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
         r
@@ -337,7 +351,11 @@ impl Sandbox {
                 let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::empty());
             }
         }
-        panic!("mounts left below {}: {:?}", self.dir.display(), self.mounts());
+        panic!(
+            "mounts left below {}: {:?}",
+            self.dir.display(),
+            self.mounts()
+        );
     }
 
     /// Loop devices whose backing file is below the sandbox.
@@ -366,7 +384,11 @@ impl Sandbox {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        assert_eq!(self.loops_in_use(), Vec::<String>::new(), "loop devices left attached");
+        assert_eq!(
+            self.loops_in_use(),
+            Vec::<String>::new(),
+            "loop devices left attached"
+        );
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
@@ -383,7 +405,10 @@ impl Drop for Sandbox {
             let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::DETACH);
         }
         for l in &self.loops {
-            let _ = Command::new("losetup").arg("-d").arg(format!("/dev/{l}")).status();
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(format!("/dev/{l}"))
+                .status();
         }
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -2,7 +2,6 @@
 //! mount namespace per test. Run as root (`make test`).
 
 use std::fs;
-use std::path::Path;
 
 use keel_proto::bootstate::{EventKind, MarkGood, Trial};
 use keel_tests::*;
@@ -46,9 +45,16 @@ fn first_boot_mounts_image_overlay_and_views() {
     assert_eq!(r.trial, None);
     let roles: Vec<&str> = r.partitions.iter().map(|p| p.role.as_str()).collect();
     assert_eq!(roles, ["img", "overlay", "newimg"]);
-    assert!(r.actions[0].contains("adopted demo version 1"), "{:?}", r.actions);
+    assert!(
+        r.actions[0].contains("adopted demo version 1"),
+        "{:?}",
+        r.actions
+    );
     // persistent/ is a lower layer of the root.
-    assert_eq!(fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(), "kept\n");
+    assert_eq!(
+        fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(),
+        "kept\n"
+    );
     // Alpine's views.
     assert!(sb.sysroot().join("media/root-ro/etc/keel-version").exists());
     assert!(sb.sysroot().join("media/root-rw/upper").is_dir());
@@ -56,10 +62,20 @@ fn first_boot_mounts_image_overlay_and_views() {
     let ov = sb.mount_line(&sb.sysroot()).expect("overlay mounted");
     assert!(ov.contains(" - overlay overlay "), "{ov}");
     let run = sb.run_dir();
-    assert!(ov.contains(&format!("lowerdir={}/overlay/persistent:{}/ro", run.display(), run.display())), "{ov}");
+    assert!(
+        ov.contains(&format!(
+            "lowerdir={}/overlay/persistent:{}/ro",
+            run.display(),
+            run.display()
+        )),
+        "{ov}"
+    );
     // The image is read-only through a loop device.
     let ro = sb.mount_line(&run.join("ro")).unwrap();
-    assert!(ro.contains(" ro,") && ro.contains("squashfs /dev/loop"), "{ro}");
+    assert!(
+        ro.contains(" ro,") && ro.contains("squashfs /dev/loop"),
+        "{ro}"
+    );
     sb.finish();
 }
 
@@ -75,8 +91,14 @@ fn upper_is_cleared_each_boot_but_persistent_stays() {
     assert!(sb.run_dir().join("overlay/upper/etc/scratch").exists());
     sb.teardown();
     let r = sb.prepare(&disk, "");
-    assert!(!sb.sysroot().join("etc/scratch").exists(), "upper survived a boot");
-    assert_eq!(fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(), "kept\n");
+    assert!(
+        !sb.sysroot().join("etc/scratch").exists(),
+        "upper survived a boot"
+    );
+    assert_eq!(
+        fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(),
+        "kept\n"
+    );
     assert_eq!(r.boot_count, 2);
     sb.finish();
 }
@@ -119,7 +141,9 @@ fn ten_thousand_files_in_old_upper_are_moved_aside_not_deleted() {
         .collect();
     assert_eq!(upper, ["media"]);
     // Off the boot path, `clean-trash` empties it.
-    run(std::process::Command::new(bin("initstage")).arg("clean-trash").arg(&trash));
+    run(std::process::Command::new(bin("initstage"))
+        .arg("clean-trash")
+        .arg(&trash));
     assert_eq!(fs::read_dir(&trash).unwrap().count(), 0);
     sb.finish();
 }
@@ -139,13 +163,26 @@ fn promotion_keeps_old_and_starts_trial_then_mark_good_ends_it() {
     assert_eq!(r.booted.sha256, sha2);
     assert_eq!(r.trial, Some(Trial { tries: 3, used: 1 }));
     assert_eq!(r.tries_left, Some(2));
-    assert!(r.actions.iter().any(|a| a.contains("promoted version 1 -> 2")), "{:?}", r.actions);
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.contains("promoted version 1 -> 2")),
+        "{:?}",
+        r.actions
+    );
     let img = sb.run_dir().join("img");
     assert_eq!(sha256_file(&img.join("root-squashfs.img")), sha2);
     assert!(img.join("root-squashfs-old.img").exists());
     assert!(!img.join("root-squashfs.img.new").exists());
     // The staged slot is empty again.
-    assert_eq!(fs::read_dir(sb.run_dir().join("newimg")).unwrap().flatten().filter(|e| e.file_name() != "lost+found").count(), 0);
+    assert_eq!(
+        fs::read_dir(sb.run_dir().join("newimg"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "lost+found")
+            .count(),
+        0
+    );
     // mark-good through proto's state API, as the agent does.
     let mut st = read_state(&img);
     assert_eq!(st.mark_good(), Ok(MarkGood::Ended));
@@ -157,8 +194,14 @@ fn promotion_keeps_old_and_starts_trial_then_mark_good_ends_it() {
         assert_eq!(r.trial, None);
         sb.teardown();
     }
-    let st = sb.with_partition(&disk, IMG, |d| read_state(d));
-    assert_eq!(st.events.iter().filter(|e| e.kind == EventKind::MarkedGood).count(), 1);
+    let st = sb.with_partition(&disk, IMG, read_state);
+    assert_eq!(
+        st.events
+            .iter()
+            .filter(|e| e.kind == EventKind::MarkedGood)
+            .count(),
+        1
+    );
     assert_eq!(st.old.as_ref().unwrap().version, 1);
     sb.finish();
 }
@@ -184,7 +227,8 @@ fn unconfirmed_trial_rolls_back_after_tries() {
     assert_eq!(r.booted.version, 1);
     assert_eq!(r.trial, None);
     assert!(
-        r.actions.iter().any(|a| a.contains("rolled back version 2 -> 1: version 2 was not marked good within 2 boots")),
+        r.actions.iter().any(|a| a
+            .contains("rolled back version 2 -> 1: version 2 was not marked good within 2 boots")),
         "{:?}",
         r.actions
     );
@@ -198,7 +242,11 @@ fn unconfirmed_trial_rolls_back_after_tries() {
     stage_version(&mut sb, &disk, 2);
     let r = sb.prepare(&disk, "keel.tries=2");
     assert_eq!(r.booted.version, 1);
-    assert!(r.actions.iter().any(|a| a.contains("failed before")), "{:?}", r.actions);
+    assert!(
+        r.actions.iter().any(|a| a.contains("failed before")),
+        "{:?}",
+        r.actions
+    );
     sb.finish();
 }
 
@@ -224,12 +272,22 @@ fn corrupt_staged_image_never_becomes_current() {
     let r = sb.prepare(&disk, "");
     assert_eq!(sb.booted_version(), 1);
     assert_eq!(r.trial, None);
-    let msg = r.actions.iter().find(|a| a.contains("refused")).expect("refusal recorded");
-    assert!(msg.contains("sha256") && msg.contains(&m.manifest.sha256), "{msg}");
+    let msg = r
+        .actions
+        .iter()
+        .find(|a| a.contains("refused"))
+        .expect("refusal recorded");
+    assert!(
+        msg.contains("sha256") && msg.contains(&m.manifest.sha256),
+        "{msg}"
+    );
     let img = sb.run_dir().join("img");
     assert!(!img.join("root-squashfs.img.new").exists());
     assert!(!img.join("root-squashfs-old.img").exists());
-    assert!(!sb.run_dir().join("newimg/root-squashfs.img.manifest").exists());
+    assert!(!sb
+        .run_dir()
+        .join("newimg/root-squashfs.img.manifest")
+        .exists());
     sb.finish();
 }
 
@@ -253,7 +311,9 @@ fn unmountable_new_image_rolls_back_in_the_same_boot() {
     assert_eq!(sb.booted_version(), 1);
     assert_eq!(r.booted.version, 1);
     assert!(
-        r.actions.iter().any(|a| a.contains("rolled back version 2 -> 1: image failed")),
+        r.actions
+            .iter()
+            .any(|a| a.contains("rolled back version 2 -> 1: image failed")),
         "{:?}",
         r.actions
     );
@@ -275,12 +335,21 @@ fn image_without_init_rolls_back() {
     let root = sb.rootfs(2);
     fs::remove_file(root.join("sbin/init")).unwrap();
     let img = sb.path("noinit.squashfs");
-    run(std::process::Command::new("mksquashfs").arg(&root).arg(&img).args(["-noappend", "-quiet"]));
+    run(std::process::Command::new("mksquashfs")
+        .arg(&root)
+        .arg(&img)
+        .args(["-noappend", "-quiet"]));
     let m = manifest_for(&img, "demo", 2);
     sb.with_partition(&disk, NEWIMG, |d| stage(d, &img, &m));
     let r = sb.prepare(&disk, "");
     assert_eq!(sb.booted_version(), 1);
-    assert!(r.actions.iter().any(|a| a.contains("/sbin/init is not an executable file")), "{:?}", r.actions);
+    assert!(
+        r.actions
+            .iter()
+            .any(|a| a.contains("/sbin/init is not an executable file")),
+        "{:?}",
+        r.actions
+    );
     sb.finish();
 }
 
@@ -293,11 +362,21 @@ fn missing_optional_partitions_fall_back_to_tmpfs() {
     let v1 = sb.squashfs(1);
     let disk = sb.disk(&[Part::new("img", 16).file("root-squashfs.img", fs::read(&v1).unwrap())]);
     let out = sb.prepare_raw(&disk, "", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no partition labelled \"overlay\""), "{err}");
-    assert!(err.contains("no newimg partition") && err.contains("no boot partition"), "{err}");
-    let r = keel_proto::report::BootReport::from_json(&fs::read(sb.run_dir().join("boot.json")).unwrap()).unwrap();
+    assert!(
+        err.contains("no newimg partition") && err.contains("no boot partition"),
+        "{err}"
+    );
+    let r = keel_proto::report::BootReport::from_json(
+        &fs::read(sb.run_dir().join("boot.json")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(r.upper, "tmpfs");
     assert_eq!(r.booted.version, 0, "no manifest: unknown version");
     assert_eq!(sb.booted_version(), 1);
@@ -335,12 +414,24 @@ fn overlaytmpfs_with_flags() {
     }
     let mut sb = Sandbox::new("overlaytmpfs");
     let disk = standard_disk(&mut sb);
-    let r = sb.prepare(&disk, "overlaytmpfs=yes overlaytmpfsflags=size=8m,nr_inodes=4000");
+    let r = sb.prepare(
+        &disk,
+        "overlaytmpfs=yes overlaytmpfsflags=size=8m,nr_inodes=4000",
+    );
     assert_eq!(r.upper, "tmpfs");
     let rw = sb.mount_line(&sb.run_dir().join("rw")).unwrap();
-    assert!(rw.contains(" - tmpfs ") && rw.contains("size=8192k") && rw.contains("nr_inodes=4000") && rw.contains("mode=755"), "{rw}");
+    assert!(
+        rw.contains(" - tmpfs ")
+            && rw.contains("size=8192k")
+            && rw.contains("nr_inodes=4000")
+            && rw.contains("mode=755"),
+        "{rw}"
+    );
     // persistent still comes from the overlay partition.
-    assert_eq!(fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(), "kept\n");
+    assert_eq!(
+        fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(),
+        "kept\n"
+    );
     fs::write(sb.sysroot().join("etc/scratch"), b"x").unwrap();
     assert!(sb.run_dir().join("rw/upper/etc/scratch").exists());
     assert!(!sb.run_dir().join("overlay/upper/etc/scratch").exists());
@@ -358,7 +449,10 @@ fn erofs_image_and_custom_labels() {
         Part::new("IMGX", 16).file("root.erofs", fs::read(&v1).unwrap()),
         Part::new("OVX", 8),
     ]);
-    let r = sb.prepare(&disk, "keel.image=root.erofs keel.label.img=IMGX keel.label.overlay=OVX");
+    let r = sb.prepare(
+        &disk,
+        "keel.image=root.erofs keel.label.img=IMGX keel.label.overlay=OVX",
+    );
     assert_eq!(r.image_fstype, "erofs");
     assert_eq!(r.upper, "partition");
     assert_eq!(sb.booted_version(), 7);
@@ -375,9 +469,16 @@ fn missing_img_partition_is_a_clear_error() {
     let out = sb.prepare_raw(&disk, "keel.wait=0", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no partition with filesystem label \"img\" (the img partition)"), "{err}");
+    assert!(
+        err.contains("no partition with filesystem label \"img\" (the img partition)"),
+        "{err}"
+    );
     assert!(err.contains("keel.label.img="), "{err}");
-    assert!(sb.mounts().is_empty(), "a failed boot left mounts: {:?}", sb.mounts());
+    assert!(
+        sb.mounts().is_empty(),
+        "a failed boot left mounts: {:?}",
+        sb.mounts()
+    );
     sb.finish();
 }
 
@@ -391,7 +492,10 @@ fn image_that_is_not_squashfs_or_erofs_without_fallback_is_a_clear_error() {
     let out = sb.prepare_raw(&disk, "", &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("root-squashfs.img is no known filesystem, not squashfs or erofs"), "{err}");
+    assert!(
+        err.contains("root-squashfs.img is no known filesystem, not squashfs or erofs"),
+        "{err}"
+    );
     assert!(sb.mounts().is_empty(), "{:?}", sb.mounts());
     sb.finish();
 }
@@ -403,10 +507,23 @@ fn malformed_cmdline_values_warn_and_boot_with_defaults() {
     }
     let mut sb = Sandbox::new("malformed");
     let disk = standard_disk(&mut sb);
-    let out = sb.prepare_raw(&disk, "keel.tries=lots keel.wait=soon overlaytmpfs=maybe keel.image=../x", &[]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sb.prepare_raw(
+        &disk,
+        "keel.tries=lots keel.wait=soon overlaytmpfs=maybe keel.image=../x",
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
-    for w in ["keel.tries=lots: expected a whole number", "keel.wait=soon: expected whole seconds", "overlaytmpfs=maybe: expected yes or no", "keel.image=../x: expected a plain file name"] {
+    for w in [
+        "keel.tries=lots: expected a whole number",
+        "keel.wait=soon: expected whole seconds",
+        "overlaytmpfs=maybe: expected yes or no",
+        "keel.image=../x: expected a plain file name",
+    ] {
         assert!(err.contains(w), "missing {w:?} in {err}");
     }
     assert_eq!(sb.booted_version(), 1);
@@ -426,19 +543,30 @@ fn duplicate_labels_are_refused_by_full_scan() {
     // Full scan with one such disk works.
     let cl = sb.cmdline(&format!("keel.label.img={label} keel.wait=1"));
     let mut cmd = std::process::Command::new(bin("initstage"));
-    cmd.arg("prepare").arg("--sysroot").arg(sb.sysroot()).arg("--cmdline").arg(&cl).arg("--run-dir").arg(sb.run_dir());
+    cmd.arg("prepare")
+        .arg("--sysroot")
+        .arg(sb.sysroot())
+        .arg("--cmdline")
+        .arg(&cl)
+        .arg("--run-dir")
+        .arg(sb.run_dir());
     let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     sb.teardown();
     let _b = sb.disk(&[Part::new(&label, 8)]);
     let out = cmd.output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("label {label:?} is on more than one device: /dev/{}", a.devs[0])) || err.contains(&format!(", /dev/{}", a.devs[0])), "{err}");
+    assert!(
+        err.contains(&format!(
+            "label {label:?} is on more than one device: /dev/{}",
+            a.devs[0]
+        )) || err.contains(&format!(", /dev/{}", a.devs[0])),
+        "{err}"
+    );
     sb.finish();
-}
-
-#[allow(dead_code)]
-fn exists(p: &Path) -> bool {
-    p.exists()
 }

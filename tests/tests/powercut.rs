@@ -30,11 +30,21 @@ fn disk_with_v1(sb: &mut Sandbox) -> (Disk, String, String) {
 fn boot_and_check(sb: &mut Sandbox, disk: &Disk, line: &str, shas: &[String; 2]) -> u64 {
     let r = sb.prepare(disk, line);
     let on_disk = sha256_file(&sb.run_dir().join("img/root-squashfs.img"));
-    assert_eq!(on_disk, r.booted.sha256, "booted image's bytes do not match the state");
+    assert_eq!(
+        on_disk, r.booted.sha256,
+        "booted image's bytes do not match the state"
+    );
     let v = sb.booted_version();
     assert_eq!(v, r.booted.version);
-    assert_eq!(shas[(v - 1) as usize], on_disk, "version {v} has another digest");
-    assert_eq!(fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(), "kept\n");
+    assert_eq!(
+        shas[(v - 1) as usize],
+        on_disk,
+        "version {v} has another digest"
+    );
+    assert_eq!(
+        fs::read_to_string(sb.sysroot().join("etc/persisted")).unwrap(),
+        "kept\n"
+    );
     v
 }
 
@@ -45,7 +55,12 @@ fn boot_with_failpoint(sb: &mut Sandbox, disk: &Disk, line: &str, n: u64) -> boo
     if out.status.success() {
         return false;
     }
-    assert_eq!(out.status.signal(), Some(6), "step {n}: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.signal(),
+        Some(6),
+        "step {n}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint {n} (")));
     true
 }
@@ -66,7 +81,10 @@ fn power_cut_at_every_step_of_a_promotion() {
         steps = n;
         // The next boot starts an intact image; the one after has finished the promotion.
         let v = boot_and_check(&mut sb, &disk, "", &[sha1.clone(), sha2.clone()]);
-        assert_eq!(v, 2, "cut at step {n}: the promotion did not complete on the next boot");
+        assert_eq!(
+            v, 2,
+            "cut at step {n}: the promotion did not complete on the next boot"
+        );
         sb.teardown();
         assert_eq!(boot_and_check(&mut sb, &disk, "", &[sha1, sha2]), 2);
         sb.finish();
@@ -93,8 +111,16 @@ fn power_cut_at_every_step_of_a_rollback() {
             break;
         }
         steps = n;
-        let v = boot_and_check(&mut sb, &disk, "keel.tries=1", &[sha1.clone(), sha2.clone()]);
-        assert_eq!(v, 1, "cut at step {n}: the rollback did not complete on the next boot");
+        let v = boot_and_check(
+            &mut sb,
+            &disk,
+            "keel.tries=1",
+            &[sha1.clone(), sha2.clone()],
+        );
+        assert_eq!(
+            v, 1,
+            "cut at step {n}: the rollback did not complete on the next boot"
+        );
         sb.finish();
     }
     assert!(steps >= 8, "only {steps} steps were cut");

@@ -10,15 +10,23 @@ use std::time::Instant;
 use keel_proto::bootstate::MarkGood;
 use keel_tests::*;
 
+/// One timeline line: time since the start, what happened, how long it took.
+fn tick(t0: Instant, what: &str, t: Instant) {
+    println!(
+        "{:>8.2} s  {:<58} ({:.0} ms)",
+        t0.elapsed().as_secs_f64(),
+        what,
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+}
+
 fn main() {
     if !privileged() {
         std::process::exit(1);
     }
     let t0 = Instant::now();
     let mut sb = Sandbox::new("demo");
-    let mut line = |what: &str, t: Instant| {
-        println!("{:>8.2} s  {:<58} ({:.0} ms)", t0.elapsed().as_secs_f64(), what, t.elapsed().as_secs_f64() * 1000.0)
-    };
+    let line = |what: &str, t: Instant| tick(t0, what, t);
 
     let t = Instant::now();
     let v1 = sb.squashfs(1);
@@ -39,8 +47,11 @@ fn main() {
             Some(tr) => format!(", trial {}/{}", tr.used, tr.tries),
             None => String::new(),
         };
-        let what = format!("{label}: running v{}{trial}", sb.booted_version());
-        println!("{:>8.2} s  {:<58} ({:.0} ms)", t0.elapsed().as_secs_f64(), what, t.elapsed().as_secs_f64() * 1000.0);
+        tick(
+            t0,
+            &format!("{label}: running v{}{trial}", sb.booted_version()),
+            t,
+        );
         for a in &r.actions {
             println!("{:>10}  · {a}", "");
         }
@@ -63,14 +74,23 @@ fn main() {
                 assert_eq!(s.mark_good(), Ok(MarkGood::Ended));
                 write_state(d, &s);
             });
-            line(&format!("v{} health check passed: marked good", r.booted.version), t);
+            line(
+                &format!("v{} health check passed: marked good", r.booted.version),
+                t,
+            );
         } else {
-            line(&format!("v{v} never marks good (bad image)"), Instant::now());
+            line(
+                &format!("v{v} never marks good (bad image)"),
+                Instant::now(),
+            );
             boot(&mut sb, "reboot");
             let r = boot(&mut sb, "reboot");
             assert_eq!(r.booted.version, 2, "rollback to v2 expected");
         }
     }
-    println!("done in {:.1} s: v1 → v2 (kept), v3 rolled back automatically", t0.elapsed().as_secs_f64());
+    println!(
+        "done in {:.1} s: v1 → v2 (kept), v3 rolled back automatically",
+        t0.elapsed().as_secs_f64()
+    );
     sb.finish();
 }
