@@ -263,7 +263,7 @@ impl Sandbox {
         )
         .unwrap_or_else(|e| panic!("mount {dev}: {e}"));
         let r = f(&mnt);
-        rustix::mount::unmount(&mnt, rustix::mount::UnmountFlags::empty()).unwrap();
+        unmount_retry(&mnt).unwrap_or_else(|e| panic!("unmount {}: {e}", mnt.display()));
         r
     }
 
@@ -348,7 +348,7 @@ impl Sandbox {
             }
             m.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
             for p in m {
-                let _ = rustix::mount::unmount(&p, rustix::mount::UnmountFlags::empty());
+                let _ = unmount_retry(&p);
             }
         }
         panic!(
@@ -411,6 +411,21 @@ impl Drop for Sandbox {
                 .status();
         }
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Unmounts `p`, retrying while it is busy: a process another test thread is forking holds
+/// copies of every open file descriptor until it execs, which can briefly pin a mount.
+pub fn unmount_retry(p: &Path) -> rustix::io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match rustix::mount::unmount(p, rustix::mount::UnmountFlags::empty()) {
+            Err(rustix::io::Errno::BUSY) if tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            r => return r,
+        }
     }
 }
 

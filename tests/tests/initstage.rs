@@ -215,7 +215,10 @@ fn unconfirmed_trial_rolls_back_after_tries() {
     let disk = standard_disk(&mut sb);
     sb.prepare(&disk, "");
     sb.teardown();
-    let sha2 = stage_version(&mut sb, &disk, 2);
+    let v2 = sb.squashfs(2);
+    let m2 = manifest_for(&v2, "demo", 2);
+    let sha2 = m2.manifest.sha256.clone();
+    sb.with_partition(&disk, NEWIMG, |d| stage(d, &v2, &m2));
     for used in 1..=2 {
         let r = sb.prepare(&disk, "keel.tries=2");
         assert_eq!(r.booted.version, 2);
@@ -238,8 +241,8 @@ fn unconfirmed_trial_rolls_back_after_tries() {
     assert!(st.is_rejected(&sha2));
     assert_eq!(st.last_event().unwrap().kind, EventKind::RolledBack);
     sb.teardown();
-    // The failed image is never promoted again, even if staged again.
-    stage_version(&mut sb, &disk, 2);
+    // The same failed image is never promoted again, even if staged again.
+    sb.with_partition(&disk, NEWIMG, |d| stage(d, &v2, &m2));
     let r = sb.prepare(&disk, "keel.tries=2");
     assert_eq!(r.booted.version, 1);
     assert!(
