@@ -573,3 +573,63 @@ fn duplicate_labels_are_refused_by_full_scan() {
     );
     sb.finish();
 }
+
+#[test]
+fn modules_resolve_from_initramfs_then_boot_partition() {
+    if !privileged() {
+        return;
+    }
+    // Never load a module into the host kernel: every name here is a built-in or missing,
+    // so the test walks the lookup (initramfs tree, then the boot partition) without finit_module.
+    let mut sb = Sandbox::new("modules");
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let initramfs_mods = sb.path("lib-modules");
+    fs::create_dir_all(&initramfs_mods).unwrap();
+    fs::write(initramfs_mods.join("modules.dep"), "").unwrap();
+    fs::write(
+        initramfs_mods.join("modules.builtin"),
+        "kernel/fs/squashfs/squashfs.ko\n",
+    )
+    .unwrap();
+    let v1 = sb.squashfs(1);
+    let disk = sb.disk(&[
+        Part::new("img", 16).file("root-squashfs.img", fs::read(&v1).unwrap()),
+        Part::new("boot", 8).file(
+            &format!("modules/{release}/modules.builtin"),
+            b"kernel/fs/overlayfs/overlay.ko\n".to_vec(),
+        ),
+    ]);
+    let cl = sb.cmdline("modules=squashfs,overlay,no_such_mod");
+    let out = std::process::Command::new(bin("initstage"))
+        .arg("prepare")
+        .arg("--sysroot")
+        .arg(sb.sysroot())
+        .arg("--cmdline")
+        .arg(&cl)
+        .arg("--run-dir")
+        .arg(sb.run_dir())
+        .arg("--devices")
+        .arg(disk.devs.join(","))
+        .arg("--modules-dir")
+        .arg(&initramfs_mods)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("load modules from boot: ok"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "module no_such_mod not found in the initramfs or {}",
+            sb.run_dir().join("boot/modules").join(&release).display()
+        )),
+        "{err}"
+    );
+    assert!(
+        !err.contains("module overlay not found") && !err.contains("module squashfs not found"),
+        "{err}"
+    );
+    sb.finish();
+}
