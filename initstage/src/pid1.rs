@@ -60,22 +60,14 @@ fn api_mounts() -> Result<()> {
 }
 
 fn console_stdio() {
-    use std::os::fd::AsFd;
     if let Ok(c) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/console")
     {
-        for fd in 0..3 {
-            // SAFETY: fds 0-2 are the standard streams; dup2 over them is how init sets them.
-            let target = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            let mut owned = std::mem::ManuallyDrop::new(
-                // SAFETY: the fd number is a live standard stream; ManuallyDrop never closes it.
-                unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) },
-            );
-            let _ = target;
-            let _ = rustix::io::dup2(c.as_fd(), &mut owned);
-        }
+        let _ = rustix::stdio::dup2_stdin(&c);
+        let _ = rustix::stdio::dup2_stdout(&c);
+        let _ = rustix::stdio::dup2_stderr(&c);
     }
 }
 
