@@ -7,6 +7,7 @@
 //! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
 //! | [`layout`] | file names on the partitions, derived from the image name |
+//! | [`wire`] | length-prefixed frames with a size limit |
 //!
 //! Everything here is pure: callers read and write the bytes.
 #![forbid(unsafe_code)]
@@ -17,3 +18,4 @@ pub mod hex;
 pub mod layout;
 pub mod manifest;
 pub mod report;
+pub mod wire;
