@@ -274,8 +274,8 @@ impl Sandbox {
         p
     }
 
-    /// Runs `initstage prepare` on `disk` with `line`; `env` adds variables.
-    pub fn prepare_raw(&mut self, disk: &Disk, line: &str, env: &[(&str, &str)]) -> Output {
+    /// An `initstage prepare` command for `disk` with boot command line `line`.
+    pub fn prepare_cmd(&mut self, disk: &Disk, line: &str) -> Command {
         let cl = self.cmdline(line);
         let mut cmd = Command::new(bin("initstage"));
         cmd.arg("prepare")
@@ -287,9 +287,13 @@ impl Sandbox {
             .arg(self.run_dir())
             .arg("--devices")
             .arg(disk.devs.join(","));
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        cmd
+    }
+
+    /// Runs `initstage prepare` on `disk` with `line`; `env` adds variables.
+    pub fn prepare_raw(&mut self, disk: &Disk, line: &str, env: &[(&str, &str)]) -> Output {
+        let mut cmd = self.prepare_cmd(disk, line);
+        cmd.envs(env.iter().copied());
         cmd.output().unwrap()
     }
 

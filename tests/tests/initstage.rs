@@ -602,17 +602,8 @@ fn modules_resolve_from_initramfs_then_boot_partition() {
             b"kernel/fs/overlayfs/overlay.ko\n".to_vec(),
         ),
     ]);
-    let cl = sb.cmdline("modules=squashfs,overlay,no_such_mod");
-    let out = std::process::Command::new(bin("initstage"))
-        .arg("prepare")
-        .arg("--sysroot")
-        .arg(sb.sysroot())
-        .arg("--cmdline")
-        .arg(&cl)
-        .arg("--run-dir")
-        .arg(sb.run_dir())
-        .arg("--devices")
-        .arg(disk.devs.join(","))
+    let out = sb
+        .prepare_cmd(&disk, "modules=squashfs,overlay,no_such_mod")
         .arg("--modules-dir")
         .arg(&initramfs_mods)
         .output()
