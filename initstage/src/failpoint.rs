@@ -27,10 +27,6 @@ mod imp {
             std::process::abort();
         }
     }
-
-    pub fn count() -> u64 {
-        COUNT.load(Ordering::SeqCst)
-    }
 }
 
 #[cfg(not(feature = "failpoints"))]
@@ -38,9 +34,6 @@ mod imp {
     pub fn arm(_: Option<u64>) {}
     #[inline(always)]
     pub fn hit(_: &str) {}
-    pub fn count() -> u64 {
-        0
-    }
 }
 
 /// Arms the failpoint from `KEEL_FAILPOINT` or the command line's `keel.failpoint=`.
@@ -51,9 +44,4 @@ pub fn arm(n: Option<u64>) {
 /// Marks the end of one write step; aborts here if this is the armed step.
 pub fn hit(step: &str) {
     imp::hit(step)
-}
-
-/// How many steps ran (0 without the feature).
-pub fn count() -> u64 {
-    imp::count()
 }

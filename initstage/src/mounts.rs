@@ -2,7 +2,7 @@
 //! mounts in reverse order.
 
 use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use rustix::mount::{mount, mount_bind_recursive, unmount, MountFlags, UnmountFlags};
 
@@ -54,11 +54,6 @@ impl Mounts {
         })?;
         self.done.push(op.target.clone());
         Ok(())
-    }
-
-    /// Records a mount made elsewhere so it is undone too.
-    pub fn record(&mut self, target: &Path) {
-        self.done.push(target.to_path_buf());
     }
 
     /// Unmounts everything since `mark` (a value of [`Mounts::mark`]), newest first.
