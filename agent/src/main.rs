@@ -1,10 +1,127 @@
-//! keel-agent: the in-guest update daemon. The network daemon (push over vsock, TCP and a
-//! Unix socket; status; mark-good; reboot) is tracked in the agent issue; this binary
-//! reserves the name and fails loudly rather than pretending to work.
+//! `keel-agent`: receives signed images and stages them on `newimg`; reports status;
+//! ends trials and reboots for local root.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use keel_agent::config::{Config, DEFAULT_CONFIG};
+use keel_agent::server;
+
+/// keel's in-guest update agent.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Config file (a missing default file means all defaults).
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Listen on this TCP address (HOST:PORT).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Listen on this Unix socket ("" disables it).
+    #[arg(long)]
+    unix: Option<String>,
+    /// Listen on this vsock port.
+    #[arg(long)]
+    vsock: Option<u32>,
+    /// Trusted public keys (PEM).
+    #[arg(long)]
+    keys: Option<PathBuf>,
+    /// initstage's run directory.
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// Where newimg is mounted.
+    #[arg(long)]
+    newimg_dir: Option<PathBuf>,
+    /// Where img is mounted.
+    #[arg(long)]
+    img_dir: Option<PathBuf>,
+    /// initstage's boot report.
+    #[arg(long)]
+    boot_report: Option<PathBuf>,
+    /// Product name images must carry.
+    #[arg(long)]
+    name: Option<String>,
+    /// Seconds a silent peer is kept.
+    #[arg(long)]
+    idle_timeout: Option<u64>,
+    /// Concurrent connections.
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Announce readiness to vsock://CID:PORT or tcp://HOST:PORT.
+    #[arg(long)]
+    announce: Option<String>,
+    /// Check the config and keys, then exit.
+    #[arg(long)]
+    check: bool,
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!(
-        "keel-agent {} is not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    )
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_target(false)
+        .init();
+    let path = a.config.clone().unwrap_or_else(|| DEFAULT_CONFIG.into());
+    let mut c = Config::load(&path, a.config.is_some())?;
+    if let Some(v) = a.tcp {
+        c.tcp = Some(v);
+    }
+    if let Some(v) = a.unix {
+        c.unix = v;
+    }
+    if let Some(v) = a.vsock {
+        c.vsock_port = Some(v);
+    }
+    if let Some(v) = a.keys {
+        c.trusted_keys = v;
+    }
+    if let Some(v) = a.run_dir {
+        c.run_dir = v;
+    }
+    if let Some(v) = a.newimg_dir {
+        c.newimg_dir = Some(v);
+    }
+    if let Some(v) = a.img_dir {
+        c.img_dir = Some(v);
+    }
+    if let Some(v) = a.boot_report {
+        c.boot_report = Some(v);
+    }
+    if let Some(v) = a.name {
+        c.name = Some(v);
+    }
+    if let Some(v) = a.idle_timeout {
+        c.idle_timeout_secs = v;
+    }
+    if let Some(v) = a.max_connections {
+        c.max_connections = v;
+    }
+    if let Some(v) = a.announce {
+        c.announce = Some(v);
+    }
+    c.check(&path)?;
+    let keys = match std::fs::read_to_string(&c.trusted_keys) {
+        Ok(pem) => keel_proto::manifest::public_keys_from_pem(&pem)
+            .with_context(|| format!("trusted keys {}", c.trusted_keys.display()))?,
+        Err(e) => {
+            // Status still works; every push is refused until keys are installed.
+            tracing::error!(
+                "trusted keys {}: {e}: every push will be refused",
+                c.trusted_keys.display()
+            );
+            Vec::new()
+        }
+    };
+    if a.check {
+        println!("config ok, {} trusted key(s)", keys.len());
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    rt.block_on(server::run(c, keys))?;
+    Ok(())
 }

@@ -29,6 +29,10 @@ pub struct Names {
     pub staged_manifest: String,
     /// Temporary name of a staged image being received.
     pub staged_partial: String,
+    /// The signed manifest of the partial upload (lets a cut upload resume).
+    pub partial_manifest: String,
+    /// Temporary name the staged manifest is written to before its rename.
+    pub staged_manifest_tmp: String,
 }
 
 /// Whether `name` is a plain file name keel accepts as an image name.
@@ -58,6 +62,8 @@ impl Names {
             staged: image.to_string(),
             staged_manifest: format!("{image}.manifest"),
             staged_partial: format!("{image}.partial"),
+            partial_manifest: format!("{image}.partial.manifest"),
+            staged_manifest_tmp: format!("{image}.manifest.tmp"),
         }
     }
 }

@@ -8,6 +8,7 @@
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
 //! | [`layout`] | file names on the partitions, derived from the image name |
 //! | [`wire`] | length-prefixed frames with a size limit |
+//! | [`message`] | the typed requests and responses carried in frames |
 //!
 //! Everything here is pure: callers read and write the bytes.
 #![forbid(unsafe_code)]
@@ -17,5 +18,6 @@ pub mod bootstate;
 pub mod hex;
 pub mod layout;
 pub mod manifest;
+pub mod message;
 pub mod report;
 pub mod wire;

@@ -244,9 +244,33 @@ pub fn signing_key_from_pem(pem: &str) -> Result<SigningKey, ManifestError> {
     })
 }
 
+/// The PKCS#8 PEM form of a private key (what `openssl genpkey -algorithm ed25519` writes).
+pub fn signing_key_to_pem(key: &SigningKey) -> String {
+    use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, EncodePrivateKey};
+    key.to_pkcs8_pem(LineEnding::LF)
+        .expect("ed25519 keys encode")
+        .to_string()
+}
+
+/// The SPKI PEM form of a public key (what `openssl pkey -pubout` writes).
+pub fn public_key_to_pem(key: &VerifyingKey) -> String {
+    use ed25519_dalek::pkcs8::{spki::der::pem::LineEnding, EncodePublicKey};
+    key.to_public_key_pem(LineEnding::LF)
+        .expect("ed25519 keys encode")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pem_round_trip() {
+        let k = SigningKey::from_bytes(&[5; 32]);
+        let back = signing_key_from_pem(&signing_key_to_pem(&k)).unwrap();
+        assert_eq!(back.to_bytes(), k.to_bytes());
+        let pubs = public_keys_from_pem(&public_key_to_pem(&k.verifying_key())).unwrap();
+        assert_eq!(pubs, vec![k.verifying_key()]);
+    }
 
     fn sample() -> Manifest {
         Manifest {

@@ -1,14 +1,21 @@
-//! The wire protocol's framing (pure): every message is a 4-byte big-endian length followed by
-//! that many bytes of JSON. Frames above [`MAX_FRAME`] are refused before any byte of their
-//! body is buffered, so a peer cannot make the agent allocate more than that.
+//! The wire protocol's framing (pure): every frame is a 4-byte big-endian length followed by
+//! that many bytes of body. The body's first byte is its kind: [`KIND_MESSAGE`] (a JSON
+//! [`crate::message`] follows) or [`KIND_DATA`] (image bytes follow). Frames above
+//! [`MAX_FRAME`] are refused from the header, before any byte of their body is buffered, so a
+//! peer cannot make the agent allocate more than that.
 //!
 //! Messages are framed by length, never by EOF: a half-closed hybrid-vsock socket loses the
-//! reply otherwise. The request/response types come with the agent.
+//! reply otherwise. The whole exchange is described in `docs/protocol.md`.
 
 /// Protocol version spoken in the hello.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame body accepted (image bytes travel in chunks below this).
 pub const MAX_FRAME: usize = 1 << 20;
+
+/// Body kind: a JSON message follows.
+pub const KIND_MESSAGE: u8 = 0x01;
+/// Body kind: image bytes follow.
+pub const KIND_DATA: u8 = 0x02;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -35,6 +42,11 @@ pub fn encode(body: &[u8]) -> Result<Vec<u8>, FrameError> {
     v.extend_from_slice(&(body.len() as u32).to_be_bytes());
     v.extend_from_slice(body);
     Ok(v)
+}
+
+/// A frame header for a body of `len` bytes (kind byte included).
+pub fn header(len: usize) -> [u8; 4] {
+    (len as u32).to_be_bytes()
 }
 
 /// Incremental decoder: feed bytes as they arrive, take whole frames out.

@@ -1,0 +1,225 @@
+//! `/etc/keel/agent.toml`: every key optional, every default usable on a keel-booted system.
+//!
+//! ```toml
+//! # Where to listen. The Unix socket is always on unless set to "".
+//! unix = "/run/keel/agent.sock"
+//! tcp = "0.0.0.0:7447"          # off by default
+//! vsock_port = 7447             # off by default
+//!
+//! trusted_keys = "/etc/keel/trusted.pem"   # one or more PEM public keys
+//! run_dir = "/run/keel"                    # initstage's mounts and boot.json
+//! # newimg_dir, img_dir, boot_report default to <run_dir>/newimg, <run_dir>/img,
+//! # <run_dir>/boot.json.
+//! # name = "appliance"          # product name; default: the booted image's name
+//! # image = "root-squashfs.img" # image file name; default: from boot.json
+//!
+//! idle_timeout_secs = 30        # drop a peer silent this long
+//! max_connections = 16          # more are answered "busy"
+//! # announce = "vsock://2:7448" # say "ready" to the host once listening
+//! # reboot_command = "systemctl reboot"  # default: sync, then reboot(2)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::Error;
+
+/// The default config file.
+pub const DEFAULT_CONFIG: &str = "/etc/keel/agent.toml";
+/// The default Unix socket.
+pub const DEFAULT_UNIX: &str = "/run/keel/agent.sock";
+/// The default TCP/vsock port.
+pub const DEFAULT_PORT: u16 = 7447;
+
+/// The agent's settings after file and flags are merged.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Unix socket path; empty disables it.
+    pub unix: String,
+    /// TCP address to listen on, `HOST:PORT`.
+    pub tcp: Option<String>,
+    /// vsock port to listen on (any CID).
+    pub vsock_port: Option<u32>,
+    /// PEM file of trusted public keys.
+    pub trusted_keys: PathBuf,
+    /// initstage's run directory.
+    pub run_dir: PathBuf,
+    /// Where `newimg` is mounted.
+    pub newimg_dir: Option<PathBuf>,
+    /// Where `img` is mounted (the boot state lives there).
+    pub img_dir: Option<PathBuf>,
+    /// initstage's report.
+    pub boot_report: Option<PathBuf>,
+    /// Product name images must carry.
+    pub name: Option<String>,
+    /// Image file name.
+    pub image: Option<String>,
+    /// Seconds a peer may stay silent.
+    pub idle_timeout_secs: u64,
+    /// Concurrent connections served.
+    pub max_connections: usize,
+    /// Endpoint to announce readiness to (`vsock://CID:PORT` or `tcp://HOST:PORT`).
+    pub announce: Option<String>,
+    /// Run this (through `/bin/sh -c`) to reboot instead of sync + reboot(2).
+    pub reboot_command: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            unix: DEFAULT_UNIX.into(),
+            tcp: None,
+            vsock_port: None,
+            trusted_keys: "/etc/keel/trusted.pem".into(),
+            run_dir: "/run/keel".into(),
+            newimg_dir: None,
+            img_dir: None,
+            boot_report: None,
+            name: None,
+            image: None,
+            idle_timeout_secs: 30,
+            max_connections: 16,
+            announce: None,
+            reboot_command: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, Error> {
+        let c: Config = toml::from_str(text).map_err(|e| Error::Config {
+            path: origin.to_path_buf(),
+            detail: e.to_string().trim_end().to_string(),
+        })?;
+        c.check(origin)?;
+        Ok(c)
+    }
+
+    /// Reads `path`; a missing file is the defaults only when `required` is false.
+    pub fn load(path: &Path, required: bool) -> Result<Config, Error> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => Config::parse(&t, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(Error::Io {
+                op: "read config",
+                path: path.to_path_buf(),
+                source: e,
+            }),
+        }
+    }
+
+    /// Rejects values that cannot work.
+    pub fn check(&self, origin: &Path) -> Result<(), Error> {
+        let bad = |detail: String| {
+            Err(Error::Config {
+                path: origin.to_path_buf(),
+                detail,
+            })
+        };
+        if self.max_connections == 0 {
+            return bad("max_connections must be at least 1".into());
+        }
+        if self.idle_timeout_secs == 0 {
+            return bad("idle_timeout_secs must be at least 1".into());
+        }
+        if let Some(i) = &self.image {
+            if !keel_proto::layout::valid_image_name(i) {
+                return bad(format!("image {i:?} is not a plain file name"));
+            }
+        }
+        if let Some(a) = &self.announce {
+            if !(a.starts_with("vsock://") || a.starts_with("tcp://")) {
+                return bad(format!(
+                    "announce {a:?} must be vsock://CID:PORT or tcp://HOST:PORT"
+                ));
+            }
+        }
+        if self.unix.is_empty() && self.tcp.is_none() && self.vsock_port.is_none() {
+            return bad("no listener: set unix, tcp or vsock_port".into());
+        }
+        Ok(())
+    }
+
+    /// Where `newimg` is mounted.
+    pub fn newimg_dir(&self) -> PathBuf {
+        self.newimg_dir
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("newimg"))
+    }
+
+    /// Where `img` is mounted.
+    pub fn img_dir(&self) -> PathBuf {
+        self.img_dir
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("img"))
+    }
+
+    /// initstage's report.
+    pub fn boot_report(&self) -> PathBuf {
+        self.boot_report
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("boot.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(t: &str) -> Result<Config, Error> {
+        Config::parse(t, Path::new("agent.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let c = p("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.newimg_dir(), Path::new("/run/keel/newimg"));
+        assert_eq!(c.boot_report(), Path::new("/run/keel/boot.json"));
+    }
+
+    #[test]
+    fn every_key_parses() {
+        let c = p(r#"
+            unix = "/tmp/a.sock"
+            tcp = "127.0.0.1:1"
+            vsock_port = 9
+            trusted_keys = "/k.pem"
+            run_dir = "/r"
+            newimg_dir = "/n"
+            img_dir = "/i"
+            boot_report = "/b.json"
+            name = "appliance"
+            image = "rootfs.erofs"
+            idle_timeout_secs = 5
+            max_connections = 2
+            announce = "tcp://127.0.0.1:2"
+            reboot_command = "systemctl reboot"
+        "#)
+        .unwrap();
+        assert_eq!(c.vsock_port, Some(9));
+        assert_eq!(c.newimg_dir(), Path::new("/n"));
+        assert_eq!(c.img_dir(), Path::new("/i"));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let e = p("tpc = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("agent.toml") && e.contains("tpc"), "{e}");
+        let e = p("max_connections = 0").unwrap_err().to_string();
+        assert!(e.contains("max_connections"), "{e}");
+        let e = p("image = \"../x\"").unwrap_err().to_string();
+        assert!(e.contains("plain file name"), "{e}");
+        let e = p("announce = \"udp://x\"").unwrap_err().to_string();
+        assert!(e.contains("announce"), "{e}");
+        let e = p("unix = \"\"").unwrap_err().to_string();
+        assert!(e.contains("no listener"), "{e}");
+        let e = p("idle_timeout_secs = \"soon\"").unwrap_err().to_string();
+        assert!(e.contains("idle_timeout_secs"), "{e}");
+    }
+}

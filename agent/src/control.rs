@@ -1,0 +1,80 @@
+//! Control requests: end the booted image's trial (mark-good) and reboot.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::Path;
+
+use keel_proto::bootstate::{BootState, MarkGood};
+use keel_proto::layout::{STATE_FILE, STATE_TMP};
+use keel_proto::message::ErrorCode;
+
+use crate::verify::Refusal;
+
+fn io(op: &str, p: &Path, e: std::io::Error) -> Refusal {
+    Refusal::new(ErrorCode::Io, format!("{op} {}: {e}", p.display()))
+}
+
+/// Writes the state crash-safely: temporary file, fsync, rename, fsync the directory.
+pub fn save_state(img: &Path, state: &BootState) -> Result<(), Refusal> {
+    let tmp = img.join(STATE_TMP);
+    let dst = img.join(STATE_FILE);
+    let mut f = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
+    f.write_all(&state.to_json())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io("write", &tmp, e))?;
+    fs::rename(&tmp, &dst).map_err(|e| io("rename", &dst, e))?;
+    File::open(img)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io("fsync directory", img, e))
+}
+
+/// Ends the trial recorded in `<img>/keel-state.json`; returns what happened.
+pub fn mark_good(img: &Path) -> Result<String, Refusal> {
+    let path = img.join(STATE_FILE);
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Refusal::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "no boot state at {}: was this system booted by initstage?",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) => return Err(io("read", &path, e)),
+    };
+    let mut state = BootState::from_json(&bytes)
+        .map_err(|e| Refusal::new(ErrorCode::InvalidState, format!("{}: {e}", path.display())))?;
+    let version = state.current.as_ref().map(|c| c.version).unwrap_or(0);
+    match state.mark_good() {
+        Ok(MarkGood::Ended) => {
+            save_state(img, &state)?;
+            Ok(format!("version {version} marked good: its trial is over"))
+        }
+        Ok(MarkGood::NotOnTrial) => Ok(format!("version {version} is not on trial: nothing to do")),
+        Err(e) => Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
+    }
+}
+
+/// Flushes filesystems and reboots: `command` through `/bin/sh -c` when configured (e.g.
+/// `systemctl reboot` for an orderly shutdown), else sync(2) + reboot(2).
+pub fn reboot(command: Option<&str>) -> Result<(), Refusal> {
+    rustix::fs::sync();
+    match command {
+        Some(cmd) => {
+            let st = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(cmd)
+                .status()
+                .map_err(|e| Refusal::new(ErrorCode::Io, format!("run {cmd:?}: {e}")))?;
+            if st.success() {
+                Ok(())
+            } else {
+                Err(Refusal::new(ErrorCode::Io, format!("{cmd:?} failed: {st}")))
+            }
+        }
+        None => rustix::system::reboot(rustix::system::RebootCommand::Restart)
+            .map_err(|e| Refusal::new(ErrorCode::Io, format!("reboot(2): {e}"))),
+    }
+}

@@ -1,0 +1,184 @@
+//! The daemon: bind the listeners, announce readiness, serve connections under a limit,
+//! stop on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_proto::manifest::VerifyingKey;
+use keel_proto::message::{message_frame, Announce, ErrorCode, Response};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::status::Facts;
+use crate::transport::{Conn, Listener, Peer};
+use crate::{notify, session, vsock};
+
+/// What every connection shares.
+pub struct Shared {
+    /// The settings.
+    pub config: Config,
+    /// Trusted public keys.
+    pub keys: Vec<VerifyingKey>,
+    /// Held for the duration of a push: one at a time.
+    pub push: Mutex<()>,
+    /// Idle-read timeout.
+    pub idle: Duration,
+}
+
+/// Binds every configured listener.
+pub async fn bind(config: &Config) -> Result<Vec<Listener>, Error> {
+    let mut ls = Vec::new();
+    if !config.unix.is_empty() {
+        ls.push(Listener::unix(std::path::Path::new(&config.unix))?);
+    }
+    if let Some(a) = &config.tcp {
+        ls.push(Listener::tcp(a).await?);
+    }
+    if let Some(p) = config.vsock_port {
+        ls.push(Listener::vsock(p)?);
+    }
+    Ok(ls)
+}
+
+/// Serves until SIGTERM or SIGINT.
+pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
+    let listeners = bind(&config).await?;
+    let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
+    tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
+    let shared = Arc::new(Shared {
+        idle: Duration::from_secs(config.idle_timeout_secs),
+        config,
+        keys,
+        push: Mutex::new(()),
+    });
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    notify::notify(&format!("READY=1\nSTATUS=listening on {}", names.join(" ")));
+    if let Some(to) = shared.config.announce.clone() {
+        let config = shared.config.clone();
+        let names = names.clone();
+        tokio::spawn(async move { announce(&to, &config, names).await });
+    }
+    let mut tasks = Vec::new();
+    for l in listeners {
+        tasks.push(tokio::spawn(accept_loop(l, shared.clone(), limit.clone())));
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Listen {
+            addr: "SIGTERM".into(),
+            source,
+        })?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+    notify::notify("STOPPING=1");
+    for t in &tasks {
+        t.abort();
+    }
+    for t in tasks {
+        let _ = t.await; // drops the listeners (removes the Unix socket)
+    }
+    // A push in progress keeps its partial file: the client resumes it later.
+    if tokio::time::timeout(Duration::from_secs(5), shared.push.lock())
+        .await
+        .is_err()
+    {
+        tracing::info!("push still running after 5 s: leaving it to be resumed");
+    }
+    Ok(())
+}
+
+async fn accept_loop(l: Listener, sh: Arc<Shared>, limit: Arc<Semaphore>) {
+    loop {
+        let (conn, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(listener = %l.describe(), "accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let permit = limit.clone().try_acquire_owned();
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            match permit {
+                Ok(_permit) => match conn {
+                    Conn::Tcp(s) => session::serve(s, peer, sh).await,
+                    Conn::Unix(s) => session::serve(s, peer, sh).await,
+                },
+                Err(_) => refuse_busy(conn, peer, sh.config.max_connections).await,
+            }
+        });
+    }
+}
+
+async fn refuse_busy(conn: Conn, peer: Peer, max: usize) {
+    tracing::info!(%peer, op = "connect", outcome = "refused busy: connection limit", "request");
+    let f = message_frame(&Response::error(
+        ErrorCode::Busy,
+        format!("the agent already serves {max} connections: try again later"),
+    ));
+    let w = async {
+        match conn {
+            Conn::Tcp(mut s) => s.write_all(&f).await,
+            Conn::Unix(mut s) => s.write_all(&f).await,
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+}
+
+/// Connects out to the host and says "ready", retrying until it listens (up to 2 minutes).
+pub async fn announce(to: &str, config: &Config, listening: Vec<String>) {
+    let facts = Facts::read(config);
+    let msg = Announce::Ready {
+        agent: env!("CARGO_PKG_VERSION").to_string(),
+        booted: facts.booted().cloned(),
+        boot_count: facts.report.as_ref().map(|r| r.boot_count),
+        listening,
+    };
+    let frame = message_frame(&msg);
+    for attempt in 1..=120u32 {
+        match send_once(to, &frame).await {
+            Ok(()) => {
+                tracing::info!(%to, attempt, "announced ready");
+                return;
+            }
+            Err(e) if attempt == 1 || attempt % 30 == 0 => {
+                tracing::info!(%to, attempt, "announce: {e} (retrying)")
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::warn!(%to, "announce gave up after 120 attempts");
+}
+
+async fn send_once(to: &str, frame: &[u8]) -> std::io::Result<()> {
+    if let Some(addr) = to.strip_prefix("tcp://") {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(frame).await?;
+        s.shutdown().await
+    } else if let Some(rest) = to.strip_prefix("vsock://") {
+        let bad = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "vsock://CID:PORT");
+        let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
+        let cid: u32 = cid.parse().map_err(|_| bad())?;
+        let port: u32 = port.parse().map_err(|_| bad())?;
+        let frame = frame.to_vec();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let fd = vsock::connect(cid, port)?;
+            let mut s = std::os::unix::net::UnixStream::from(fd);
+            s.write_all(&frame)?;
+            s.shutdown(std::net::Shutdown::Write)
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "unknown scheme",
+        ))
+    }
+}

@@ -1,0 +1,342 @@
+//! Typed requests and responses of the wire protocol (JSON inside [`crate::wire`] frames).
+//!
+//! Every connection starts with [`Request::Hello`] answered by [`Response::Hello`]; then the
+//! client sends requests one at a time and reads one response each. A push is the only
+//! exchange with more than two frames: `Push` → `Send{offset}` → data frames for exactly
+//! `size - offset` bytes → `Staged` (or `Error`). See `docs/protocol.md`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::bootstate::{Event, ImageRecord, Trial};
+use crate::manifest::SignedManifest;
+use crate::wire::{FrameError, KIND_DATA, KIND_MESSAGE};
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// First frame of every connection.
+    Hello {
+        /// [`crate::wire::PROTOCOL_VERSION`] of the client.
+        protocol: u32,
+        /// Free text naming the client, for the agent's log.
+        client: String,
+    },
+    /// Asks for [`StatusReport`].
+    Status,
+    /// Offers an image. The agent answers `Send` (then data frames follow), `UpToDate`, or
+    /// `Error` — and checks the signature before it accepts a single image byte.
+    Push {
+        /// The signed manifest.
+        manifest: SignedManifest,
+        /// Continue a partial upload of the same manifest if one is on disk.
+        #[serde(default)]
+        resume: bool,
+    },
+    /// Ends the booted image's trial (Unix socket, root only).
+    MarkGood,
+    /// Syncs and reboots the machine (Unix socket, root only).
+    Reboot,
+}
+
+impl Request {
+    /// The operation's name, for logs.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Status => "status",
+            Request::Push { .. } => "push",
+            Request::MarkGood => "mark-good",
+            Request::Reboot => "reboot",
+        }
+    }
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Response {
+    /// Answer to `Hello`.
+    Hello {
+        /// The agent's protocol version.
+        protocol: u32,
+        /// The agent's version.
+        agent: String,
+        /// Largest frame the agent accepts.
+        max_frame: u32,
+    },
+    /// Answer to `Status`.
+    Status(Box<StatusReport>),
+    /// The manifest is accepted: send the image from `offset` (0 unless resuming).
+    Send {
+        /// First byte the agent still needs.
+        offset: u64,
+    },
+    /// The image was received, verified and committed on `newimg`.
+    Staged {
+        /// The staged image.
+        image: ImageRecord,
+        /// Bytes received in this connection.
+        received: u64,
+        /// Offset the upload resumed from (0 for a fresh upload).
+        resumed_from: u64,
+    },
+    /// Nothing to do: this version is already booted or staged.
+    UpToDate {
+        /// Human-readable reason.
+        message: String,
+    },
+    /// A control request succeeded.
+    Done {
+        /// What was done.
+        message: String,
+    },
+    /// The request was refused or failed.
+    Error {
+        /// Machine-readable class.
+        code: ErrorCode,
+        /// What was wrong, for humans.
+        message: String,
+    },
+}
+
+/// What the agent sends when it connects out to the host (the ready announce), one frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Announce {
+    /// The agent is listening.
+    Ready {
+        /// The agent's version.
+        agent: String,
+        /// The booted image, if known.
+        booted: Option<ImageRecord>,
+        /// Boot counter from the boot report.
+        boot_count: Option<u64>,
+        /// What the agent listens on.
+        listening: Vec<String>,
+    },
+}
+
+/// Machine-readable error classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The frame or JSON was malformed, or the request came out of order.
+    BadRequest,
+    /// The client speaks another protocol version.
+    UnsupportedProtocol,
+    /// A frame exceeded the size limit.
+    FrameTooLarge,
+    /// Another push is in progress, or too many connections.
+    Busy,
+    /// The manifest is malformed.
+    BadManifest,
+    /// No trusted key verifies the signature.
+    BadSignature,
+    /// The image is for another product.
+    WrongName,
+    /// The version is not above the booted or staged one.
+    Downgrade,
+    /// The running version is below the manifest's min_version.
+    MinVersion,
+    /// The image was rolled back before on this device.
+    Rejected,
+    /// The image does not fit on `newimg`.
+    NoSpace,
+    /// The stream had fewer or more bytes than the manifest declares.
+    SizeMismatch,
+    /// The received bytes do not hash to the manifest's digest.
+    HashMismatch,
+    /// The peer is not allowed to do this (control needs the Unix socket as root).
+    NotPermitted,
+    /// The request is valid but the state does not allow it (e.g. no trial to end).
+    InvalidState,
+    /// The peer was silent longer than the idle timeout.
+    Timeout,
+    /// A read, write or sync failed on the agent's side.
+    Io,
+    /// The agent is not configured for this (e.g. no `newimg`).
+    Unavailable,
+}
+
+/// What `status` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// The agent's version.
+    pub agent_version: String,
+    /// The booted image, from `boot.json` (None when initstage left no report).
+    pub booted: Option<ImageRecord>,
+    /// The image file name on `img`.
+    pub image_file: String,
+    /// The staged image on `newimg`, if a complete one is there.
+    pub staged: Option<ImageRecord>,
+    /// A partial upload on disk: (manifest version, bytes received, size).
+    pub partial: Option<PartialUpload>,
+    /// The trial of the booted image, if it is on trial.
+    pub trial: Option<Trial>,
+    /// Boots left in the trial after this one.
+    pub tries_left: Option<u32>,
+    /// The previous image kept as `-old`.
+    pub old: Option<ImageRecord>,
+    /// Free bytes on `newimg`.
+    pub newimg_free: Option<u64>,
+    /// Whether a push is running now.
+    pub push_in_progress: bool,
+    /// What initstage did this boot.
+    pub boot_actions: Vec<String>,
+    /// The last events of the boot state, oldest first.
+    pub events: Vec<Event>,
+}
+
+/// An interrupted upload that a `resume` can continue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartialUpload {
+    /// Version of the image being received.
+    pub version: u64,
+    /// Bytes on disk.
+    pub received: u64,
+    /// Size the manifest declares.
+    pub size: u64,
+}
+
+/// Why a frame body is not a valid message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MessageError {
+    /// The frame itself was refused.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The body is empty (no kind byte).
+    #[error("empty frame (no kind byte)")]
+    Empty,
+    /// The kind byte is unknown.
+    #[error("unknown frame kind 0x{0:02x}")]
+    Kind(u8),
+    /// A data frame arrived where a message was expected.
+    #[error("image data arrived where a message was expected")]
+    UnexpectedData,
+    /// The JSON did not parse as the expected message.
+    #[error("malformed message: {0}")]
+    Json(String),
+}
+
+/// A decoded frame body.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// A JSON message (still to be parsed as request or response).
+    Message(&'a [u8]),
+    /// Image bytes.
+    Data(&'a [u8]),
+}
+
+/// Splits a frame body into its kind and payload.
+pub fn split_body(body: &[u8]) -> Result<Body<'_>, MessageError> {
+    match body.split_first() {
+        None => Err(MessageError::Empty),
+        Some((&KIND_MESSAGE, rest)) => Ok(Body::Message(rest)),
+        Some((&KIND_DATA, rest)) => Ok(Body::Data(rest)),
+        Some((&k, _)) => Err(MessageError::Kind(k)),
+    }
+}
+
+/// Parses a frame body as a request.
+pub fn parse_request(body: &[u8]) -> Result<Request, MessageError> {
+    match split_body(body)? {
+        Body::Message(json) => {
+            serde_json::from_slice(json).map_err(|e| MessageError::Json(e.to_string()))
+        }
+        Body::Data(_) => Err(MessageError::UnexpectedData),
+    }
+}
+
+/// Parses a frame body as a response.
+pub fn parse_response(body: &[u8]) -> Result<Response, MessageError> {
+    match split_body(body)? {
+        Body::Message(json) => {
+            serde_json::from_slice(json).map_err(|e| MessageError::Json(e.to_string()))
+        }
+        Body::Data(_) => Err(MessageError::UnexpectedData),
+    }
+}
+
+/// A whole frame (header, kind, JSON) carrying `msg`.
+pub fn message_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+    let json = serde_json::to_vec(msg).expect("messages serialize");
+    let mut v = Vec::with_capacity(5 + json.len());
+    v.extend_from_slice(&((json.len() + 1) as u32).to_be_bytes());
+    v.push(KIND_MESSAGE);
+    v.extend_from_slice(&json);
+    v
+}
+
+/// The 5-byte header of a data frame carrying `len` image bytes.
+pub fn data_header(len: usize) -> [u8; 5] {
+    let h = ((len + 1) as u32).to_be_bytes();
+    [h[0], h[1], h[2], h[3], KIND_DATA]
+}
+
+impl Response {
+    /// An error response.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Decoder;
+
+    fn round_trip(req: Request) {
+        let f = message_frame(&req);
+        let mut d = Decoder::default();
+        d.push(&f);
+        let body = d.next_frame().unwrap().unwrap();
+        assert_eq!(parse_request(&body).unwrap(), req);
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        round_trip(Request::Hello {
+            protocol: 1,
+            client: "t".into(),
+        });
+        round_trip(Request::Status);
+        round_trip(Request::MarkGood);
+        round_trip(Request::Reboot);
+    }
+
+    #[test]
+    fn wire_names_are_stable() {
+        let f = message_frame(&Request::MarkGood);
+        assert_eq!(&f[5..], br#"{"op":"mark-good"}"#);
+        let e = Response::error(ErrorCode::NoSpace, "x");
+        let j = serde_json::to_string(&e).unwrap();
+        assert_eq!(j, r#"{"op":"error","code":"no-space","message":"x"}"#);
+    }
+
+    #[test]
+    fn bad_bodies_are_named() {
+        assert_eq!(parse_request(&[]), Err(MessageError::Empty));
+        assert_eq!(parse_request(&[9, 1]), Err(MessageError::Kind(9)));
+        assert_eq!(
+            parse_request(&[KIND_DATA, 1, 2]),
+            Err(MessageError::UnexpectedData)
+        );
+        assert!(matches!(
+            parse_request(&[KIND_MESSAGE, b'{']),
+            Err(MessageError::Json(_))
+        ));
+        assert!(matches!(
+            parse_request(b"\x01{\"op\":\"format-disk\"}"),
+            Err(MessageError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn data_header_counts_the_kind_byte() {
+        assert_eq!(data_header(3), [0, 0, 0, 4, KIND_DATA]);
+    }
+}
