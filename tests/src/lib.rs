@@ -134,11 +134,24 @@ impl Sandbox {
         }
     }
 
+    /// A second file maker below this sandbox, for use while one of its partitions is mounted
+    /// (same thread and namespace; it owns no mounts or loop devices).
+    pub fn files(&self) -> Sandbox {
+        let dir = self.dir.join("files");
+        fs::create_dir_all(&dir).unwrap();
+        Sandbox {
+            dir,
+            loops: Vec::new(),
+            n: 0,
+        }
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
     }
 
-    fn fresh(&mut self, stem: &str) -> PathBuf {
+    /// A fresh path below the sandbox.
+    pub fn fresh(&mut self, stem: &str) -> PathBuf {
         self.n += 1;
         self.dir.join(format!("{stem}{}", self.n))
     }

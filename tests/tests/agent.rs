@@ -1,0 +1,781 @@
+//! keel-agent end to end: a real agent process staging into a real ext4 `newimg` on a loop
+//! device, in a private mount namespace per test, over TCP on 127.0.0.1 and the Unix socket.
+//! Never vsock: that is tested inside QEMU guests only.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_agent::client::{self, Client, Endpoint, Pushed};
+use keel_agent::error::Error as ClientError;
+use keel_proto::bootstate::{BootState, ImageRecord, Trial};
+use keel_proto::manifest::{public_key_to_pem, SignedManifest, SigningKey};
+use keel_proto::message::{data_header, message_frame, ErrorCode, Request, Response};
+use keel_proto::report::BootReport;
+use keel_proto::wire::MAX_FRAME;
+use keel_tests::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A running agent and where it listens.
+struct Agent {
+    child: Child,
+    tcp: Endpoint,
+    unix: Endpoint,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn client(&self, ep: &Endpoint) -> Client {
+        Client::connect(ep, Duration::from_secs(5), T).unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The world an agent sees: newimg mounted, img and the boot report in plain directories.
+struct World {
+    newimg: PathBuf,
+    img: PathBuf,
+    etc: PathBuf,
+}
+
+fn record(name: &str, version: u64, sha: &str, size: u64) -> ImageRecord {
+    ImageRecord {
+        name: name.into(),
+        version,
+        sha256: sha.into(),
+        size,
+    }
+}
+
+fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
+    let img = sb.fresh("img");
+    let etc = sb.fresh("etc");
+    fs::create_dir_all(&img).unwrap();
+    fs::create_dir_all(&etc).unwrap();
+    let rec = record("demo", booted, &"11".repeat(32), 4096);
+    let report = BootReport {
+        initstage_version: "test".into(),
+        image_file: "root-squashfs.img".into(),
+        booted: rec.clone(),
+        image_fstype: "squashfs".into(),
+        trial: Some(Trial { tries: 3, used: 1 }),
+        tries_left: Some(2),
+        boot_count: 7,
+        partitions: vec![],
+        upper: "partition".into(),
+        actions: vec!["promoted".into()],
+        run_dir: "/run/keel".into(),
+    };
+    fs::write(etc.join("boot.json"), report.to_json()).unwrap();
+    let mut st = BootState {
+        current: Some(rec),
+        trial: Some(Trial { tries: 3, used: 1 }),
+        ..BootState::default()
+    };
+    st.boot_count = 7;
+    write_state(&img, &st);
+    fs::write(
+        etc.join("trusted.pem"),
+        public_key_to_pem(&test_key().verifying_key()),
+    )
+    .unwrap();
+    World {
+        newimg: newimg.to_path_buf(),
+        img,
+        etc,
+    }
+}
+
+fn start(w: &World, extra: &str) -> Agent {
+    let sock = w.etc.join("agent.sock");
+    let cfg = w.etc.join("agent.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "unix = {:?}\ntcp = \"127.0.0.1:0\"\ntrusted_keys = {:?}\nnewimg_dir = {:?}\nimg_dir = {:?}\nboot_report = {:?}\n{extra}\n",
+            sock,
+            w.etc.join("trusted.pem"),
+            w.newimg,
+            w.img,
+            w.etc.join("boot.json"),
+        ),
+    )
+    .unwrap();
+    let log = w.etc.join(format!(
+        "agent-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let child = Command::new(bin("keel-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // The ready line names the TCP port the kernel picked.
+    let t0 = Instant::now();
+    let tcp = loop {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        if let Some(i) = text.find("tcp://127.0.0.1:") {
+            let rest = &text[i + 6..];
+            let end = rest.find([' ', '\n', '"']).unwrap_or(rest.len());
+            break rest[..end].to_string();
+        }
+        assert!(t0.elapsed() < T, "agent did not start:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Agent {
+        child,
+        tcp: Endpoint::Tcp(tcp),
+        unix: Endpoint::Unix(sock),
+        log,
+    }
+}
+
+/// A file of `mib` MiB of pseudo-random bytes.
+fn image(sb: &mut Sandbox, mib: usize, seed: u64) -> PathBuf {
+    let p = sb.fresh("image");
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(mib << 20);
+    while v.len() < mib << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    fs::write(&p, v).unwrap();
+    p
+}
+
+/// Staged image bytes and manifest, for byte-identity checks.
+fn slot(w: &World) -> (Option<String>, Option<Vec<u8>>) {
+    let img = w.newimg.join("root-squashfs.img");
+    let m = fs::read(w.newimg.join("root-squashfs.img.manifest")).ok();
+    (img.exists().then(|| sha256_file(&img)), m)
+}
+
+fn push(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
+    client::push(ep, m, img, 0, T, &mut |_, _| {})
+}
+
+fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
+    match r {
+        Err(ClientError::Refused { code, message }) => (code.0, message),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn keelctl(args: &[&str]) -> std::process::Output {
+    Command::new(bin("keelctl")).args(args).output().unwrap()
+}
+
+fn with_newimg<T>(name: &str, size_mb: u64, f: impl FnOnce(&mut Sandbox, &Path) -> T) -> T {
+    let mut sb = Sandbox::new(name);
+    let disk = sb.disk(&[Part::new("newimg", size_mb)]);
+    let mut sb2 = sb.files();
+    let r = sb.with_partition(&disk, 1, |d| f(&mut sb2, d));
+    sb.finish();
+    r
+}
+
+#[test]
+fn good_push_over_tcp_then_unix_socket() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-good", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let a = start(&w, "");
+        let v2 = image(sb, 5, 2);
+        let k = sb.fresh("signing.pem");
+        fs::write(&k, keel_proto::manifest::signing_key_to_pem(&test_key())).unwrap();
+        let out = keelctl(&[
+            "sign",
+            v2.to_str().unwrap(),
+            "--key",
+            k.to_str().unwrap(),
+            "--name",
+            "demo",
+            "--version",
+            "2",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // keelctl push over TCP.
+        let ep = a.tcp.to_string();
+        let out = keelctl(&["-e", &ep, "push", v2.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("staged version 2"), "{stdout}");
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v2));
+        let m2 = SignedManifest::from_json(
+            &fs::read(newimg.join("root-squashfs.img.manifest")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(m2.manifest.version, 2);
+        assert!(!newimg.join("root-squashfs.img.partial").exists());
+        assert!(!newimg.join("root-squashfs.img.partial.manifest").exists());
+        // The same again is a no-op with exit 0.
+        let out = keelctl(&["-e", &ep, "push", v2.to_str().unwrap()]);
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("already staged"));
+
+        // v3 over the Unix socket replaces it.
+        let v3 = image(sb, 3, 3);
+        let m3 = manifest_for(&v3, "demo", 3);
+        let r = push(&a.unix, &v3, &m3).unwrap();
+        assert!(
+            matches!(
+                r,
+                Pushed::Staged {
+                    version: 3,
+                    attempts: 1,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
+
+        // Status, human and JSON.
+        let ue = a.unix.to_string();
+        let out = keelctl(&["-e", &ue, "status", "--json"]);
+        assert!(out.status.success());
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["staged"]["version"], 3);
+        assert_eq!(s["booted"]["version"], 1);
+        assert_eq!(s["trial"]["tries"], 3);
+        assert!(s["newimg_free"].as_u64().unwrap() > 0);
+        let out = keelctl(&["-e", &ue, "status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("staged       demo version 3"), "{text}");
+        // One log line per request, with peer, op, outcome and bytes.
+        let log = a.log();
+        assert!(
+            log.lines().any(|l| l.contains("op=\"push\"")
+                && l.contains("staged version 3")
+                && l.contains("bytes=3145728")),
+            "{log}"
+        );
+    });
+}
+
+#[test]
+fn bad_input_is_refused_and_the_staged_image_is_untouched() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-bad", 16, |sb, newimg| {
+        let w = world(sb, newimg, 5);
+        let a = start(&w, "");
+        let v6 = image(sb, 4, 6);
+        let m6 = manifest_for(&v6, "demo", 6);
+        push(&a.tcp, &v6, &m6).unwrap();
+        let before = slot(&w);
+        let check = |what: &str| {
+            assert_eq!(slot(&w), before, "staged slot changed after: {what}");
+            assert!(
+                !newimg.join("root-squashfs.img.partial").exists(),
+                "partial left after {what}"
+            );
+        };
+        let v7 = image(sb, 2, 7);
+        let m7 = manifest_for(&v7, "demo", 7);
+
+        // Unknown key.
+        let other = SigningKey::from_bytes(&[9; 32]);
+        let (c, msg) = refused(push(&a.tcp, &v7, &m7.manifest.clone().sign(&other)));
+        assert_eq!(c, ErrorCode::BadSignature, "{msg}");
+        assert!(msg.contains("does not verify"), "{msg}");
+        check("unknown key");
+
+        // A flipped byte in the signature.
+        let mut bad = m7.clone();
+        let flip = if bad.signature.starts_with('0') {
+            "1"
+        } else {
+            "0"
+        };
+        bad.signature.replace_range(0..1, flip);
+        assert_eq!(refused(push(&a.tcp, &v7, &bad)).0, ErrorCode::BadSignature);
+        check("flipped signature");
+
+        // A changed manifest field (the signature no longer covers it).
+        let mut bad = m7.clone();
+        bad.manifest.size += 1;
+        assert_eq!(refused(push(&a.tcp, &v7, &bad)).0, ErrorCode::BadSignature);
+        check("flipped manifest");
+
+        // A flipped byte in the payload: every byte arrives, the digest does not match.
+        let mut bytes = fs::read(&v7).unwrap();
+        bytes[1_000_000] ^= 0x40;
+        let flipped = sb.fresh("flipped");
+        fs::write(&flipped, &bytes).unwrap();
+        let (c, msg) = refused(push(&a.tcp, &flipped, &m7));
+        assert_eq!(c, ErrorCode::HashMismatch, "{msg}");
+        assert!(msg.contains(&m7.manifest.sha256), "{msg}");
+        check("flipped payload");
+
+        // Downgrade, and the running version again.
+        let (c, msg) = refused(push(&a.tcp, &v7, &manifest_for(&v7, "demo", 4)));
+        assert_eq!(c, ErrorCode::Downgrade, "{msg}");
+        assert!(msg.contains("older than the running version 5"), "{msg}");
+        let m5 = manifest_for(&v7, "demo", 5);
+        assert_eq!(refused(push(&a.tcp, &v7, &m5)).0, ErrorCode::Downgrade);
+        check("downgrade");
+        // Equal to the staged one: a no-op.
+        let r = push(&a.tcp, &v6, &m6).unwrap();
+        assert!(
+            matches!(&r, Pushed::UpToDate(m) if m.contains("already staged")),
+            "{r:?}"
+        );
+        check("equal version");
+
+        // Another product.
+        let (c, msg) = refused(push(&a.tcp, &v7, &manifest_for(&v7, "other", 7)));
+        assert_eq!(c, ErrorCode::WrongName, "{msg}");
+        check("wrong name");
+
+        // Too large for the partition: refused before a single byte is sent.
+        let big = image(sb, 20, 8);
+        let (c, msg) = refused(push(&a.tcp, &big, &manifest_for(&big, "demo", 8)));
+        assert_eq!(c, ErrorCode::NoSpace, "{msg}");
+        assert!(msg.contains("bytes free"), "{msg}");
+        check("disk full");
+
+        // Truncated: the end-of-image frame arrives early.
+        let mut cl = a.client(&a.tcp);
+        let r = cl
+            .call(&Request::Push {
+                manifest: m7.clone(),
+                resume: false,
+            })
+            .unwrap();
+        assert_eq!(r, Response::Send { offset: 0 });
+        let data = fs::read(&v7).unwrap();
+        send_data(&mut cl, &data[..500_000]);
+        cl.stream().write_all(&data_header(0)).unwrap();
+        let (c, msg) = error_of(cl.response().unwrap());
+        assert_eq!(c, ErrorCode::SizeMismatch, "{msg}");
+        assert!(msg.contains("ended after 500000 of"), "{msg}");
+        check("truncated stream");
+
+        // More bytes than declared.
+        let mut cl = a.client(&a.tcp);
+        cl.call(&Request::Push {
+            manifest: m7.clone(),
+            resume: false,
+        })
+        .unwrap();
+        send_data(&mut cl, &data);
+        send_data(&mut cl, b"extra");
+        let (c, msg) = error_of(cl.response().unwrap());
+        assert_eq!(c, ErrorCode::SizeMismatch, "{msg}");
+        assert!(msg.contains("more bytes than"), "{msg}");
+        check("extra bytes");
+
+        // Garbage instead of a frame: the length is absurd, refused from the header.
+        let mut s = TcpStream::connect(a.tcp.to_string().trim_start_matches("tcp://")).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let (c, msg) = error_of(read_response(&mut s));
+        assert_eq!(c, ErrorCode::FrameTooLarge, "{msg}");
+        // An oversized frame after the hello.
+        let mut cl = a.client(&a.unix);
+        cl.stream()
+            .write_all(&((MAX_FRAME as u32) + 1).to_be_bytes())
+            .unwrap();
+        let (c, msg) = error_of(cl.response().unwrap());
+        assert_eq!(c, ErrorCode::FrameTooLarge, "{msg}");
+        assert!(msg.contains(&format!("{}", MAX_FRAME + 1)), "{msg}");
+        // Malformed JSON and an unknown operation.
+        let mut cl = a.client(&a.unix);
+        let mut f = vec![0, 0, 0, 3, 1, b'{', b'x'];
+        f[3] = 3;
+        cl.stream().write_all(&f).unwrap();
+        let (c, msg) = error_of(cl.response().unwrap());
+        assert_eq!(c, ErrorCode::BadRequest, "{msg}");
+        // The wrong protocol version.
+        let mut s = std::os::unix::net::UnixStream::connect(w.etc.join("agent.sock")).unwrap();
+        s.write_all(&message_frame(&Request::Hello {
+            protocol: 99,
+            client: "t".into(),
+        }))
+        .unwrap();
+        let (c, msg) = error_of(read_response(&mut s));
+        assert_eq!(c, ErrorCode::UnsupportedProtocol, "{msg}");
+        check("garbage");
+
+        // The agent survived all of it and still stages a good image.
+        push(&a.unix, &v7, &m7).unwrap();
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v7));
+    });
+}
+
+fn send_data(cl: &mut Client, data: &[u8]) {
+    for c in data.chunks(200_000) {
+        cl.stream().write_all(&data_header(c.len())).unwrap();
+        cl.stream().write_all(c).unwrap();
+    }
+}
+
+fn error_of(r: Response) -> (ErrorCode, String) {
+    match r {
+        Response::Error { code, message } => (code, message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn read_response(s: &mut impl Read) -> Response {
+    let body = client::read_frame(s, "test").unwrap();
+    keel_proto::message::parse_response(&body).unwrap()
+}
+
+#[test]
+fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-busy", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let a = start(&w, "idle_timeout_secs = 2");
+        let v2 = image(sb, 6, 2);
+        let m2 = manifest_for(&v2, "demo", 2);
+        let data = fs::read(&v2).unwrap();
+
+        // A first push sends 2 MiB and pauses; a second push is told "busy".
+        let mut first = a.client(&a.tcp);
+        assert_eq!(
+            first
+                .call(&Request::Push {
+                    manifest: m2.clone(),
+                    resume: false
+                })
+                .unwrap(),
+            Response::Send { offset: 0 }
+        );
+        send_data(&mut first, &data[..2 << 20]);
+        let (c, msg) = refused(push(&a.unix, &v2, &m2));
+        assert_eq!(c, ErrorCode::Busy, "{msg}");
+        // Then the first one stalls past the idle timeout: dropped, with a reason.
+        std::thread::sleep(Duration::from_secs(3));
+        let (c, msg) = error_of(first.response().unwrap());
+        assert_eq!(c, ErrorCode::Timeout, "{msg}");
+        assert!(msg.contains("push again to resume"), "{msg}");
+        // What arrived is kept for a resume; nothing is staged.
+        assert_eq!(slot(&w), (None, None));
+        let st = status(&a);
+        assert_eq!(st.partial.as_ref().map(|p| p.received), Some(2 << 20));
+
+        // A cut connection (the client vanishes mid-stream), then a resume.
+        let mut cl = a.client(&a.tcp);
+        assert_eq!(
+            cl.call(&Request::Push {
+                manifest: m2.clone(),
+                resume: true
+            })
+            .unwrap(),
+            Response::Send { offset: 2 << 20 }
+        );
+        send_data(&mut cl, &data[2 << 20..3 << 20]);
+        drop(cl);
+        wait_for(|| status(&a).partial.map(|p| p.received) == Some(3 << 20));
+        let mut cl = a.client(&a.tcp);
+        assert_eq!(
+            cl.call(&Request::Push {
+                manifest: m2.clone(),
+                resume: true
+            })
+            .unwrap(),
+            Response::Send { offset: 3 << 20 }
+        );
+        send_data(&mut cl, &data[3 << 20..]);
+        cl.stream().write_all(&data_header(0)).unwrap();
+        match cl.response().unwrap() {
+            Response::Staged {
+                received,
+                resumed_from,
+                image,
+            } => {
+                assert_eq!(resumed_from, 3 << 20);
+                assert_eq!(received, 3 << 20);
+                assert_eq!(image.version, 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v2));
+        assert!(status(&a).partial.is_none());
+    });
+}
+
+fn status(a: &Agent) -> keel_proto::message::StatusReport {
+    match a.client(&a.unix).expect(&Request::Status).unwrap() {
+        Response::Status(s) => *s,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < T, "condition not met in time");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// keelctl resumes by itself when the connection drops: a proxy cuts the first connection
+/// after 3 MiB.
+#[test]
+fn keelctl_push_resumes_after_a_dropped_connection() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-resume", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let a = start(&w, "");
+        let v2 = image(sb, 8, 2);
+        fs::write(
+            sb.dir.join("v2.manifest"),
+            manifest_for(&v2, "demo", 2).to_json(),
+        )
+        .unwrap();
+        let upstream = a.tcp.to_string().trim_start_matches("tcp://").to_string();
+        let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = proxy.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            for (i, conn) in proxy.incoming().take(2).enumerate() {
+                let down = conn.unwrap();
+                let up = TcpStream::connect(&upstream).unwrap();
+                let limit = if i == 0 { Some(3u64 << 20) } else { None };
+                relay(down, up, limit);
+            }
+        });
+        let out = keelctl(&[
+            "-e",
+            &format!("tcp://127.0.0.1:{port}"),
+            "push",
+            v2.to_str().unwrap(),
+            "--manifest",
+            sb.dir.join("v2.manifest").to_str().unwrap(),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stdout.contains("2 connections"), "{stdout}{stderr}");
+        // Not a terminal: plain progress lines.
+        assert!(stderr.contains("pushed 100%"), "{stderr}");
+        t.join().unwrap();
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v2));
+        assert!(
+            a.log().contains("resumed") || a.log().contains("upload cut"),
+            "{}",
+            a.log()
+        );
+    });
+}
+
+/// Forwards both ways; with `limit`, cuts both sockets after that many client bytes.
+fn relay(down: TcpStream, up: TcpStream, limit: Option<u64>) {
+    let (mut d2, mut u2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+    let back = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut u2, &mut d2);
+        let _ = d2.shutdown(std::net::Shutdown::Both);
+    });
+    let (mut d, mut u) = (down, up);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut n = 0u64;
+    loop {
+        let k = match d.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => k,
+        };
+        if u.write_all(&buf[..k]).is_err() {
+            break;
+        }
+        n += k as u64;
+        if limit.is_some_and(|l| n >= l) {
+            break;
+        }
+    }
+    let _ = u.shutdown(std::net::Shutdown::Both);
+    let _ = d.shutdown(std::net::Shutdown::Both);
+    let _ = back.join();
+}
+
+#[test]
+fn control_is_for_local_root_only() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-control", 16, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let flag = sb.fresh("rebooted");
+        let a = start(
+            &w,
+            &format!("reboot_command = \"touch {}\"", flag.display()),
+        );
+        for req in [Request::MarkGood, Request::Reboot] {
+            let (c, msg) = error_of(a.client(&a.tcp).call(&req).unwrap());
+            assert_eq!(c, ErrorCode::NotPermitted, "{msg}");
+            assert!(msg.contains("root on the local Unix socket"), "{msg}");
+        }
+        assert!(read_state(&w.img).trial.is_some());
+        assert!(!flag.exists());
+        // keelctl over the Unix socket as root.
+        let ue = a.unix.to_string();
+        let out = keelctl(&["-e", &ue, "mark-good"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("version 1 marked good"));
+        let st = read_state(&w.img);
+        assert!(st.trial.is_none());
+        assert_eq!(
+            st.events.last().unwrap().kind,
+            keel_proto::bootstate::EventKind::MarkedGood
+        );
+        let out = keelctl(&["-e", &ue, "mark-good"]);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("not on trial"));
+        assert!(status(&a).trial.is_none());
+        // keelctl refuses with the agent's reason and a non-zero exit over TCP.
+        let te = a.tcp.to_string();
+        let out = keelctl(&["-e", &te, "reboot"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not-permitted"));
+        let out = keelctl(&["-e", &ue, "reboot"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(|| flag.exists());
+    });
+}
+
+#[test]
+fn connection_limit_and_sigterm() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-limit", 16, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let mut a = start(&w, "max_connections = 2");
+        let c1 = a.client(&a.tcp);
+        let c2 = a.client(&a.unix);
+        let mut s = TcpStream::connect(a.tcp.to_string().trim_start_matches("tcp://")).unwrap();
+        let (c, msg) = error_of(read_response(&mut s));
+        assert_eq!(c, ErrorCode::Busy, "{msg}");
+        drop((c1, c2));
+        wait_for(|| Client::connect(&a.tcp, Duration::from_secs(1), T).is_ok());
+        // SIGTERM: a clean exit that removes the socket.
+        rustix::process::kill_process(
+            rustix::process::Pid::from_raw(a.child.id() as i32).unwrap(),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let st = a.child.wait().unwrap();
+        assert!(st.success(), "{st}");
+        assert!(!w.etc.join("agent.sock").exists());
+        assert!(a.log().contains("SIGTERM"));
+    });
+}
+
+/// kill -9 of the agent mid-stream, then a restart: nothing half-staged that initstage would
+/// promote (initstage itself is run on the disk), and the upload resumes to completion.
+#[test]
+fn agent_killed_mid_stream_leaves_nothing_initstage_promotes() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("agent-kill9");
+    let v1 = sb.squashfs(1);
+    let m1 = manifest_for(&v1, "demo", 1);
+    let disk = sb.disk(&[
+        Part::new("img", 24)
+            .file("root-squashfs.img", fs::read(&v1).unwrap())
+            .file("root-squashfs.img.manifest", m1.to_json()),
+        Part::new("overlay", 16),
+        Part::new("newimg", 48),
+    ]);
+    let r = sb.prepare(&disk, "keel.tries=3");
+    assert_eq!(r.booted.version, 1);
+    sb.teardown();
+    // A v2 big enough to be caught mid-stream: a squashfs of incompressible bytes.
+    let root = sb.rootfs(2);
+    let noise = image(&mut sb, 12, 5);
+    fs::rename(&noise, root.join("noise")).unwrap();
+    let v2 = sb.fresh("v2.squashfs");
+    run(Command::new("mksquashfs")
+        .arg(&root)
+        .arg(&v2)
+        .args(["-noappend", "-quiet", "-all-root"]));
+    let m2 = manifest_for(&v2, "demo", 2);
+    let mut sb2 = sb.files();
+    sb.with_partition(&disk, 3, |newimg| {
+        let w = world(&mut sb2, newimg, 1);
+        let mut a = start(&w, "");
+        let mut cl = a.client(&a.tcp);
+        cl.call(&Request::Push {
+            manifest: m2.clone(),
+            resume: false,
+        })
+        .unwrap();
+        let data = fs::read(&v2).unwrap();
+        send_data(&mut cl, &data[..5 << 20]);
+        wait_for(|| {
+            fs::metadata(newimg.join("root-squashfs.img.partial"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+                >= 4 << 20
+        });
+        a.kill9();
+        drop(cl);
+        assert!(!newimg.join("root-squashfs.img.manifest").exists());
+    });
+    // initstage boots v1 again and promotes nothing.
+    let r = sb.prepare(&disk, "keel.tries=3");
+    assert_eq!(r.booted.version, 1, "{:?}", r.actions);
+    sb.teardown();
+    // A restarted agent resumes the upload; the next boot promotes v2.
+    sb.with_partition(&disk, 3, |newimg| {
+        let w = world(&mut sb2, newimg, 1);
+        let a = start(&w, "");
+        let before = status(&a).partial.unwrap().received;
+        assert!(before >= 4 << 20, "{before}");
+        let r = push(&a.tcp, &v2, &m2).unwrap();
+        assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
+    });
+    let r = sb.prepare(&disk, "keel.tries=3");
+    assert_eq!(r.booted.version, 2, "{:?}", r.actions);
+    sb.finish();
+}
