@@ -39,7 +39,7 @@ use sha2::{Digest, Sha256};
 use crate::verify::Refusal;
 
 /// Bytes per pipeline buffer.
-pub const CHUNK: usize = 1 << 20;
+pub const CHUNK: usize = 512 << 10;
 /// Buffers in flight.
 pub const NBUF: usize = 4;
 /// Writeback window: started as soon as written, waited for one window later.
