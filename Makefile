@@ -5,10 +5,10 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod
+APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes clean
+.PHONY: test demo deps lint build unit integration static sizes units fuzz bench clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -33,15 +33,34 @@ build: deps
 ## test: everything CI runs
 test: lint build static
 	$(CARGO) test --workspace $(FEATURES)
-	$(MAKE) --no-print-directory sizes
+	$(MAKE) --no-print-directory units fuzz sizes
+
+## units: systemd-analyze verify on the units, sh -n on the OpenRC scripts
+units: build
+	systemd/check.sh target/debug
+
+## fuzz: the frame-decoder fuzz target for FUZZ_SECONDS (stable toolchain, RUSTC_BOOTSTRAP)
+FUZZ_SECONDS ?= 20
+fuzz: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decoder -- -max_total_time=$(FUZZ_SECONDS)
+
+## bench: staging throughput and agent memory against cat / sha256sum+cp (see bench/)
+BENCH_MB ?= 1024
+BENCH_RUNS ?= 5
+bench: deps
+	$(CARGO) build --release -p keel-agent
+	bench/stage.sh $(BENCH_MB) $(BENCH_RUNS)
 
 ## static: initstage as one static binary, as it goes into an initramfs
 static: deps
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage --target $(TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --target $(TARGET)
 
 sizes:
-	@printf 'initstage (static, release): %s bytes\n' "$$(stat -c %s $(STATIC)/initstage)"
-	@ldd $(STATIC)/initstage 2>&1 | grep -q 'statically linked\|not a dynamic' || { echo "initstage is not static"; exit 1; }
+	@for b in initstage keel-agent keelctl; do \
+		printf '%-10s (static, release): %s bytes\n' $$b "$$(stat -c %s $(STATIC)/$$b)"; \
+		ldd $(STATIC)/$$b 2>&1 | grep -q 'statically linked\|not a dynamic' || { echo "$$b is not static"; exit 1; }; \
+	done
 
 ## demo: the update cycle on real disks, loop devices and overlayfs, with a timeline
 demo: build

@@ -57,10 +57,13 @@ pub fn mark_good(img: &Path) -> Result<String, Refusal> {
     }
 }
 
-/// Flushes filesystems and reboots: `command` through `/bin/sh -c` when configured (e.g.
-/// `systemctl reboot` for an orderly shutdown), else sync(2) + reboot(2).
+/// Flushes filesystems and reboots: `command` through `/bin/sh -c` when configured; under
+/// systemd (`$INVOCATION_ID` set) `systemctl reboot` for an orderly shutdown; else
+/// sync(2) + reboot(2).
 pub fn reboot(command: Option<&str>) -> Result<(), Refusal> {
     rustix::fs::sync();
+    let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let command = command.or(under_systemd.then_some("systemctl reboot"));
     match command {
         Some(cmd) => {
             let st = std::process::Command::new("/bin/sh")
