@@ -105,6 +105,10 @@ fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
 }
 
 fn start(w: &World, extra: &str) -> Agent {
+    start_env(w, extra, &[])
+}
+
+fn start_env(w: &World, extra: &str, env: &[(&str, &Path)]) -> Agent {
     let sock = w.etc.join("agent.sock");
     let cfg = w.etc.join("agent.toml");
     fs::write(
@@ -130,6 +134,7 @@ fn start(w: &World, extra: &str) -> Agent {
         .arg("--config")
         .arg(&cfg)
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap())
         .spawn()
@@ -778,4 +783,128 @@ fn agent_killed_mid_stream_leaves_nothing_initstage_promotes() {
     let r = sb.prepare(&disk, "keel.tries=3");
     assert_eq!(r.booted.version, 2, "{:?}", r.actions);
     sb.finish();
+}
+
+/// The ready announce reaches a host listening on TCP (`keelctl wait-ready`), and systemd's
+/// notify socket gets READY=1 once the agent listens.
+#[test]
+fn ready_announce_and_sd_notify() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-ready", 16, |sb, newimg| {
+        let w = world(sb, newimg, 4);
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let waiter = Command::new(bin("keelctl"))
+            .args([
+                "wait-ready",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--within",
+                "20",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let notify = sb.fresh("notify.sock");
+        let ns = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+        ns.set_read_timeout(Some(T)).unwrap();
+        let a = start_env(
+            &w,
+            &format!("announce = \"tcp://127.0.0.1:{port}\""),
+            &[("NOTIFY_SOCKET", &notify)],
+        );
+        let mut buf = [0u8; 512];
+        let n = ns.recv(&mut buf).unwrap();
+        let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(
+            msg.starts_with("READY=1\nSTATUS=listening on unix://"),
+            "{msg}"
+        );
+        let out = waiter.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ann: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ann["op"], "ready");
+        assert_eq!(ann["booted"]["version"], 4);
+        assert_eq!(ann["boot_count"], 7);
+        assert!(
+            ann["listening"].to_string().contains("tcp://127.0.0.1:"),
+            "{ann}"
+        );
+        drop(a);
+    });
+}
+
+/// Hybrid vsock as Firecracker and Cloud Hypervisor offer it: a Unix socket on the host,
+/// `CONNECT <port>\n` → `OK <n>\n`. A fake VMM closes the first attempt without OK (the guest
+/// does not listen yet), then accepts and relays to the agent's Unix socket; keelctl retries
+/// and pushes through it. (No AF_VSOCK socket is opened.)
+#[test]
+fn hybrid_vsock_endpoint_retries_until_the_guest_listens() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-hvsock", 32, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let a = start(&w, "");
+        let vmm = sb.fresh("vm.vsock");
+        let listener = std::os::unix::net::UnixListener::bind(&vmm).unwrap();
+        let agent_sock = w.etc.join("agent.sock");
+        let t = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for (i, conn) in listener.incoming().enumerate() {
+                let mut c = conn.unwrap();
+                let mut line = Vec::new();
+                let mut b = [0u8; 1];
+                while c.read(&mut b).unwrap() == 1 && b[0] != b'\n' {
+                    line.push(b[0]);
+                }
+                seen.push(String::from_utf8(line).unwrap());
+                if i == 0 {
+                    continue; // dropped: nothing listens in the guest yet
+                }
+                c.write_all(b"OK 1073741824\n").unwrap();
+                let up = std::os::unix::net::UnixStream::connect(&agent_sock).unwrap();
+                let (mut c2, mut up2) = (c.try_clone().unwrap(), up.try_clone().unwrap());
+                let back = std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut up2, &mut c2);
+                });
+                let (mut c, mut up) = (c, up);
+                let _ = std::io::copy(&mut c, &mut up);
+                let _ = up.shutdown(std::net::Shutdown::Write);
+                let _ = back.join();
+                break;
+            }
+            seen
+        });
+        let v2 = image(sb, 3, 2);
+        fs::write(
+            sb.dir.join("v2.manifest"),
+            manifest_for(&v2, "demo", 2).to_json(),
+        )
+        .unwrap();
+        let out = keelctl(&[
+            "-e",
+            &format!("hvsock://{}:7447", vmm.display()),
+            "push",
+            v2.to_str().unwrap(),
+            "--manifest",
+            sb.dir.join("v2.manifest").to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(t.join().unwrap(), vec!["CONNECT 7447", "CONNECT 7447"]);
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v2));
+        drop(a);
+    });
 }
