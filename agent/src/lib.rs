@@ -13,12 +13,14 @@
 //! | [`notify`] | sd_notify |
 //! | [`server`] | the daemon: bind, announce, serve, shut down |
 //! | [`client`] | the blocking client keelctl and the tests use |
+//! | [`initramfs`] | `keelctl initramfs`: cpio newc + gzip, modules from `modules.dep` |
 #![warn(missing_docs)]
 
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod initramfs;
 pub mod notify;
 pub mod server;
 pub mod session;

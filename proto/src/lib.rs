@@ -9,6 +9,7 @@
 //! | [`layout`] | file names on the partitions, derived from the image name |
 //! | [`wire`] | length-prefixed frames with a size limit |
 //! | [`message`] | the typed requests and responses carried in frames |
+//! | [`moddep`] | `modules.dep`: which kernel modules to load or pack, in order |
 //!
 //! Everything here is pure: callers read and write the bytes.
 #![forbid(unsafe_code)]
@@ -19,5 +20,6 @@ pub mod hex;
 pub mod layout;
 pub mod manifest;
 pub mod message;
+pub mod moddep;
 pub mod report;
 pub mod wire;

@@ -105,6 +105,27 @@ enum Cmd {
     MarkGood,
     /// Reboots the device (root on the device's Unix socket).
     Reboot,
+    /// Builds an initramfs: initstage as /init, kernel modules with their dependencies, keys.
+    Initramfs {
+        /// The static initstage binary.
+        #[arg(long)]
+        init: PathBuf,
+        /// A kernel's lib/modules/<version> directory (with modules.dep).
+        #[arg(long)]
+        kernel_modules: Option<PathBuf>,
+        /// Modules to include (comma-separated; dependencies are added).
+        #[arg(long, value_delimiter = ',')]
+        modules: Vec<String>,
+        /// Trusted public keys (PEM) for /etc/keel/trusted.pem.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Extra file, SRC:PATH-IN-INITRAMFS (repeatable).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// Output (gzip-compressed cpio newc).
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
     /// Listens on tcp://HOST:PORT or unix:///PATH for an agent's ready announce and prints it.
     WaitReady {
         /// Where to listen.
@@ -317,6 +338,47 @@ fn run(a: Args) -> anyhow::Result<()> {
                 }
                 other => bail!("unexpected reply {other:?}"),
             }
+        }
+        Cmd::Initramfs {
+            init,
+            kernel_modules,
+            modules,
+            keys,
+            files,
+            out,
+        } => {
+            let mut extra = Vec::new();
+            for f in files {
+                let (src, dst) = f
+                    .split_once(':')
+                    .with_context(|| format!("--file {f:?}: expected SRC:PATH"))?;
+                extra.push((PathBuf::from(src), dst.to_string()));
+            }
+            let spec = keel_agent::initramfs::Spec {
+                init: init.clone(),
+                kernel_modules: kernel_modules.clone(),
+                modules: modules.clone(),
+                keys: keys.clone(),
+                files: extra,
+            };
+            let packed = keel_agent::initramfs::build(&spec, out)?;
+            let size = fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+            println!(
+                "wrote {} ({size} bytes): {} module file(s){}{}",
+                out.display(),
+                packed.modules.len(),
+                if packed.modules.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", packed.modules.join(" "))
+                },
+                if packed.builtin.is_empty() {
+                    String::new()
+                } else {
+                    format!("; built in: {}", packed.builtin.join(" "))
+                }
+            );
+            Ok(())
         }
         Cmd::WaitReady { listen, within } => wait_ready(listen, Duration::from_secs(*within)),
     }
