@@ -8,7 +8,7 @@ STATIC  := target/$(TARGET)/release
 APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes units fuzz bench clean
+.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -55,6 +55,10 @@ bench: deps
 ## static: initstage as one static binary, as it goes into an initramfs
 static: deps
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --target $(TARGET)
+
+## vm-bins: the static binaries the VM tests pack (initstage with failpoints), own target dir
+vm-bins: deps
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --features initstage/failpoints --target $(TARGET) --target-dir target/vm
 
 sizes:
 	@for b in initstage keel-agent keelctl; do \

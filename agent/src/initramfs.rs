@@ -153,7 +153,12 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
         let base = format!("lib/modules/{version}");
         let mut dep_lines = String::new();
         for rel in &order {
-            add_file(&mut dirs, format!("{base}/{rel}"), 0o644, read(&kdir.join(rel))?);
+            add_file(
+                &mut dirs,
+                format!("{base}/{rel}"),
+                0o644,
+                read(&kdir.join(rel))?,
+            );
             // Keep each packed module's own modules.dep line.
             if let Some(line) = dep_text
                 .lines()
@@ -164,8 +169,18 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
             }
             packed.modules.push(name_of(rel));
         }
-        add_file(&mut dirs, format!("{base}/modules.dep"), 0o644, dep_lines.into_bytes());
-        add_file(&mut dirs, format!("{base}/modules.builtin"), 0o644, builtin_text.into_bytes());
+        add_file(
+            &mut dirs,
+            format!("{base}/modules.dep"),
+            0o644,
+            dep_lines.into_bytes(),
+        );
+        add_file(
+            &mut dirs,
+            format!("{base}/modules.builtin"),
+            0o644,
+            builtin_text.into_bytes(),
+        );
     }
     for (src, dst) in &spec.files {
         let dst = dst.trim_start_matches('/').to_string();
@@ -176,10 +191,7 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
         add_file(&mut dirs, dst, mode, read(src)?);
     }
     let mut out: Vec<(String, Node)> = dirs.into_iter().map(|d| (d, Node::Dir)).collect();
-    out.push((
-        "dev/console".into(),
-        Node::Char { major: 5, minor: 1 },
-    ));
+    out.push(("dev/console".into(), Node::Char { major: 5, minor: 1 }));
     out.extend(files);
     Ok((out, packed))
 }

@@ -37,7 +37,12 @@ pub async fn bind(config: &Config) -> Result<Vec<Listener>, Error> {
         ls.push(Listener::tcp(a).await?);
     }
     if let Some(p) = config.vsock_port {
-        ls.push(Listener::vsock(p)?);
+        // A VM started without a vsock device must still be reachable over the others.
+        match Listener::vsock(p) {
+            Ok(l) => ls.push(l),
+            Err(e) if !ls.is_empty() => tracing::error!("{e}: serving without vsock"),
+            Err(e) => return Err(e),
+        }
     }
     Ok(ls)
 }

@@ -68,4 +68,3 @@ pub fn load_all(dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
     }
     Ok(missing)
 }
-

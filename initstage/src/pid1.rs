@@ -25,25 +25,26 @@ pub const RUN_DIR: &str = "/run/keel";
 /// Where the new root is assembled.
 pub const SYSROOT: &str = "/sysroot";
 
-/// (source, target, fstype, options) of the API filesystems, mounted in order.
+/// (source, target, fstype, data) of the API filesystems, mounted in order; nosuid and nodev
+/// are mount flags, not filesystem options (tmpfs refuses them as data: found by the first
+/// real-kernel boot).
 const API_MOUNTS: &[(&str, &str, &str, &str)] = &[
     ("proc", "/proc", "proc", ""),
     ("sysfs", "/sys", "sysfs", ""),
     ("devtmpfs", "/dev", "devtmpfs", "mode=0755"),
-    ("tmpfs", "/run", "tmpfs", "mode=0755,nosuid,nodev"),
+    ("tmpfs", "/run", "tmpfs", "mode=0755"),
 ];
 
 fn api_mounts() -> Result<()> {
     for (src, target, fstype, data) in API_MOUNTS {
         let _ = std::fs::create_dir_all(target);
         let data = std::ffi::CString::new(*data).expect("static options");
-        match mount(
-            *src,
-            *target,
-            *fstype,
-            MountFlags::empty(),
-            Some(data.as_c_str()),
-        ) {
+        let flags = match *fstype {
+            "proc" | "sysfs" => MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOEXEC,
+            "devtmpfs" => MountFlags::NOSUID,
+            _ => MountFlags::NOSUID | MountFlags::NODEV,
+        };
+        match mount(*src, *target, *fstype, flags, Some(data.as_c_str())) {
             Ok(()) | Err(rustix::io::Errno::BUSY) => {}
             Err(e) => {
                 return Err(Error::Mount {

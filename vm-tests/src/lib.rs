@@ -1,0 +1,636 @@
+//! Harness for keel's VM tests: builds real artefacts from the project's own code and boots
+//! them under QEMU (TCG), one process per boot, serial log to a file, a hard timeout per boot,
+//! at most two VMs at once.
+//!
+//! - [`kit`]: a Debian cloud kernel (fetched by package name, `dpkg -x`, `depmod`), the static
+//!   initstage/keel-agent/keelctl, the initramfs (made by `keelctl initramfs`), a signing key.
+//! - [`image`]: root images — busybox-static, keel-agent, keelctl and an init script that
+//!   brings up the network, starts the agent, checks health, marks the boot good (unless the
+//!   image is "bad") and reboots when an update is staged. It prints `KEEL ...` markers.
+//! - [`Disk`]: a GPT disk with partitions labelled `img`, `overlay`, `newimg`, `boot`, built
+//!   without mounting (`mkfs.ext4 -d`, `sfdisk`, `dd`); read back with `debugfs`.
+//! - [`Vm`]: one boot.
+#![allow(missing_docs)]
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use keel_proto::manifest::{
+    public_key_to_pem, Manifest, SignedManifest, SigningKey, MANIFEST_FORMAT,
+};
+use sha2::{Digest, Sha256};
+
+/// Modules the guest needs, by name; `keelctl initramfs` adds their dependencies.
+pub const MODULES: &str =
+    "virtio_pci,virtio_blk,virtio_net,vmw_vsock_virtio_transport,loop,squashfs,overlay,erofs";
+/// The product name of the test images.
+pub const PRODUCT: &str = "vmdemo";
+/// The agent's port in the guest (TCP and vsock).
+pub const AGENT_PORT: u16 = 7447;
+/// Hard limit for one boot.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn work() -> PathBuf {
+    let w = workspace().join("vm-tests/work");
+    fs::create_dir_all(&w).unwrap();
+    w
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    keel_proto::hex::encode(&Sha256::digest(fs::read(p).unwrap()))
+}
+
+/// Everything built once per test process.
+pub struct Kit {
+    pub kernel: PathBuf,
+    pub modules: PathBuf,
+    pub initramfs: PathBuf,
+    pub key: SigningKey,
+    pub trusted: PathBuf,
+    pub bins: PathBuf,
+    pub work: PathBuf,
+}
+
+static KIT: OnceLock<Kit> = OnceLock::new();
+
+/// The static binaries, built by `make vm-bins` (initstage with failpoints).
+pub fn bins() -> PathBuf {
+    let d = workspace().join("target/vm/x86_64-unknown-linux-gnu/release");
+    for b in ["initstage", "keel-agent", "keelctl"] {
+        assert!(
+            d.join(b).exists(),
+            "{} missing: run `make vm-bins` (or `make test`)",
+            d.join(b).display()
+        );
+    }
+    d
+}
+
+fn fetch_kernel(dir: &Path) -> (PathBuf, PathBuf) {
+    let root = dir.join("root");
+    let find = || -> Option<(PathBuf, PathBuf)> {
+        let boot = fs::read_dir(root.join("boot")).ok()?;
+        let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })?;
+        let version = vmlinuz
+            .file_name()?
+            .to_str()?
+            .trim_start_matches("vmlinuz-")
+            .to_string();
+        let modules = root.join("lib/modules").join(version);
+        modules
+            .join("modules.dep")
+            .exists()
+            .then_some((vmlinuz, modules))
+    };
+    if let Some(found) = find() {
+        return found;
+    }
+    fs::create_dir_all(dir).unwrap();
+    // The real package behind linux-image-cloud-amd64.
+    let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    let text = String::from_utf8_lossy(&deps.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .unwrap_or_else(|| panic!("no kernel package in: {text}"))
+        .to_string();
+    run(Command::new("apt-get")
+        .args(["download", &pkg])
+        .current_dir(dir));
+    let deb = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("downloaded .deb");
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root));
+    let version = pkg.trim_start_matches("linux-image-").to_string();
+    run(Command::new("depmod").arg("-b").arg(&root).arg(&version));
+    find().expect("kernel unpacked")
+}
+
+/// Builds (once) the kernel, initramfs and key.
+pub fn kit() -> &'static Kit {
+    KIT.get_or_init(|| {
+        let work = work();
+        let bins = bins();
+        let (kernel, modules) = fetch_kernel(&work.join("kernel"));
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let trusted = work.join("trusted.pem");
+        fs::write(&trusted, public_key_to_pem(&key.verifying_key())).unwrap();
+        let initramfs = work.join(format!("initramfs-{}.cpio.gz", std::process::id()));
+        run(Command::new(bins.join("keelctl"))
+            .arg("initramfs")
+            .arg("--init")
+            .arg(bins.join("initstage"))
+            .arg("--kernel-modules")
+            .arg(&modules)
+            .args(["--modules", MODULES])
+            .arg("--keys")
+            .arg(&trusted)
+            .arg("-o")
+            .arg(&initramfs));
+        Kit {
+            kernel,
+            modules,
+            initramfs,
+            key,
+            trusted,
+            bins,
+            work,
+        }
+    })
+}
+
+/// Root image filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fs {
+    Squashfs,
+    Erofs,
+}
+
+/// The init script of a test image: markers on the console, the agent, a health check,
+/// mark-good (unless `good` is false), and a reboot once an update is staged.
+fn init_script(version: u64, good: bool) -> String {
+    let mark = if good {
+        "if keelctl mark-good; then echo \"KEEL marked-good version=$V\"; fi"
+    } else {
+        "echo \"KEEL not-marking-good version=$V\""
+    };
+    format!(
+        r#"#!/bin/sh
+PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
+V={version}
+# initstage moved /dev, /proc, /sys and /run in; only /tmp is ours.
+mount -t tmpfs tmpfs /tmp
+echo "KEEL booted version=$V"
+echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"
+if [ -e /scratch ]; then echo "KEEL scratch=present"; else echo "KEEL scratch=absent"; fi
+echo "written in boot of version $V" > /scratch
+ip link set lo up
+ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+keel-agent --config /etc/keel/agent.toml > /tmp/agent.log 2>&1 &
+i=0
+while ! keelctl --wait 0 status > /dev/null 2>&1; do
+  i=$((i+1)); [ $i -gt 200 ] && echo "KEEL agent-failed" && cat /tmp/agent.log
+  sleep 0.05
+done
+# Health check: the agent answers and reports the version this image says it is.
+if keelctl status --json | grep -q "\"version\": $V"; then
+  {mark}
+else
+  echo "KEEL health-failed"
+fi
+sync
+echo "KEEL ready version=$V"
+while [ ! -e /run/keel/newimg/root-squashfs.img.manifest ] && [ ! -e /run/keel/newimg/rootfs.erofs.manifest ]; do sleep 0.2; done
+echo "KEEL staged: rebooting"
+keelctl reboot
+sleep 60
+"#
+    )
+}
+
+const AGENT_TOML: &str = r#"tcp = "0.0.0.0:7447"
+vsock_port = 7447
+trusted_keys = "/etc/keel/trusted.pem"
+idle_timeout_secs = 20
+"#;
+
+/// A root image of `version` (cached): busybox-static, the agent, keelctl, the init script.
+pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    let k = kit();
+    let name = format!(
+        "v{version}-{}.{}",
+        if good { "good" } else { "bad" },
+        match fs_kind {
+            Fs::Squashfs => "squashfs",
+            Fs::Erofs => "erofs",
+        }
+    );
+    let out = k.work.join("images").join(&name);
+    if out.exists() {
+        return out;
+    }
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let root = k.work.join("images").join(format!("{name}.root"));
+    let _ = fs::remove_dir_all(&root);
+    for d in [
+        "bin", "sbin", "usr/bin", "etc/keel", "dev", "proc", "sys", "run", "tmp", "media", "var",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    let list = run(Command::new("/bin/busybox").arg("--list"));
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && applet != "init" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    for b in ["keel-agent", "keelctl"] {
+        fs::copy(k.bins.join(b), root.join("usr/bin").join(b)).unwrap();
+    }
+    let init = root.join("sbin/init");
+    fs::write(&init, init_script(version, good)).unwrap();
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(&k.trusted, root.join("etc/keel/trusted.pem")).unwrap();
+    fs::write(root.join("etc/keel/agent.toml"), AGENT_TOML).unwrap();
+    fs::write(root.join("etc/keel-version"), format!("{version}\n")).unwrap();
+    let tmp = out.with_extension("tmp");
+    match fs_kind {
+        Fs::Squashfs => run(Command::new("mksquashfs").arg(&root).arg(&tmp).args([
+            "-noappend",
+            "-quiet",
+            "-comp",
+            "gzip",
+            "-all-root",
+        ])),
+        Fs::Erofs => run(Command::new("mkfs.erofs")
+            .arg("-zlz4hc")
+            .arg(&tmp)
+            .arg(&root)),
+    };
+    fs::rename(&tmp, &out).unwrap();
+    let _ = fs::remove_dir_all(&root);
+    out
+}
+
+/// The signed manifest of `image`, written next to it as `<image>.manifest`.
+pub fn sign(image: &Path, version: u64) -> SignedManifest {
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        name: PRODUCT.into(),
+        version,
+        size: fs::metadata(image).unwrap().len(),
+        sha256: sha256_file(image),
+        created: 1_700_000_000,
+        min_version: None,
+    }
+    .sign(&kit().key);
+    let mut p = image.as_os_str().to_owned();
+    p.push(".manifest");
+    fs::write(PathBuf::from(p), m.to_json()).unwrap();
+    m
+}
+
+/// Partition sizes in MiB, in disk order.
+pub const PARTS: [(&str, u64); 4] = [("img", 64), ("overlay", 32), ("newimg", 48), ("boot", 8)];
+
+/// A GPT disk image.
+pub struct Disk {
+    pub path: PathBuf,
+}
+
+impl Disk {
+    /// Builds the disk with `v1` (and its manifest) as the factory image named `image_name`,
+    /// `/etc/persisted` in the overlay's persistent layer.
+    pub fn new(dir: &Path, v1: &Path, image_name: &str) -> Disk {
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join("disk.img");
+        let mut script = String::from("label: gpt\n");
+        let mut start = 1u64;
+        let mut parts = Vec::new();
+        for (label, size) in PARTS {
+            let content = dir.join(format!("{label}.d"));
+            let _ = fs::remove_dir_all(&content);
+            fs::create_dir_all(&content).unwrap();
+            match label {
+                "img" => {
+                    fs::copy(v1, content.join(image_name)).unwrap();
+                    let m = sign(v1, 1);
+                    fs::write(content.join(format!("{image_name}.manifest")), m.to_json()).unwrap();
+                }
+                "overlay" => {
+                    fs::create_dir_all(content.join("persistent/etc")).unwrap();
+                    fs::write(content.join("persistent/etc/persisted"), "kept\n").unwrap();
+                }
+                _ => {}
+            }
+            let img = dir.join(format!("{label}.ext4"));
+            run(Command::new("mkfs.ext4")
+                .args([
+                    "-q",
+                    "-F",
+                    "-L",
+                    label,
+                    "-E",
+                    "lazy_itable_init=0,lazy_journal_init=0",
+                    "-d",
+                ])
+                .arg(&content)
+                .arg(&img)
+                .arg(format!("{size}M")));
+            let _ = fs::remove_dir_all(&content);
+            script.push_str(&format!("start={start}MiB, size={size}MiB, name={label}\n"));
+            parts.push((img, start));
+            start += size;
+        }
+        let f = fs::File::create(&path).unwrap();
+        f.set_len((start + 1) << 20).unwrap();
+        drop(f);
+        let mut sf = Command::new("sfdisk")
+            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        sf.stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        assert!(sf.wait().unwrap().success(), "sfdisk failed");
+        for (img, start) in parts {
+            run(Command::new("dd")
+                .arg(format!("if={}", img.display()))
+                .arg(format!("of={}", path.display()))
+                .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+                .arg(format!("seek={start}")));
+            fs::remove_file(img).unwrap();
+        }
+        Disk { path }
+    }
+
+    /// Reads `path` from the partition labelled `label` with debugfs (no mount).
+    pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
+        let mut start = 1;
+        let mut size = 0;
+        for (l, s) in PARTS {
+            if l == label {
+                size = s;
+                break;
+            }
+            start += s;
+        }
+        assert!(size > 0, "no partition {label}");
+        let part = self.path.with_extension(format!("{label}.part"));
+        run(Command::new("dd")
+            .arg(format!("if={}", self.path.display()))
+            .arg(format!("of={}", part.display()))
+            .args(["bs=1M", "status=none"])
+            .arg(format!("skip={start}"))
+            .arg(format!("count={size}")));
+        let out = self.path.with_extension("dump");
+        let _ = fs::remove_file(&out);
+        let _ = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump -p {path} {}", out.display()))
+            .arg(&part)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_file(&part);
+        let r = fs::read(&out).ok();
+        let _ = fs::remove_file(&out);
+        r
+    }
+
+    /// The boot state on `img`.
+    pub fn state(&self) -> keel_proto::bootstate::BootState {
+        let b = self.read("img", "/keel-state.json").expect("state on img");
+        keel_proto::bootstate::BootState::from_json(&b).unwrap()
+    }
+}
+
+/// At most two VMs at once (two cores).
+struct Slots {
+    used: Mutex<usize>,
+    cv: Condvar,
+}
+
+static SLOTS: Slots = Slots {
+    used: Mutex::new(0),
+    cv: Condvar::new(),
+};
+
+fn acquire() {
+    let mut u = SLOTS.used.lock().unwrap();
+    while *u >= 2 {
+        u = SLOTS.cv.wait(u).unwrap();
+    }
+    *u += 1;
+}
+
+fn release() {
+    *SLOTS.used.lock().unwrap() -= 1;
+    SLOTS.cv.notify_one();
+}
+
+/// Options of one boot.
+#[derive(Debug, Clone, Default)]
+pub struct Boot {
+    /// Extra kernel command line.
+    pub cmdline: String,
+    /// Forward this host port on 127.0.0.1 to the agent's TCP port.
+    pub tcp_port: Option<u16>,
+    /// vhost-user-vsock socket of a running vhost-device-vsock.
+    pub vsock: Option<PathBuf>,
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One QEMU boot.
+pub struct Vm {
+    child: Option<Child>,
+    pub serial: PathBuf,
+    pub started: Instant,
+}
+
+impl Vm {
+    pub fn start(disk: &Disk, tag: &str, b: &Boot) -> Vm {
+        let k = kit();
+        acquire();
+        let serial = disk.path.with_file_name(format!("serial-{tag}.log"));
+        let _ = fs::remove_file(&serial);
+        let mem = 256;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-M",
+            "pc",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+        ])
+        .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .arg("-m")
+        .arg(format!("{mem}M"))
+        .arg("-serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("-kernel")
+        .arg(&k.kernel)
+        .arg("-initrd")
+        .arg(&k.initramfs)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet modules={MODULES} keel.tries=2 {}",
+            b.cmdline
+        ))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,format=raw,cache=unsafe",
+            disk.path.display()
+        ));
+        match b.tcp_port {
+            Some(p) => cmd.args(["-netdev"]).arg(format!(
+                "user,id=n0,hostfwd=tcp:127.0.0.1:{p}-:{AGENT_PORT}"
+            )),
+            None => cmd.args(["-netdev", "user,id=n0,restrict=on"]),
+        };
+        cmd.args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
+        if let Some(sock) = &b.vsock {
+            cmd.arg("-object")
+                .arg(format!("memory-backend-memfd,id=mem,size={mem}M,share=on"))
+                .args(["-numa", "node,memdev=mem", "-chardev"])
+                .arg(format!("socket,id=vsc,path={}", sock.display()))
+                .args(["-device", "vhost-user-vsock-pci,chardev=vsc"]);
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
+        Vm {
+            child: Some(child),
+            serial,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits for a console line containing `marker`; returns that line.
+    pub fn wait_for(&mut self, marker: &str) -> String {
+        let deadline = self.started + BOOT_TIMEOUT;
+        loop {
+            let log = self.log();
+            if let Some(l) = log.lines().find(|l| l.contains(marker)) {
+                return l.trim().to_string();
+            }
+            if self.exited() {
+                panic!("VM stopped before {marker:?}; console:\n{log}");
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                panic!("no {marker:?} within {BOOT_TIMEOUT:?}; console:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_some(),
+            None => true,
+        }
+    }
+
+    /// Waits for QEMU to exit by itself (the guest rebooted or powered off: -no-reboot).
+    pub fn wait_exit(&mut self) {
+        let deadline = self.started + BOOT_TIMEOUT;
+        while !self.exited() {
+            if Instant::now() > deadline {
+                let log = self.log();
+                self.kill();
+                panic!("VM did not stop within {BOOT_TIMEOUT:?}; console:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.reap();
+    }
+
+    /// Waits until QEMU exits by itself or `marker` appears, whichever comes first.
+    pub fn wait_exit_or(&mut self, marker: &str) {
+        let deadline = self.started + BOOT_TIMEOUT;
+        while !self.exited() && !self.log().contains(marker) {
+            if Instant::now() > deadline {
+                let log = self.log();
+                self.kill();
+                panic!("VM neither stopped nor printed {marker:?}; console:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: a power cut.
+    pub fn kill(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+        }
+        self.reap();
+    }
+
+    fn reap(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.wait();
+            release();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A keelctl command against the static binary.
+pub fn keelctl(args: &[&str]) -> Output {
+    Command::new(kit().bins.join("keelctl"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A scratch directory for one scenario.
+pub fn scenario_dir(name: &str) -> PathBuf {
+    let d = work()
+        .join("runs")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}

@@ -1,0 +1,317 @@
+//! The update cycle in real QEMU boots of a Debian cloud kernel through keel's initramfs.
+//! Run as root after `make vm-bins`; one scenario alone:
+//! `cargo test -p keel-vm-tests --test vm -- update_cycle`.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use keel_proto::manifest::SigningKey;
+use keel_vm_tests::*;
+
+fn ok(out: &std::process::Output) -> String {
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keelctl failed: {s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}
+
+fn push(port: u16, image: &Path) -> std::process::Output {
+    keelctl(&[
+        "-e",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--wait",
+        "20",
+        "push",
+        image.to_str().unwrap(),
+    ])
+}
+
+fn status(port: u16) -> serde_json::Value {
+    let out = keelctl(&["-e", &format!("tcp://127.0.0.1:{port}"), "status", "--json"]);
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
+fn tcp_boot(port: u16) -> Boot {
+    Boot {
+        tcp_port: Some(port),
+        ..Boot::default()
+    }
+}
+
+/// Scenario 1: first boot of v1, `/persistent` visible, a file written to `/` in one boot is
+/// gone in the next; and the same with the upper on tmpfs (`overlaytmpfs=yes`).
+#[test]
+fn first_boot_persistent_and_fresh_upper() {
+    let d = scenario_dir("first-boot");
+    let v1 = image(1, true, Fs::Squashfs);
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let mut vm = Vm::start(&disk, "1", &Boot::default());
+    vm.wait_for("KEEL booted version=1");
+    assert!(vm.wait_for("KEEL persisted=").ends_with("kept"));
+    assert!(vm.wait_for("KEEL scratch=").ends_with("absent"));
+    vm.wait_for("KEEL ready version=1");
+    vm.kill();
+    let mut vm = Vm::start(&disk, "2", &Boot::default());
+    vm.wait_for("KEEL booted version=1");
+    assert!(
+        vm.wait_for("KEEL scratch=").ends_with("absent"),
+        "{}",
+        vm.log()
+    );
+    vm.wait_for("KEEL ready version=1");
+    vm.kill();
+    for tag in ["3", "4"] {
+        let mut vm = Vm::start(
+            &disk,
+            tag,
+            &Boot {
+                cmdline: "overlaytmpfs=yes".into(),
+                ..Boot::default()
+            },
+        );
+        vm.wait_for("KEEL booted version=1");
+        assert!(vm.wait_for("KEEL persisted=").ends_with("kept"));
+        assert!(
+            vm.wait_for("KEEL scratch=").ends_with("absent"),
+            "{}",
+            vm.log()
+        );
+        vm.wait_for("KEEL ready version=1");
+        assert!(vm.log().contains("tmpfs"), "{}", vm.log());
+        vm.kill();
+    }
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Scenarios 2, 6 and 4: bad pushes over TCP are refused and change nothing; a signed v2 over
+/// TCP is staged, the guest reboots into it, v1 is kept as -old and the trial ends with
+/// mark-good; then v3 never marks itself good and after keel.tries=2 boots the system is back
+/// on v2, with the reason in the status.
+#[test]
+fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
+    let d = scenario_dir("cycle");
+    let v1 = image(1, true, Fs::Squashfs);
+    let v2 = image(2, true, Fs::Squashfs);
+    let v3 = image(3, false, Fs::Squashfs);
+    sign(&v2, 2);
+    sign(&v3, 3);
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let port = free_port();
+    let mut vm = Vm::start(&disk, "v1", &tcp_boot(port));
+    vm.wait_for("KEEL ready version=1");
+
+    // 6: bad pushes — unknown key, downgrade, flipped byte.
+    let bad = d.join("bad.img");
+    fs::copy(&v2, &bad).unwrap();
+    let m = keel_proto::manifest::SignedManifest::from_json(
+        &fs::read(format!("{}.manifest", v2.display())).unwrap(),
+    )
+    .unwrap();
+    fs::write(
+        d.join("bad.img.manifest"),
+        m.manifest
+            .clone()
+            .sign(&SigningKey::from_bytes(&[9; 32]))
+            .to_json(),
+    )
+    .unwrap();
+    let out = push(port, &bad);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("bad-signature"),
+        "{out:?}"
+    );
+    let mut down = m.manifest.clone();
+    down.version = 0;
+    fs::write(d.join("bad.img.manifest"), down.sign(&kit().key).to_json()).unwrap();
+    let out = push(port, &bad);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("downgrade"),
+        "{out:?}"
+    );
+    let mut bytes = fs::read(&v2).unwrap();
+    bytes[4096] ^= 1;
+    fs::write(&bad, &bytes).unwrap();
+    fs::write(d.join("bad.img.manifest"), m.to_json()).unwrap();
+    let out = push(port, &bad);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("hash-mismatch"),
+        "{out:?}"
+    );
+    let st = status(port);
+    assert_eq!(st["booted"]["version"], 1);
+    assert!(st["staged"].is_null(), "{st}");
+    assert!(st["partial"].is_null(), "{st}");
+
+    // 2: a good push over TCP; the guest reboots into v2.
+    let out = ok(&push(port, &v2));
+    assert!(out.contains("staged version 2"), "{out}");
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    let mut vm = Vm::start(&disk, "v2", &tcp_boot(port));
+    vm.wait_for("KEEL booted version=2");
+    vm.wait_for("KEEL marked-good version=2");
+    vm.wait_for("KEEL ready version=2");
+    let st = status(port);
+    assert_eq!(st["booted"]["version"], 2);
+    assert_eq!(st["old"]["version"], 1);
+    assert!(st["trial"].is_null(), "{st}");
+    assert!(st["staged"].is_null(), "{st}");
+
+    // 4: v3 never marks good.
+    ok(&push(port, &v3));
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    for boot in 1..=2 {
+        let mut vm = Vm::start(&disk, &format!("v3-{boot}"), &tcp_boot(port));
+        vm.wait_for("KEEL booted version=3");
+        vm.wait_for("KEEL not-marking-good version=3");
+        vm.wait_for("KEEL ready version=3");
+        let st = status(port);
+        assert_eq!(st["trial"]["used"], boot, "{st}");
+        vm.kill();
+    }
+    let mut vm = Vm::start(&disk, "back", &tcp_boot(port));
+    vm.wait_for("KEEL booted version=2");
+    vm.wait_for("KEEL ready version=2");
+    let st = status(port);
+    assert_eq!(st["booted"]["version"], 2);
+    let why = st["boot_actions"].to_string();
+    assert!(
+        why.contains("rolled back") && why.contains("not marked good"),
+        "{st}"
+    );
+    vm.kill();
+    // The disk afterwards: v2 current, v3 remembered as rejected.
+    let state = disk.state();
+    assert_eq!(state.current.as_ref().unwrap().version, 2);
+    assert!(state.is_rejected(&sha256_file(&v3)));
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Scenario 5: a correctly signed image that does not mount (a truncated squashfs) is
+/// promoted, fails to mount, and the same boot falls back to the previous image.
+#[test]
+fn image_that_does_not_mount_falls_back_in_the_same_boot() {
+    let d = scenario_dir("no-mount");
+    let v1 = image(1, true, Fs::Squashfs);
+    let v2 = image(2, true, Fs::Squashfs);
+    let broken = d.join("truncated.img");
+    let bytes = fs::read(&v2).unwrap();
+    fs::write(&broken, &bytes[..bytes.len() / 2]).unwrap();
+    sign(&broken, 2);
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let port = free_port();
+    let mut vm = Vm::start(&disk, "v1", &tcp_boot(port));
+    vm.wait_for("KEEL ready version=1");
+    ok(&push(port, &broken));
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    let mut vm = Vm::start(&disk, "fallback", &tcp_boot(port));
+    vm.wait_for("KEEL booted version=1");
+    vm.wait_for("KEEL ready version=1");
+    let st = status(port);
+    let why = st["boot_actions"].to_string();
+    assert!(why.contains("rolled back"), "{st}");
+    vm.kill();
+    assert!(disk.state().is_rejected(&sha256_file(&broken)));
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Scenario 7: power cuts. QEMU is killed (SIGKILL) at instants spread over a push, and
+/// initstage is aborted at every write step of a promotion (keel.failpoint=N); after each,
+/// the next boot starts an intact image and /persistent lost nothing.
+#[test]
+fn power_cuts_during_staging_and_at_every_promotion_step() {
+    let d = scenario_dir("powercut");
+    let v1 = image(1, true, Fs::Squashfs);
+    let v2 = image(2, true, Fs::Squashfs);
+    sign(&v2, 2);
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let port = free_port();
+    let mut kills = 0;
+
+    // During staging: from the same v1 disk each time, a push runs in the background and
+    // the VM dies after a delay that moves through the transfer (and past its commit).
+    let base = d.join("base.img");
+    fs::copy(&disk.path, &base).unwrap();
+    for (i, delay_ms) in [100u64, 200, 300, 400, 550, 800].into_iter().enumerate() {
+        fs::copy(&base, &disk.path).unwrap();
+        let mut vm = Vm::start(&disk, &format!("stage-{i}"), &tcp_boot(port));
+        vm.wait_for("KEEL ready version=1");
+        let v2c = v2.clone();
+        let pusher = std::thread::spawn(move || {
+            keelctl(&[
+                "-e",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--wait",
+                "0",
+                "push",
+                v2c.to_str().unwrap(),
+                "--retries",
+                "0",
+            ])
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        vm.kill();
+        kills += 1;
+        let _ = pusher.join();
+        let mut vm = Vm::start(&disk, &format!("after-stage-{i}"), &Boot::default());
+        let booted = vm.wait_for("KEEL booted version=");
+        assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
+        assert!(vm.wait_for("KEEL persisted=").ends_with("kept"));
+        vm.wait_for("KEEL ready version=");
+        vm.kill();
+    }
+
+    // Stage v2 cleanly on the v1 disk; keep a snapshot just before its promotion.
+    fs::copy(&base, &disk.path).unwrap();
+    let mut vm = Vm::start(&disk, "stage", &tcp_boot(port));
+    vm.wait_for("KEEL ready version=1");
+    ok(&push(port, &v2));
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    let snapshot = d.join("staged.img");
+    fs::copy(&disk.path, &snapshot).unwrap();
+
+    // Abort initstage at write step N, for every N until a boot needs no abort.
+    let mut n = 1;
+    loop {
+        fs::copy(&snapshot, &disk.path).unwrap();
+        let mut vm = Vm::start(
+            &disk,
+            &format!("fp-{n}"),
+            &Boot {
+                cmdline: format!("keel.failpoint={n}"),
+                ..Boot::default()
+            },
+        );
+        // Either initstage dies at step N (kernel panics, QEMU exits) or the boot completes.
+        vm.wait_exit_or("KEEL booted version=");
+        let survived = vm.log().contains("KEEL booted version=");
+        vm.kill();
+        if survived {
+            break;
+        }
+        kills += 1;
+        let mut vm = Vm::start(&disk, &format!("after-fp-{n}"), &Boot::default());
+        let booted = vm.wait_for("KEEL booted version=");
+        assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
+        assert!(
+            vm.wait_for("KEEL persisted=").ends_with("kept"),
+            "{}",
+            vm.log()
+        );
+        vm.wait_for("KEEL ready version=");
+        vm.kill();
+        n += 1;
+        assert!(n < 60, "failpoints never stopped firing");
+    }
+    assert!(kills >= 20, "only {kills} power cuts");
+    eprintln!("power cuts: {kills} ({} promotion steps)", n - 1);
+    let _ = fs::remove_dir_all(&d);
+}
