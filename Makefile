@@ -5,10 +5,10 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc
+APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm clean
+.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -17,6 +17,10 @@ deps:
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# QEMU 7.2 from Debian 12; its qemu-utils must come along (a newer backported qemu-utils
+	@# on the machine would otherwise block the install).
+	@command -v qemu-system-x86_64 >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends --allow-downgrades qemu-system-x86 qemu-utils/bookworm; }
 	@command -v $(CARGO) >/dev/null || { echo "cargo is missing: install Rust with rustup first"; exit 1; }
 	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
 	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy
@@ -30,8 +34,8 @@ lint: deps
 build: deps
 	$(CARGO) build --workspace $(FEATURES)
 
-## test: everything CI runs
-test: lint build static
+## test: everything CI runs (the VM scenarios included)
+test: lint build static vm-bins
 	$(CARGO) test --workspace $(FEATURES)
 	$(MAKE) --no-print-directory units fuzz sizes
 
@@ -66,8 +70,16 @@ sizes:
 		ldd $(STATIC)/$$b 2>&1 | grep -q 'statically linked\|not a dynamic' || { echo "$$b is not static"; exit 1; }; \
 	done
 
-## demo: the update cycle on real disks, loop devices and overlayfs, with a timeline
-demo: build
+## vm: only the VM scenarios (one alone: make vm VM=update_cycle)
+vm: build vm-bins
+	$(CARGO) test -p keel-vm-tests --test vm -- $(VM)
+
+## demo: boots v1 in QEMU, pushes v2, reboots into it, pushes a bad v3, shows the rollback
+demo: build vm-bins
+	$(CARGO) run -q -p keel-vm-tests --bin keel-vm-demo
+
+## demo-local: the same cycle without QEMU (initstage prepare on loop devices)
+demo-local: build
 	$(CARGO) run -q -p keel-tests --bin keel-demo
 
 clean:

@@ -111,8 +111,18 @@ fn fetch_kernel(dir: &Path) -> (PathBuf, PathBuf) {
         return found;
     }
     fs::create_dir_all(dir).unwrap();
-    // The real package behind linux-image-cloud-amd64.
-    let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    // The real package behind linux-image-cloud-amd64 (refresh the lists once if apt does
+    // not know it yet, as on a fresh machine).
+    let depends = || {
+        Command::new("apt-cache")
+            .args(["depends", "linux-image-cloud-amd64"])
+            .output()
+    };
+    let mut deps = depends().expect("apt-cache");
+    if !deps.status.success() || deps.stdout.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]));
+        deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    }
     let text = String::from_utf8_lossy(&deps.stdout);
     let pkg = text
         .lines()
@@ -146,6 +156,11 @@ pub fn kit() -> &'static Kit {
         let key = SigningKey::from_bytes(&[7u8; 32]);
         let trusted = work.join("trusted.pem");
         fs::write(&trusted, public_key_to_pem(&key.verifying_key())).unwrap();
+        for e in fs::read_dir(&work).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("initramfs-") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
         let initramfs = work.join(format!("initramfs-{}.cpio.gz", std::process::id()));
         run(Command::new(bins.join("keelctl"))
             .arg("initramfs")

@@ -224,24 +224,22 @@ fn image_that_does_not_mount_falls_back_in_the_same_boot() {
 
 /// Scenario 7: power cuts. QEMU is killed (SIGKILL) at instants spread over a push, and
 /// initstage is aborted at every write step of a promotion (keel.failpoint=N); after each,
-/// the next boot starts an intact image and /persistent lost nothing.
+/// the next boot starts an intact image and /persistent lost nothing. Two workers, each on
+/// its own copy of the disk (at most two VMs at once).
 #[test]
 fn power_cuts_during_staging_and_at_every_promotion_step() {
     let d = scenario_dir("powercut");
     let v1 = image(1, true, Fs::Squashfs);
     let v2 = image(2, true, Fs::Squashfs);
     sign(&v2, 2);
-    let disk = Disk::new(&d, &v1, "root-squashfs.img");
-    let port = free_port();
-    let mut kills = 0;
+    let base = Disk::new(&d, &v1, "root-squashfs.img");
 
-    // During staging: from the same v1 disk each time, a push runs in the background and
-    // the VM dies after a delay that moves through the transfer (and past its commit).
-    let base = d.join("base.img");
-    fs::copy(&disk.path, &base).unwrap();
-    for (i, delay_ms) in [100u64, 200, 300, 400, 550, 800].into_iter().enumerate() {
-        fs::copy(&base, &disk.path).unwrap();
-        let mut vm = Vm::start(&disk, &format!("stage-{i}"), &tcp_boot(port));
+    // During staging: from the same v1 disk each time, a push runs in the background and the
+    // VM dies after a delay that moves through the transfer (and past its commit).
+    let delays = [100u64, 200, 300, 400, 550, 800];
+    let staging_kills = parallel(&d, &base, "stage", delays.to_vec(), |disk, i, delay_ms| {
+        let port = free_port();
+        let mut vm = Vm::start(disk, &format!("stage-{i}"), &tcp_boot(port));
         vm.wait_for("KEEL ready version=1");
         let v2c = v2.clone();
         let pusher = std::thread::spawn(move || {
@@ -258,60 +256,98 @@ fn power_cuts_during_staging_and_at_every_promotion_step() {
         });
         std::thread::sleep(Duration::from_millis(delay_ms));
         vm.kill();
-        kills += 1;
         let _ = pusher.join();
-        let mut vm = Vm::start(&disk, &format!("after-stage-{i}"), &Boot::default());
-        let booted = vm.wait_for("KEEL booted version=");
-        assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
-        assert!(vm.wait_for("KEEL persisted=").ends_with("kept"));
-        vm.wait_for("KEEL ready version=");
-        vm.kill();
-    }
+        check_intact(disk, &format!("after-stage-{i}"));
+        true
+    });
+    assert_eq!(staging_kills, delays.len());
 
-    // Stage v2 cleanly on the v1 disk; keep a snapshot just before its promotion.
-    fs::copy(&base, &disk.path).unwrap();
-    let mut vm = Vm::start(&disk, "stage", &tcp_boot(port));
+    // Stage v2 cleanly on the v1 disk: the snapshot is the disk just before its promotion.
+    let port = free_port();
+    let mut vm = Vm::start(&base, "stage", &tcp_boot(port));
     vm.wait_for("KEEL ready version=1");
     ok(&push(port, &v2));
     vm.wait_for("KEEL staged: rebooting");
     vm.wait_exit();
-    let snapshot = d.join("staged.img");
-    fs::copy(&disk.path, &snapshot).unwrap();
 
     // Abort initstage at write step N, for every N until a boot needs no abort.
-    let mut n = 1;
-    loop {
-        fs::copy(&snapshot, &disk.path).unwrap();
+    let promotion_kills = parallel(&d, &base, "fp", (1..60).collect(), |disk, _, n| {
         let mut vm = Vm::start(
-            &disk,
+            disk,
             &format!("fp-{n}"),
             &Boot {
                 cmdline: format!("keel.failpoint={n}"),
                 ..Boot::default()
             },
         );
-        // Either initstage dies at step N (kernel panics, QEMU exits) or the boot completes.
+        // Either initstage dies at step N (the kernel panics, QEMU exits) or the boot goes on.
         vm.wait_exit_or("KEEL booted version=");
         let survived = vm.log().contains("KEEL booted version=");
         vm.kill();
         if survived {
-            break;
+            return false;
         }
-        kills += 1;
-        let mut vm = Vm::start(&disk, &format!("after-fp-{n}"), &Boot::default());
-        let booted = vm.wait_for("KEEL booted version=");
-        assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
-        assert!(
-            vm.wait_for("KEEL persisted=").ends_with("kept"),
-            "{}",
-            vm.log()
-        );
-        vm.wait_for("KEEL ready version=");
-        vm.kill();
-        n += 1;
-        assert!(n < 60, "failpoints never stopped firing");
-    }
+        check_intact(disk, &format!("after-fp-{n}"));
+        true
+    });
+    let kills = staging_kills + promotion_kills;
+    eprintln!("power cuts: {kills} ({promotion_kills} promotion steps)");
+    assert!(
+        promotion_kills >= 10,
+        "only {promotion_kills} promotion steps"
+    );
     assert!(kills >= 20, "only {kills} power cuts");
-    eprintln!("power cuts: {kills} ({} promotion steps)", n - 1);
     let _ = fs::remove_dir_all(&d);
+}
+
+/// After a power cut: the next boot starts version 1 or 2, whole, with /persistent intact.
+fn check_intact(disk: &Disk, tag: &str) {
+    let mut vm = Vm::start(disk, tag, &Boot::default());
+    let booted = vm.wait_for("KEEL booted version=");
+    assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
+    assert!(
+        vm.wait_for("KEEL persisted=").ends_with("kept"),
+        "{}",
+        vm.log()
+    );
+    vm.wait_for("KEEL ready version=");
+    vm.kill();
+}
+
+/// Runs `f` over `items` on two workers, each restoring its own copy of `base` before every
+/// item. `f` returns false to say "no more": later items are skipped. Returns how many
+/// returned true.
+fn parallel<T: Copy + Send>(
+    dir: &Path,
+    base: &Disk,
+    tag: &str,
+    items: Vec<T>,
+    f: impl Fn(&Disk, usize, T) -> bool + Sync,
+) -> usize {
+    let next = std::sync::Mutex::new(items.into_iter().enumerate());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for w in 0..2 {
+            let (next, stop, count, f) = (&next, &stop, &count, &f);
+            let disk = Disk {
+                path: dir.join(format!("{tag}-w{w}.img")),
+            };
+            s.spawn(move || loop {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let Some((i, item)) = next.lock().unwrap().next() else {
+                    return;
+                };
+                fs::copy(&base.path, &disk.path).unwrap();
+                if f(&disk, i, item) {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                } else {
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    count.into_inner()
 }
