@@ -62,6 +62,7 @@ static: deps
 
 ## vm-bins: the static binaries the VM tests pack (initstage with failpoints), own target dir
 vm-bins: deps
+	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --locked
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --features initstage/failpoints --target $(TARGET) --target-dir target/vm
 
 sizes:

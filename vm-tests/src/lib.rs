@@ -208,6 +208,7 @@ V={version}
 mount -t tmpfs tmpfs /tmp
 echo "KEEL booted version=$V"
 echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"
+echo "KEEL upper=$(sed -n 's/^overlay \/ .*upperdir=\([^,]*\).*/\1/p' /proc/mounts)"
 if [ -e /scratch ]; then echo "KEEL scratch=present"; else echo "KEEL scratch=absent"; fi
 echo "written in boot of version $V" > /scratch
 ip link set lo up
@@ -238,15 +239,32 @@ const AGENT_TOML: &str = r#"tcp = "0.0.0.0:7447"
 vsock_port = 7447
 trusted_keys = "/etc/keel/trusted.pem"
 idle_timeout_secs = 20
+announce = "vsock://2:7448"
 "#;
+
+/// The host port the guest agent announces readiness to (over vsock).
+pub const ANNOUNCE_PORT: u16 = 7448;
 
 /// A root image of `version` (cached): busybox-static, the agent, keelctl, the init script.
 pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap();
     let k = kit();
+    // Cached by content: the script, the config, the binaries and the key.
+    let mut h = Sha256::new();
+    h.update(init_script(version, good).as_bytes());
+    h.update(AGENT_TOML.as_bytes());
+    for f in [
+        k.bins.join("keel-agent"),
+        k.bins.join("keelctl"),
+        "/bin/busybox".into(),
+        k.trusted.clone(),
+    ] {
+        h.update(fs::read(&f).unwrap_or_default());
+    }
+    let key = keel_proto::hex::encode(&h.finalize()[..6]);
     let name = format!(
-        "v{version}-{}.{}",
+        "v{version}-{}-{key}.{}",
         if good { "good" } else { "bad" },
         match fs_kind {
             Fs::Squashfs => "squashfs",
@@ -540,10 +558,11 @@ impl Vm {
                 .arg(format!("socket,id=vsc,path={}", sock.display()))
                 .args(["-device", "vhost-user-vsock-pci,chardev=vsc"]);
         }
+        let err = fs::File::create(serial.with_extension("qemu.err")).unwrap();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(err)
             .spawn()
             .expect("qemu-system-x86_64 (apt-get install qemu-system-x86)");
         Vm {
@@ -629,6 +648,66 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A user-space vsock device (`vhost-device-vsock`) for the guest with CID 3: QEMU connects
+/// to `vhost.sock`; the host side is Firecracker-style hybrid vsock on `vm.vsock`.
+pub struct VsockDevice {
+    child: Child,
+    pub vhost: PathBuf,
+    pub uds: PathBuf,
+}
+
+impl VsockDevice {
+    pub fn start(dir: &Path) -> VsockDevice {
+        let bin = std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "vhost-device-vsock".into());
+        let vhost = dir.join("vhost.sock");
+        let uds = dir.join("vm.vsock");
+        let log = fs::File::create(dir.join("vhost-device-vsock.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&vhost)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo install vhost-device-vsock --locked)",
+                    bin.display()
+                )
+            });
+        let t0 = Instant::now();
+        while !vhost.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "vhost-device-vsock did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        VsockDevice { child, vhost, uds }
+    }
+
+    /// The hybrid-vsock endpoint of the guest's agent.
+    pub fn endpoint(&self) -> String {
+        format!("hvsock://{}:{AGENT_PORT}", self.uds.display())
+    }
+
+    /// Where guest connections to the host's port `port` arrive.
+    pub fn host_listener(&self, port: u16) -> PathBuf {
+        PathBuf::from(format!("{}_{port}", self.uds.display()))
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -52,6 +52,8 @@ fn first_boot_persistent_and_fresh_upper() {
     let mut vm = Vm::start(&disk, "1", &Boot::default());
     vm.wait_for("KEEL booted version=1");
     assert!(vm.wait_for("KEEL persisted=").ends_with("kept"));
+    let upper = vm.wait_for("KEEL upper=");
+    assert!(upper.ends_with("/run/keel/overlay/upper"), "{upper}");
     assert!(vm.wait_for("KEEL scratch=").ends_with("absent"));
     vm.wait_for("KEEL ready version=1");
     vm.kill();
@@ -81,7 +83,8 @@ fn first_boot_persistent_and_fresh_upper() {
             vm.log()
         );
         vm.wait_for("KEEL ready version=1");
-        assert!(vm.log().contains("tmpfs"), "{}", vm.log());
+        let upper = vm.wait_for("KEEL upper=");
+        assert!(upper.ends_with("/run/keel/rw/upper"), "{upper}");
         vm.kill();
     }
     let _ = fs::remove_dir_all(&d);
@@ -190,6 +193,66 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
     let state = disk.state();
     assert_eq!(state.current.as_ref().unwrap().version, 2);
     assert!(state.is_rejected(&sha256_file(&v3)));
+    let _ = fs::remove_dir_all(&d);
+}
+
+/// Scenario 3: the same update over vsock (user-space `vhost-device-vsock`, the host side
+/// through hybrid vsock): the agent's ready announce reaches the host, the push stages v2,
+/// the guest reboots into it. No AF_VSOCK socket is opened on the host.
+#[test]
+fn update_over_vsock_with_ready_announce() {
+    let d = scenario_dir("vsock");
+    let v1 = image(1, true, Fs::Squashfs);
+    let v2 = image(2, true, Fs::Squashfs);
+    sign(&v2, 2);
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let dev = VsockDevice::start(&d);
+    let boot = Boot {
+        vsock: Some(dev.vhost.clone()),
+        ..Boot::default()
+    };
+    let announce = dev.host_listener(ANNOUNCE_PORT);
+    let keelctl_bin = kit().bins.join("keelctl");
+    let waiter = std::thread::spawn(move || {
+        std::process::Command::new(keelctl_bin)
+            .arg("wait-ready")
+            .arg(format!("unix://{}", announce.display()))
+            .args(["--within", "80"])
+            .output()
+    });
+    // wait-ready binds the socket the device forwards the guest's connection to.
+    std::thread::sleep(Duration::from_millis(300));
+    let mut vm = Vm::start(&disk, "v1", &boot);
+    let ready = waiter.join().unwrap().unwrap();
+    let ann: serde_json::Value = serde_json::from_str(&ok(&ready)).unwrap();
+    assert_eq!(ann["op"], "ready");
+    assert_eq!(ann["booted"]["version"], 1);
+    assert!(
+        ann["listening"].to_string().contains("vsock://any:7447"),
+        "{ann}"
+    );
+    vm.wait_for("KEEL ready version=1");
+    let ep = dev.endpoint();
+    let out = ok(&keelctl(&[
+        "-e",
+        &ep,
+        "--wait",
+        "20",
+        "push",
+        v2.to_str().unwrap(),
+    ]));
+    assert!(out.contains("staged version 2"), "{out}");
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    let mut vm = Vm::start(&disk, "v2", &boot);
+    vm.wait_for("KEEL marked-good version=2");
+    let st: serde_json::Value = serde_json::from_str(&ok(&keelctl(&[
+        "-e", &ep, "--wait", "20", "status", "--json",
+    ])))
+    .unwrap();
+    assert_eq!(st["booted"]["version"], 2);
+    assert_eq!(st["old"]["version"], 1);
+    vm.kill();
     let _ = fs::remove_dir_all(&d);
 }
 
