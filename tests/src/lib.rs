@@ -98,6 +98,66 @@ impl Part {
     }
 }
 
+/// Writes a GPT disk image at `disk` whose partitions (1 MiB aligned, in order) are ext4
+/// filesystems made with `mkfs.ext4 -L <label> -d` from `parts` — no mount, no loop device.
+/// `scratch` is a directory for the partition images, removed afterwards. Returns each
+/// partition's start in MiB.
+pub fn gpt_disk(disk: &Path, parts: &[Part], scratch: &Path) -> Vec<u64> {
+    fs::create_dir_all(scratch).unwrap();
+    let mut script = String::from("label: gpt\n");
+    let mut start_mb = 1;
+    let mut files = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let content = scratch.join(format!("content{i}"));
+        fs::create_dir_all(&content).unwrap();
+        for (rel, data) in &p.files {
+            let f = content.join(rel);
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(&f, data).unwrap();
+        }
+        let img = scratch.join(format!("part{i}.ext4"));
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", &p.label])
+            .args(["-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
+            .arg(&content)
+            .arg(&img)
+            .arg(format!("{}M", p.size_mb)));
+        script.push_str(&format!(
+            "start={start_mb}MiB, size={}MiB, name={}\n",
+            p.size_mb, p.label
+        ));
+        files.push((img, start_mb));
+        start_mb += p.size_mb;
+    }
+    let f = fs::File::create(disk).unwrap();
+    f.set_len((start_mb + 1) * 1024 * 1024).unwrap();
+    drop(f);
+    let mut sf = Command::new("sfdisk")
+        .args(["--quiet", "--no-reread", "--no-tell-kernel"])
+        .arg(disk)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sf.stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(sf.wait().unwrap().success(), "sfdisk failed");
+    let starts = files.iter().map(|(_, s)| *s).collect();
+    for (img, start) in files {
+        run(Command::new("dd")
+            .arg(format!("if={}", img.display()))
+            .arg(format!("of={}", disk.display()))
+            .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
+            .arg(format!("seek={start}")));
+    }
+    let _ = fs::remove_dir_all(scratch);
+    starts
+}
+
 /// A disk's partitions, each attached as a loop device (names like `loop7`).
 #[derive(Debug, Clone)]
 pub struct Disk {
@@ -196,51 +256,8 @@ impl Sandbox {
     /// Builds a GPT disk of ext4 partitions and attaches its partitions as loop devices.
     pub fn disk(&mut self, parts: &[Part]) -> Disk {
         let disk = self.fresh("disk").with_extension("img");
-        let mut script = String::from("label: gpt\n");
-        let mut start_mb = 1;
-        let mut files = Vec::new();
-        for p in parts {
-            let content = self.fresh("content");
-            fs::create_dir_all(&content).unwrap();
-            for (rel, data) in &p.files {
-                let f = content.join(rel);
-                fs::create_dir_all(f.parent().unwrap()).unwrap();
-                fs::write(&f, data).unwrap();
-            }
-            let img = self.fresh("part");
-            run(Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", &p.label, "-d"])
-                .arg(&content)
-                .arg(&img)
-                .arg(format!("{}M", p.size_mb)));
-            script.push_str(&format!("start={}MiB, size={}MiB\n", start_mb, p.size_mb));
-            files.push((img, start_mb));
-            start_mb += p.size_mb;
-        }
-        let f = fs::File::create(&disk).unwrap();
-        f.set_len((start_mb + 1) * 1024 * 1024).unwrap();
-        drop(f);
-        let mut sf = Command::new("sfdisk")
-            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-            .arg(&disk)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        sf.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(sf.wait().unwrap().success(), "sfdisk failed");
-        for (img, start) in files {
-            run(Command::new("dd")
-                .arg(format!("if={}", img.display()))
-                .arg(format!("of={}", disk.display()))
-                .args(["bs=1M", "conv=notrunc", "status=none"])
-                .arg(format!("seek={start}")));
-        }
+        let scratch = self.fresh("gpt");
+        gpt_disk(&disk, parts, &scratch);
         // This machine's kernel has no partition-table support (CONFIG_EFI_PARTITION and
         // CONFIG_MSDOS_PARTITION are off), so `losetup -P` shows no partitions: attach each
         // partition of the GPT disk at its offset instead. The block devices, filesystems and

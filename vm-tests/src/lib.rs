@@ -13,7 +13,6 @@
 #![allow(missing_docs)]
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -45,21 +44,7 @@ pub fn work() -> PathBuf {
     w
 }
 
-/// Runs a command, panicking with its output when it fails.
-pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-pub fn sha256_file(p: &Path) -> String {
-    keel_proto::hex::encode(&Sha256::digest(fs::read(p).unwrap()))
-}
+pub use keel_tests::{gpt_disk, run, sha256_file, Part};
 
 /// Everything built once per test process.
 pub struct Kit {
@@ -350,68 +335,21 @@ impl Disk {
     pub fn new(dir: &Path, v1: &Path, image_name: &str) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
-        let mut script = String::from("label: gpt\n");
-        let mut start = 1u64;
-        let mut parts = Vec::new();
-        for (label, size) in PARTS {
-            let content = dir.join(format!("{label}.d"));
-            let _ = fs::remove_dir_all(&content);
-            fs::create_dir_all(&content).unwrap();
-            match label {
-                "img" => {
-                    fs::copy(v1, content.join(image_name)).unwrap();
-                    let m = sign(v1, 1);
-                    fs::write(content.join(format!("{image_name}.manifest")), m.to_json()).unwrap();
+        let m = sign(v1, 1);
+        let parts: Vec<Part> = PARTS
+            .iter()
+            .map(|(label, size)| {
+                let p = Part::new(label, *size);
+                match *label {
+                    "img" => p
+                        .file(image_name, fs::read(v1).unwrap())
+                        .file(&format!("{image_name}.manifest"), m.to_json()),
+                    "overlay" => p.file("persistent/etc/persisted", b"kept\n".to_vec()),
+                    _ => p,
                 }
-                "overlay" => {
-                    fs::create_dir_all(content.join("persistent/etc")).unwrap();
-                    fs::write(content.join("persistent/etc/persisted"), "kept\n").unwrap();
-                }
-                _ => {}
-            }
-            let img = dir.join(format!("{label}.ext4"));
-            run(Command::new("mkfs.ext4")
-                .args([
-                    "-q",
-                    "-F",
-                    "-L",
-                    label,
-                    "-E",
-                    "lazy_itable_init=0,lazy_journal_init=0",
-                    "-d",
-                ])
-                .arg(&content)
-                .arg(&img)
-                .arg(format!("{size}M")));
-            let _ = fs::remove_dir_all(&content);
-            script.push_str(&format!("start={start}MiB, size={size}MiB, name={label}\n"));
-            parts.push((img, start));
-            start += size;
-        }
-        let f = fs::File::create(&path).unwrap();
-        f.set_len((start + 1) << 20).unwrap();
-        drop(f);
-        let mut sf = Command::new("sfdisk")
-            .args(["--quiet", "--no-reread", "--no-tell-kernel"])
-            .arg(&path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        sf.stdin
-            .take()
-            .unwrap()
-            .write_all(script.as_bytes())
-            .unwrap();
-        assert!(sf.wait().unwrap().success(), "sfdisk failed");
-        for (img, start) in parts {
-            run(Command::new("dd")
-                .arg(format!("if={}", img.display()))
-                .arg(format!("of={}", path.display()))
-                .args(["bs=1M", "conv=notrunc,sparse", "status=none"])
-                .arg(format!("seek={start}")));
-            fs::remove_file(img).unwrap();
-        }
+            })
+            .collect();
+        gpt_disk(&path, &parts, &dir.join("parts"));
         Disk { path }
     }
 
