@@ -8,7 +8,7 @@ STATIC  := target/$(TARGET)/release
 APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local clean
+.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local bench-smoke clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -49,12 +49,15 @@ fuzz: deps
 	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run frame_decoder -- -max_total_time=$(FUZZ_SECONDS)
 
-## bench: staging throughput and agent memory against cat / sha256sum+cp (see bench/)
-BENCH_MB ?= 1024
-BENCH_RUNS ?= 5
-bench: deps
+## bench: every benchmark, as ratios against baselines run alongside -> bench/results.md
+bench: build static vm-bins
 	$(CARGO) build --release -p keel-agent
-	bench/stage.sh $(BENCH_MB) $(BENCH_RUNS)
+	bench/run.sh
+
+## bench-smoke: one short iteration of every benchmark (CI), nothing kept
+bench-smoke: build static vm-bins
+	$(CARGO) build --release -p keel-agent
+	BENCH_SMOKE=1 bench/run.sh
 
 ## static: initstage as one static binary, as it goes into an initramfs
 static: deps

@@ -56,6 +56,10 @@ t_push() { clean_slot; local t=$(now); "$BIN/keelctl" -e "$1" push "$W/img" > /d
 
 start_agent
 HWM0=$(awk '/VmHWM/{print $2}' /proc/$AGENT/status)
+RSS0=$(awk '/VmRSS/{print $2}' /proc/$AGENT/status)
+for _ in $(seq 100); do "$BIN/keelctl" -e "unix://$W/etc/agent.sock" status > /dev/null; done
+RSS100=$(awk '/VmRSS/{print $2}' /proc/$AGENT/status)
+HWM100=$(awk '/VmHWM/{print $2}' /proc/$AGENT/status)
 declare -a CAT SHA TCPT UNIXT
 for i in $(seq "$RUNS"); do
   CAT+=("$(t_cat)")
@@ -83,4 +87,5 @@ row 'sha256sum img && cp img file && sync' "${SHA[@]}"
 row 'keelctl push, TCP 127.0.0.1' "${TCPT[@]}"
 row 'keelctl push, Unix socket' "${UNIXT[@]}"
 echo
-echo "keel-agent VmHWM: ${HWM0} KiB idle after start, ${HWM} KiB after $((RUNS * 2)) pushes of ${SIZE_MB} MiB"
+echo "keel-agent memory: VmRSS ${RSS0} KiB after start, ${RSS100} KiB after 100 status requests (VmHWM ${HWM100} KiB);"
+echo "peak (VmHWM) ${HWM} KiB after $((RUNS * 2)) pushes of ${SIZE_MB} MiB."

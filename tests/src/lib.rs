@@ -81,6 +81,8 @@ pub struct Part {
     pub size_mb: u64,
     /// Files to put in it: (relative path, contents).
     pub files: Vec<(String, Vec<u8>)>,
+    /// Inodes to make room for (`mkfs.ext4 -N`), when the default is too few.
+    pub inodes: Option<usize>,
 }
 
 impl Part {
@@ -89,6 +91,7 @@ impl Part {
             label: label.into(),
             size_mb,
             files: Vec::new(),
+            inodes: None,
         }
     }
 
@@ -116,7 +119,11 @@ pub fn gpt_disk(disk: &Path, parts: &[Part], scratch: &Path) -> Vec<u64> {
             fs::write(&f, data).unwrap();
         }
         let img = scratch.join(format!("part{i}.ext4"));
-        run(Command::new("mkfs.ext4")
+        let mut mkfs = Command::new("mkfs.ext4");
+        if let Some(n) = p.inodes {
+            mkfs.arg("-N").arg(n.to_string());
+        }
+        run(mkfs
             .args(["-q", "-F", "-L", &p.label])
             .args(["-E", "lazy_itable_init=0,lazy_journal_init=0", "-d"])
             .arg(&content)

@@ -142,7 +142,8 @@ pub fn kit() -> &'static Kit {
         let trusted = work.join("trusted.pem");
         fs::write(&trusted, public_key_to_pem(&key.verifying_key())).unwrap();
         for e in fs::read_dir(&work).unwrap().flatten() {
-            if e.file_name().to_string_lossy().starts_with("initramfs-") {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("initramfs-") || n.starts_with("script-initramfs-") {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -187,6 +188,7 @@ fn init_script(version: u64, good: bool) -> String {
     };
     format!(
         r#"#!/bin/sh
+read T _ < /proc/uptime; echo "KEEL t-init=$T"
 PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
 V={version}
 # initstage moved /dev, /proc, /sys and /run in; only /tmp is ours.
@@ -327,16 +329,38 @@ pub const PARTS: [(&str, u64); 4] = [("img", 64), ("overlay", 32), ("newimg", 48
 /// A GPT disk image.
 pub struct Disk {
     pub path: PathBuf,
+    /// (label, MiB) of each partition, in order.
+    pub layout: Vec<(&'static str, u64)>,
 }
 
 impl Disk {
     /// Builds the disk with `v1` (and its manifest) as the factory image named `image_name`,
     /// `/etc/persisted` in the overlay's persistent layer.
     pub fn new(dir: &Path, v1: &Path, image_name: &str) -> Disk {
+        Disk::with_old_upper(dir, v1, image_name, 0)
+    }
+
+    /// [`Disk::new`], with `files` empty files left in the overlay's upper layer (as a
+    /// previous boot would have left them).
+    pub fn with_old_upper(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
         let m = sign(v1, 1);
-        let parts: Vec<Part> = PARTS
+        // 100,000 inodes need room: the overlay grows with the files.
+        let layout: Vec<(&'static str, u64)> = PARTS
+            .iter()
+            .map(|&(l, s)| {
+                (
+                    l,
+                    if l == "overlay" {
+                        s + (files as u64 / 2000)
+                    } else {
+                        s
+                    },
+                )
+            })
+            .collect();
+        let parts: Vec<Part> = layout
             .iter()
             .map(|(label, size)| {
                 let p = Part::new(label, *size);
@@ -344,20 +368,29 @@ impl Disk {
                     "img" => p
                         .file(image_name, fs::read(v1).unwrap())
                         .file(&format!("{image_name}.manifest"), m.to_json()),
-                    "overlay" => p.file("persistent/etc/persisted", b"kept\n".to_vec()),
+                    "overlay" => {
+                        let mut p = p.file("persistent/etc/persisted", b"kept\n".to_vec());
+                        for i in 0..files {
+                            p = p.file(&format!("upper/old/{}/f{i}", i / 1000), Vec::new());
+                        }
+                        if files > 0 {
+                            p.inodes = Some(files + files / 1000 + 1024);
+                        }
+                        p
+                    }
                     _ => p,
                 }
             })
             .collect();
         gpt_disk(&path, &parts, &dir.join("parts"));
-        Disk { path }
+        Disk { path, layout }
     }
 
     /// Reads `path` from the partition labelled `label` with debugfs (no mount).
     pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
         let mut start = 1;
         let mut size = 0;
-        for (l, s) in PARTS {
+        for &(l, s) in &self.layout {
             if l == label {
                 size = s;
                 break;
@@ -427,6 +460,10 @@ pub struct Boot {
     pub tcp_port: Option<u16>,
     /// vhost-user-vsock socket of a running vhost-device-vsock.
     pub vsock: Option<PathBuf>,
+    /// Another initramfs than keel's (the benchmark's busybox script).
+    pub initramfs: Option<PathBuf>,
+    /// Leave out `quiet` (the kernel then prints its own timestamps, e.g. `Run /init`).
+    pub verbose: bool,
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -471,10 +508,11 @@ impl Vm {
         .arg("-kernel")
         .arg(&k.kernel)
         .arg("-initrd")
-        .arg(&k.initramfs)
+        .arg(b.initramfs.as_ref().unwrap_or(&k.initramfs))
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet modules={MODULES} keel.tries=2 {}",
+            "console=ttyS0 panic=-1 {}modules={MODULES} keel.tries=2 {}",
+            if b.verbose { "" } else { "quiet " },
             b.cmdline
         ))
         .arg("-drive")
@@ -587,6 +625,62 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The classic alternative, for the boot benchmark: a busybox shell-script `/init` that
+/// performs the same steps as initstage (load the same modules, find the labels, clear the
+/// upper, loop-mount the image, overlay with the persistent lower, switch_root), printing
+/// `KEEL-SH <step> <uptime>` after each. Packed by `keelctl initramfs` with the same modules.
+pub fn script_initramfs() -> PathBuf {
+    let k = kit();
+    let mods = MODULES.replace(',', " ");
+    let script = format!(
+        r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sysfs /sys
+$B mount -t devtmpfs devtmpfs /dev
+$B mount -t tmpfs -o mode=0755 tmpfs /run
+t() {{ read U _ < /proc/uptime; echo "KEEL-SH $1 $U"; }}
+t start
+$B modprobe -a {mods}
+t modules
+while ! $B findfs LABEL=img > /dev/null 2>&1; do $B usleep 20000; done
+IMG=$($B findfs LABEL=img); OV=$($B findfs LABEL=overlay)
+t found
+$B mkdir -p /run/keel/img /run/keel/overlay /run/keel/ro /sysroot
+$B mount -t ext4 $IMG /run/keel/img
+$B mount -t ext4 $OV /run/keel/overlay
+$B rm -rf /run/keel/overlay/upper /run/keel/overlay/work
+$B mkdir -p /run/keel/overlay/upper /run/keel/overlay/work /run/keel/overlay/persistent
+t upper-cleared
+$B mount -t squashfs -o loop,ro /run/keel/img/root-squashfs.img /run/keel/ro
+$B mount -t overlay overlay -o lowerdir=/run/keel/overlay/persistent:/run/keel/ro,upperdir=/run/keel/overlay/upper,workdir=/run/keel/overlay/work /sysroot
+t mounted
+for m in dev proc sys run; do $B mount --move /$m /sysroot/$m; done
+exec $B switch_root /sysroot /sbin/init
+"#
+    );
+    let dir = k.work.join("script-initramfs");
+    fs::create_dir_all(&dir).unwrap();
+    let init = dir.join("init.sh");
+    fs::write(&init, script).unwrap();
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = k
+        .work
+        .join(format!("script-initramfs-{}.cpio.gz", std::process::id()));
+    run(Command::new(k.bins.join("keelctl"))
+        .arg("initramfs")
+        .arg("--init")
+        .arg(&init)
+        .arg("--kernel-modules")
+        .arg(&k.modules)
+        .args(["--modules", MODULES])
+        .arg("--file")
+        .arg("/bin/busybox:bin/busybox")
+        .arg("-o")
+        .arg(&out));
+    out
 }
 
 /// A user-space vsock device (`vhost-device-vsock`) for the guest with CID 3: QEMU connects

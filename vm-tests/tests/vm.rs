@@ -395,6 +395,7 @@ fn parallel<T: Copy + Send>(
             let (next, stop, count, f) = (&next, &stop, &count, &f);
             let disk = Disk {
                 path: dir.join(format!("{tag}-w{w}.img")),
+                layout: base.layout.clone(),
             };
             s.spawn(move || loop {
                 if stop.load(std::sync::atomic::Ordering::SeqCst) {
