@@ -194,6 +194,7 @@ V={version}
 # initstage moved /dev, /proc, /sys and /run in; only /tmp is ours.
 mount -t tmpfs tmpfs /tmp
 echo "KEEL booted version=$V"
+echo "KEEL fstype=$(sed -n 's/.*"image_fstype": "\([a-z0-9]*\)".*/\1/p' /run/keel/boot.json)"
 echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"
 echo "KEEL upper=$(sed -n 's/^overlay \/ .*upperdir=\([^,]*\).*/\1/p' /proc/mounts)"
 if [ -e /scratch ]; then echo "KEEL scratch=present"; else echo "KEEL scratch=absent"; fi

@@ -98,13 +98,15 @@ fn first_boot_persistent_and_fresh_upper() {
 fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
     let d = scenario_dir("cycle");
     let v1 = image(1, true, Fs::Squashfs);
-    let v2 = image(2, true, Fs::Squashfs);
+    // v2 is erofs: initstage probes the image's filesystem, whatever the file is called.
+    let v2 = image(2, true, Fs::Erofs);
     let v3 = image(3, false, Fs::Squashfs);
     sign(&v2, 2);
     sign(&v3, 3);
     let disk = Disk::new(&d, &v1, "root-squashfs.img");
     let port = free_port();
     let mut vm = Vm::start(&disk, "v1", &tcp_boot(port));
+    assert_eq!(vm.wait_for("KEEL fstype="), "KEEL fstype=squashfs");
     vm.wait_for("KEEL ready version=1");
 
     // 6: bad pushes — unknown key, downgrade, flipped byte.
@@ -157,6 +159,7 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
     vm.wait_exit();
     let mut vm = Vm::start(&disk, "v2", &tcp_boot(port));
     vm.wait_for("KEEL booted version=2");
+    assert_eq!(vm.wait_for("KEEL fstype="), "KEEL fstype=erofs");
     vm.wait_for("KEEL marked-good version=2");
     vm.wait_for("KEEL ready version=2");
     let st = status(port);

@@ -106,6 +106,8 @@ fn main() {
                     layout: base.layout.clone(),
                 };
                 fs::copy(&base.path, &disk.path).unwrap();
+                // Write the copy back now, not while the VM boots.
+                run(&mut std::process::Command::new("sync"));
                 let (t, m) = stage_time(&disk, &format!("{files}-{r}"), initrd);
                 tot.push(t);
                 mods.push(m);
