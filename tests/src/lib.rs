@@ -252,6 +252,15 @@ impl Sandbox {
         out
     }
 
+    /// The `img` partition holding a squashfs v1 and its signed manifest (the factory image).
+    pub fn img_with_v1(&mut self, size_mb: u64) -> Part {
+        let v1 = self.squashfs(1);
+        let m1 = manifest_for(&v1, "demo", 1);
+        Part::new("img", size_mb)
+            .file("root-squashfs.img", fs::read(&v1).unwrap())
+            .file("root-squashfs.img.manifest", m1.to_json())
+    }
+
     /// An erofs image of `rootfs(version)`.
     pub fn erofs(&mut self, version: u64) -> PathBuf {
         let root = self.rootfs(version);

@@ -723,15 +723,8 @@ fn agent_killed_mid_stream_leaves_nothing_initstage_promotes() {
         return;
     }
     let mut sb = Sandbox::new("agent-kill9");
-    let v1 = sb.squashfs(1);
-    let m1 = manifest_for(&v1, "demo", 1);
-    let disk = sb.disk(&[
-        Part::new("img", 24)
-            .file("root-squashfs.img", fs::read(&v1).unwrap())
-            .file("root-squashfs.img.manifest", m1.to_json()),
-        Part::new("overlay", 16),
-        Part::new("newimg", 48),
-    ]);
+    let img = sb.img_with_v1(24);
+    let disk = sb.disk(&[img, Part::new("overlay", 16), Part::new("newimg", 48)]);
     let r = sb.prepare(&disk, "keel.tries=3");
     assert_eq!(r.booted.version, 1);
     sb.teardown();

@@ -11,12 +11,9 @@ const NEWIMG: u32 = 3;
 
 /// The usual disk: img with v1 (and its manifest), overlay with a persistent file, newimg.
 fn standard_disk(sb: &mut Sandbox) -> Disk {
-    let v1 = sb.squashfs(1);
-    let m1 = manifest_for(&v1, "demo", 1);
+    let img = sb.img_with_v1(24);
     sb.disk(&[
-        Part::new("img", 24)
-            .file("root-squashfs.img", fs::read(&v1).unwrap())
-            .file("root-squashfs.img.manifest", m1.to_json()),
+        img,
         Part::new("overlay", 48).file("persistent/etc/persisted", b"kept\n".to_vec()),
         Part::new("newimg", 24),
     ])

@@ -477,52 +477,47 @@ fn print_status(s: &StatusReport) {
     }
 }
 
-fn wait_ready(listen: &str, within: Duration) -> anyhow::Result<()> {
+/// Polls a non-blocking `accept` until a peer comes or `within` passes.
+fn accept_within<S>(
+    listen: &str,
+    within: Duration,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+) -> anyhow::Result<S> {
     let deadline = Instant::now() + within;
+    loop {
+        match accept() {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e).with_context(|| format!("accept on {listen}")),
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "no ready announce on {listen} within {} s",
+                within.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_ready(listen: &str, within: Duration) -> anyhow::Result<()> {
+    let read_timeout = Some(Duration::from_secs(10));
     let mut stream: Box<dyn Read> = if let Some(a) = listen.strip_prefix("tcp://") {
         let l = std::net::TcpListener::bind(a).with_context(|| format!("listen on {listen}"))?;
         l.set_nonblocking(true)?;
-        loop {
-            match l.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    break Box::new(s);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no ready announce on {listen} within {} s",
-                    within.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let s = accept_within(listen, within, || l.accept().map(|(s, _)| s))?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(read_timeout)?;
+        Box::new(s)
     } else if let Some(p) = listen.strip_prefix("unix://") {
         let _ = fs::remove_file(p);
         let l = std::os::unix::net::UnixListener::bind(p)
             .with_context(|| format!("listen on {listen}"))?;
         l.set_nonblocking(true)?;
-        loop {
-            match l.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false)?;
-                    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                    break Box::new(s);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e.into()),
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no ready announce on {listen} within {} s",
-                    within.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let s = accept_within(listen, within, || l.accept().map(|(s, _)| s))?;
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(read_timeout)?;
+        Box::new(s)
     } else {
         bail!("wait-ready listens on tcp://HOST:PORT or unix:///PATH, not {listen:?}");
     };
