@@ -8,7 +8,7 @@ STATIC  := target/$(TARGET)/release
 APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local bench-smoke clean
+.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -35,7 +35,7 @@ build: deps
 	$(CARGO) build --workspace $(FEATURES)
 
 ## test: everything CI runs (the VM scenarios included)
-test: lint build static vm-bins
+test: lint build static vm-bins vsock-device
 	$(CARGO) test --workspace $(FEATURES)
 	$(MAKE) --no-print-directory units fuzz sizes
 
@@ -63,9 +63,12 @@ bench-smoke: build static vm-bins
 static: deps
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --target $(TARGET)
 
+## vsock-device: the user-space vhost-user vsock device the vsock scenario uses
+vsock-device: deps
+	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --locked
+
 ## vm-bins: the static binaries the VM tests pack (initstage with failpoints), own target dir
 vm-bins: deps
-	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --locked
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p initstage -p keel-agent --features initstage/failpoints --target $(TARGET) --target-dir target/vm
 
 sizes:
@@ -75,7 +78,7 @@ sizes:
 	done
 
 ## vm: only the VM scenarios (one alone: make vm VM=update_cycle)
-vm: build vm-bins
+vm: build vm-bins vsock-device
 	$(CARGO) test -p keel-vm-tests --test vm -- $(VM)
 
 ## demo: boots v1 in QEMU, pushes v2, reboots into it, pushes a bad v3, shows the rollback
