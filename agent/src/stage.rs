@@ -125,7 +125,8 @@ impl Slot {
         Some((m, len))
     }
 
-    /// Free bytes on `newimg` for an unprivileged writer... and for root, which keel is.
+    /// Free bytes on `newimg` (`f_bavail`: the blocks ext4 reserves for root are not counted,
+    /// so a push never eats into them).
     pub fn free_bytes(&self) -> Result<u64, Refusal> {
         let s = rustix::fs::statvfs(&self.dir)
             .map_err(|e| io_refusal("statvfs", &self.dir, &std::io::Error::from(e)))?;
