@@ -1,7 +1,6 @@
 //! Control requests: end the booted image's trial (mark-good) and reboot.
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::Path;
 
 use keel_proto::bootstate::{BootState, MarkGood};
@@ -16,16 +15,7 @@ fn io(op: &str, p: &Path, e: std::io::Error) -> Refusal {
 
 /// Writes the state crash-safely: temporary file, fsync, rename, fsync the directory.
 pub fn save_state(img: &Path, state: &BootState) -> Result<(), Refusal> {
-    let tmp = img.join(STATE_TMP);
-    let dst = img.join(STATE_FILE);
-    let mut f = File::create(&tmp).map_err(|e| io("create", &tmp, e))?;
-    f.write_all(&state.to_json())
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io("write", &tmp, e))?;
-    fs::rename(&tmp, &dst).map_err(|e| io("rename", &dst, e))?;
-    File::open(img)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io("fsync directory", img, e))
+    crate::stage::atomic_write(img, STATE_TMP, STATE_FILE, &state.to_json())
 }
 
 /// Ends the trial recorded in `<img>/keel-state.json`; returns what happened.

@@ -234,6 +234,16 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Refusal> {
         .map_err(|e| io_refusal("write", path, &e))
 }
 
+/// Replaces `dir/name` with `bytes` crash-safely: `dir/tmp` written and fsynced, renamed over
+/// `name`, the directory fsynced. Used for the staged manifest and the boot state.
+pub fn atomic_write(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), Refusal> {
+    let tmp = dir.join(tmp);
+    write_synced(&tmp, bytes)?;
+    let dst = dir.join(name);
+    fs::rename(&tmp, &dst).map_err(|e| io_refusal("rename", &dst, &e))?;
+    fsync_dir(dir)
+}
+
 /// An upload ready to receive bytes from `offset`.
 pub struct Upload {
     slot: Slot,
@@ -458,11 +468,12 @@ impl Pipeline {
         let staged = s.staged_path();
         fs::rename(s.partial_path(), &staged).map_err(|e| io_refusal("rename", &staged, &e))?;
         // 3. The manifest, written last, commits.
-        let tmp = s.path(&n.staged_manifest_tmp);
-        write_synced(&tmp, &u.signed.to_json())?;
-        let dst = s.path(&n.staged_manifest);
-        fs::rename(&tmp, &dst).map_err(|e| io_refusal("rename", &dst, &e))?;
-        fsync_dir(&s.dir)?;
+        atomic_write(
+            &s.dir,
+            &n.staged_manifest_tmp,
+            &n.staged_manifest,
+            &u.signed.to_json(),
+        )?;
         remove(&s.path(&n.partial_manifest))?;
         fsync_dir(&s.dir)?;
         Ok(ImageRecord::from_manifest(&u.signed.manifest))
