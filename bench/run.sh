@@ -4,7 +4,7 @@
 #   BENCH_RUNS (default 5)   runs per measurement (medians, min–max shown)
 #   BENCH_MB   (default 1024) image size for the staging benchmark
 #   BENCH_SMOKE=1            one short iteration of each (CI), results not kept
-# One benchmark alone: bench/stage.sh MB RUNS, or target/debug/keel-vm-bench RUNS.
+# One benchmark alone: bench/stage.sh MB RUNS, or target/debug/keel-vm-bench RUNS [boot|initramfs|roundtrip].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${BENCH_RUNS:-5}

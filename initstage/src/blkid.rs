@@ -15,6 +15,7 @@ extern "C" {
     fn blkid_probe_enable_superblocks(pr: blkid_probe, enable: c_int) -> c_int;
     fn blkid_probe_set_superblocks_flags(pr: blkid_probe, flags: c_int) -> c_int;
     fn blkid_do_safeprobe(pr: blkid_probe) -> c_int;
+    fn blkid_probe_filter_superblocks_usage(pr: blkid_probe, flag: c_int, usage: c_int) -> c_int;
     fn blkid_probe_lookup_value(
         pr: blkid_probe,
         name: *const c_char,
@@ -25,6 +26,8 @@ extern "C" {
 
 const BLKID_SUBLKS_LABEL: c_int = 1 << 1;
 const BLKID_SUBLKS_TYPE: c_int = 1 << 5;
+const BLKID_FLTR_ONLYIN: c_int = 2;
+const BLKID_USAGE_FILESYSTEM: c_int = 1 << 1;
 
 /// What libblkid says is on a device or in a file.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -78,7 +81,9 @@ impl Probe {
     }
 }
 
-/// Probes `path` (a block device or an image file) for a filesystem superblock.
+/// Probes `path` (a block device or an image file) for a filesystem superblock. Only
+/// filesystem probers run: RAID, crypto and swap signatures are not looked for (most of them
+/// sit at the end of the device, one more read each; keel mounts filesystems, nothing else).
 pub fn probe(path: &Path) -> Result<Superblock, ProbeError> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| ProbeError::Probe("path contains NUL"))?;
@@ -92,6 +97,7 @@ pub fn probe(path: &Path) -> Result<Superblock, ProbeError> {
     let rc = unsafe {
         blkid_probe_enable_superblocks(pr.0, 1);
         blkid_probe_set_superblocks_flags(pr.0, BLKID_SUBLKS_LABEL | BLKID_SUBLKS_TYPE);
+        blkid_probe_filter_superblocks_usage(pr.0, BLKID_FLTR_ONLYIN, BLKID_USAGE_FILESYSTEM);
         blkid_do_safeprobe(pr.0)
     };
     match rc {

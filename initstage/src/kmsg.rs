@@ -1,8 +1,13 @@
-//! A tiny `log` backend: every record goes to stderr (the console) and, when it can be
-//! opened, to `/dev/kmsg` with a `keel:` prefix, so boot steps land in the kernel log.
+//! A tiny `log` backend. Records go to `/dev/kmsg` with a `keel:` prefix once it is open, so
+//! boot steps land in the kernel log with the kernel's timestamps (and on the console when the
+//! kernel's loglevel shows them). Warnings and errors are also written to stderr (the
+//! console) in any case; with `keel.debug` every record is, and debug records are kept too.
+//! Writing each info line to a serial console twice (ours and the kernel's echo) cost boot
+//! time under QEMU TCG.
 
 use std::fs::File;
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -10,11 +15,12 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 
 struct Logger {
     kmsg: Mutex<Option<File>>,
+    verbose: AtomicBool,
 }
 
 impl Log for Logger {
     fn enabled(&self, m: &Metadata) -> bool {
-        m.level() <= Level::Info
+        m.level() <= Level::Info || self.verbose.load(Ordering::Relaxed)
     }
 
     fn log(&self, r: &Record) {
@@ -27,17 +33,24 @@ impl Log for Logger {
             _ => "",
         };
         let line = format!("keel: {level}{}\n", r.args());
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        let mut to_console = r.level() <= Level::Warn || self.verbose.load(Ordering::Relaxed);
         if let Ok(mut k) = self.kmsg.lock() {
-            if let Some(f) = k.as_mut() {
-                // kmsg priority prefix: <3> error, <4> warning, <6> info.
-                let prio = match r.level() {
-                    Level::Error => 3,
-                    Level::Warn => 4,
-                    _ => 6,
-                };
-                let _ = f.write_all(format!("<{prio}>{line}").as_bytes());
+            match k.as_mut() {
+                None => to_console = true,
+                Some(f) => {
+                    // kmsg priority prefix: <3> error, <4> warning, <6> info.
+                    let prio = match r.level() {
+                        Level::Error => 3,
+                        Level::Warn => 4,
+                        Level::Info => 6,
+                        _ => 7,
+                    };
+                    let _ = f.write_all(format!("<{prio}>{line}").as_bytes());
+                }
             }
+        }
+        if to_console {
+            let _ = std::io::stderr().write_all(line.as_bytes());
         }
     }
 
@@ -46,12 +59,35 @@ impl Log for Logger {
 
 static LOGGER: Logger = Logger {
     kmsg: Mutex::new(None),
+    verbose: AtomicBool::new(false),
 };
 
 /// Installs the logger (stderr only until [`open_kmsg`]).
 pub fn init() {
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(LevelFilter::Info);
+    }
+}
+
+const DEVKMSG: &str = "/proc/sys/kernel/printk_devkmsg";
+
+/// Lifts the kernel's rate limit on `/dev/kmsg` writers (10 lines per 5 s by default, which a
+/// boot's step lines exceed) and returns the setting to restore before exec'ing the real
+/// init. `None` when it cannot be changed (e.g. `printk.devkmsg=` on the command line).
+pub fn unlimit() -> Option<String> {
+    let old = std::fs::read_to_string(DEVKMSG).ok()?;
+    let old = old.trim().to_string();
+    if old == "on" {
+        return None;
+    }
+    std::fs::write(DEVKMSG, "on\n").ok()?;
+    Some(old)
+}
+
+/// Puts back what [`unlimit`] changed.
+pub fn restore_limit(old: Option<String>) {
+    if let Some(v) = old {
+        let _ = std::fs::write(DEVKMSG, format!("{v}\n"));
     }
 }
 
@@ -62,6 +98,16 @@ pub fn open_kmsg() {
             *k = Some(f);
         }
     }
+}
+
+/// `keel.debug`: every record on the console too, debug records included.
+pub fn set_verbose(on: bool) {
+    LOGGER.verbose.store(on, Ordering::Relaxed);
+    log::set_max_level(if on {
+        LevelFilter::Debug
+    } else {
+        LevelFilter::Info
+    });
 }
 
 /// Runs one boot step and logs its outcome with its duration: one line a step.

@@ -49,6 +49,10 @@ pub fn load_file(path: &Path) -> std::io::Result<()> {
 
 /// Loads `wanted` from `dir` (a `/lib/modules/<version>` tree). Returns the names it could
 /// not find there, to try elsewhere (e.g. the boot partition).
+///
+/// With more than one CPU the modules load in parallel, each as soon as its dependencies
+/// are in (the kernel runs module init functions concurrently; a driver's device probing
+/// is most of a module's time): [`schedule`] decides, one worker per CPU (at most 4).
 pub fn load_all(dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
     if wanted.is_empty() {
         return Ok(Vec::new());
@@ -59,12 +63,164 @@ pub fn load_all(dir: &Path, wanted: &[String]) -> Result<Vec<String>> {
         parse_builtin(&std::fs::read_to_string(dir.join("modules.builtin")).unwrap_or_default());
     let loaded = parse_proc_modules(&std::fs::read_to_string("/proc/modules").unwrap_or_default());
     let (order, missing) = resolve(wanted, &deps, &builtin, &loaded);
-    for rel in order {
-        let p: PathBuf = dir.join(&rel);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 4);
+    let load = |rel: &str| -> Result<()> {
+        let p: PathBuf = dir.join(rel);
+        let t = std::time::Instant::now();
         load_file(&p).map_err(|e| Error::Module {
-            name: name_of(&rel),
+            name: name_of(rel),
             detail: format!("{}: {e}", p.display()),
         })?;
-    }
+        log::debug!(
+            "module {}: {:.1} ms",
+            name_of(rel),
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        Ok(())
+    };
+    schedule(&order, |m| deps.deps_of(m), workers, load)?;
     Ok(missing)
+}
+
+/// Runs `job` on every item of `order` (a dependency order) with `workers` threads, each
+/// item once all of its `needs` that are in `order` have succeeded. The first error stops
+/// new starts and is returned once the running jobs end.
+pub fn schedule<'n, N, J, E>(
+    order: &[String],
+    needs: N,
+    workers: usize,
+    job: J,
+) -> std::result::Result<(), E>
+where
+    N: Fn(&str) -> &'n [String],
+    J: Fn(&str) -> std::result::Result<(), E> + Sync,
+    E: Send,
+{
+    if workers <= 1 || order.len() <= 1 {
+        return order.iter().try_for_each(|m| job(m));
+    }
+    // Index of each item's prerequisites within `order`.
+    let pre: Vec<Vec<usize>> = order
+        .iter()
+        .map(|m| {
+            needs(m)
+                .iter()
+                .filter_map(|d| order.iter().position(|o| name_of(o) == name_of(d)))
+                .collect()
+        })
+        .collect();
+    struct Board<E> {
+        started: Vec<bool>,
+        done: Vec<bool>,
+        error: Option<E>,
+    }
+    let board = std::sync::Mutex::new(Board {
+        started: vec![false; order.len()],
+        done: vec![false; order.len()],
+        error: None,
+    });
+    let changed = std::sync::Condvar::new();
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(order.len()) {
+            s.spawn(|| loop {
+                let next = {
+                    let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+                    loop {
+                        if b.error.is_some() || b.started.iter().all(|&x| x) {
+                            return;
+                        }
+                        let ready = (0..order.len())
+                            .find(|&i| !b.started[i] && pre[i].iter().all(|&d| b.done[d]));
+                        match ready {
+                            Some(i) => {
+                                b.started[i] = true;
+                                break i;
+                            }
+                            None => b = changed.wait(b).unwrap_or_else(|p| p.into_inner()),
+                        }
+                    }
+                };
+                let r = job(&order[next]);
+                let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+                match r {
+                    Ok(()) => b.done[next] = true,
+                    Err(e) => {
+                        if b.error.is_none() {
+                            b.error = Some(e);
+                        }
+                    }
+                }
+                changed.notify_all();
+            });
+        }
+    });
+    match board.into_inner().unwrap_or_else(|p| p.into_inner()).error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Every item runs once, never before what it needs, whatever the worker count.
+    #[test]
+    fn schedule_respects_dependencies() {
+        let order: Vec<String> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let needs = |m: &str| -> &'static [String] {
+            static C: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+            static D: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+            match m {
+                "c" => C.get_or_init(|| vec!["a".into(), "b".into()]),
+                "d" => D.get_or_init(|| vec!["c".into()]),
+                _ => &[],
+            }
+        };
+        for workers in [1, 2, 4] {
+            let done = Mutex::new(Vec::new());
+            schedule(&order, needs, workers, |m| {
+                let mut d = done.lock().unwrap();
+                for n in needs(m) {
+                    assert!(d.contains(n), "{m} ran before {n}");
+                }
+                d.push(m.to_string());
+                Ok::<(), String>(())
+            })
+            .unwrap();
+            let mut d = done.into_inner().unwrap();
+            d.sort();
+            assert_eq!(d, order, "workers {workers}");
+        }
+    }
+
+    /// A failure is returned, and nothing that needs the failed item runs.
+    #[test]
+    fn schedule_stops_at_an_error() {
+        let order: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let needs_a = ["a".to_string()];
+        let ran_b = Mutex::new(false);
+        let r = schedule(
+            &order,
+            |m| if m == "b" { &needs_a[..] } else { &[] },
+            2,
+            |m| {
+                if m == "a" {
+                    Err(format!("{m} failed"))
+                } else {
+                    *ran_b.lock().unwrap() = true;
+                    Ok(())
+                }
+            },
+        );
+        assert_eq!(r, Err("a failed".to_string()));
+        assert!(!*ran_b.lock().unwrap());
+    }
 }

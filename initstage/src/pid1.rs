@@ -93,16 +93,26 @@ fn reboot() -> ! {
     }
 }
 
-/// Starts a low-priority child that empties the old upper layers after switch_root.
-fn spawn_trash_cleaner(trash: &Path) {
-    // SAFETY: PID 1 is single-threaded here; the child only touches the filesystem and exits.
+/// Starts a low-priority child that, after switch_root, deletes the initramfs's files
+/// (through `old_root`, an fd of it) and empties the old upper layers: neither is on the boot
+/// path any more. The real init reaps it.
+fn spawn_cleaner(old_root: &std::fs::File, trash: Option<&Path>) {
+    // SAFETY: PID 1 is single-threaded here (the module workers have ended); the child only
+    // touches the filesystem and exits.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         // SAFETY: setpriority on our own process.
         unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-        let _ = boot::clean_trash(trash);
+        switch_root::free_initramfs(old_root);
+        if let Some(t) = trash {
+            let _ = boot::clean_trash(t);
+        }
         // SAFETY: _exit ends the child without running PID 1's atexit handlers.
         unsafe { libc::_exit(0) };
+    }
+    if pid < 0 {
+        // No child: do the initramfs now, leave the trash for the next boot.
+        switch_root::free_initramfs(old_root);
     }
 }
 
@@ -117,7 +127,9 @@ pub fn run(argv: Vec<String>) -> ! {
         fail(&e, false);
     }
     console_stdio();
+    let devkmsg = kmsg::unlimit();
     kmsg::open_kmsg();
+    log::info!("initstage {} started", env!("CARGO_PKG_VERSION"));
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (cfg, warnings) = cmdline::parse(&line);
     for w in &warnings {
@@ -125,6 +137,7 @@ pub fn run(argv: Vec<String>) -> ! {
     }
     failpoint::arm(cfg.failpoint);
     let debug = cfg.debug;
+    kmsg::set_verbose(debug);
 
     let release = rustix::system::uname()
         .release()
@@ -166,15 +179,13 @@ pub fn run(argv: Vec<String>) -> ! {
         Ok(f) => f,
         Err(e) => fail(&e, debug),
     };
-    switch_root::free_initramfs(&old_root);
+    // After switch_root the run directory (and the trash) is at the same path in the new root.
+    spawn_cleaner(&old_root, prepared.trash.as_deref());
     drop(old_root);
-    if let Some(t) = &prepared.trash {
-        // After switch_root the run directory is at the same path inside the new root.
-        spawn_trash_cleaner(t);
-    }
     let mut args = cfg.init_args.clone();
     args.extend(argv.into_iter().skip(1));
     log::info!("exec {} {}", cfg.init, args.join(" "));
+    kmsg::restore_limit(devkmsg);
     let e = switch_root::exec_init(&cfg.init, &args);
     fail(&e, debug)
 }

@@ -290,6 +290,19 @@ pub fn plan(state: &BootState, facts: &Facts, tries: u32) -> Plan {
             actions.push(format!("trial boot {} of {}", t.used, t.tries));
         }
     }
+
+    // 6. A boot that changes nothing but the counter writes nothing: the image partition is
+    // not written (nor worn) on every boot, and two fsyncs leave the boot path. Like
+    // U-Boot's bootcount, boots are counted when something is at stake (trials) or changes.
+    let mut unchanged = s.clone();
+    unchanged.boot_count = state.boot_count;
+    if steps.is_empty() && unchanged == *state {
+        return Plan {
+            steps,
+            actions,
+            state: state.clone(),
+        };
+    }
     steps.push(Step::WriteState(Box::new(s.clone())));
     Plan {
         steps,
@@ -375,9 +388,15 @@ mod tests {
     }
 
     #[test]
-    fn plain_boot_counts_and_writes_state() {
+    fn plain_boot_writes_nothing_trial_boot_counts() {
         let p = plan(&good(1), &on_disk(), 3);
+        assert_eq!(p.state, good(1));
+        assert!(p.steps.is_empty(), "{:?}", p.steps);
+        let mut trial = good(2);
+        trial.trial = Some(Trial { tries: 3, used: 1 });
+        let p = plan(&trial, &on_disk(), 3);
         assert_eq!(p.state.boot_count, 6);
+        assert_eq!(p.state.trial.unwrap().used, 2);
         assert_eq!(p.steps, vec![Step::WriteState(Box::new(p.state.clone()))]);
     }
 
@@ -620,9 +639,17 @@ mod tests {
                     };
                     let p = plan(st, &f, 3);
                     assert!(p.state.pending.is_none(), "{st:?} {f:?}");
-                    assert!(
-                        matches!(p.steps.iter().rev().find(|s| matches!(s, Step::WriteState(_))), Some(Step::WriteState(x)) if **x == p.state)
-                    );
+                    // The last state written is the plan's; a plan that writes none
+                    // changed nothing.
+                    match p
+                        .steps
+                        .iter()
+                        .rev()
+                        .find(|s| matches!(s, Step::WriteState(_)))
+                    {
+                        Some(Step::WriteState(x)) => assert_eq!(**x, p.state),
+                        _ => assert!(p.steps.is_empty() && p.state == *st, "{st:?} {f:?}"),
+                    }
                     let resumes = matches!(st.pending, Some(Pending::Promote { .. }));
                     if f.current_exists || (resumes && f.new_tmp_exists) {
                         assert!(p.state.current.is_some(), "{st:?} {f:?}");

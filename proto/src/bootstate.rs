@@ -130,7 +130,9 @@ pub struct Event {
 pub struct BootState {
     /// [`STATE_FORMAT`].
     pub format: u32,
-    /// Boots counted by initstage.
+    /// Boots counted by initstage: those that changed the state (the first boot,
+    /// promotions, trial boots, rollbacks, refusals). A boot that changes nothing does not
+    /// write the state, so it is not counted.
     pub boot_count: u64,
     /// The image in `<image>`.
     pub current: Option<ImageRecord>,

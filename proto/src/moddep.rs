@@ -39,6 +39,15 @@ impl ModuleDeps {
         ModuleDeps { map }
     }
 
+    /// The paths of everything a module (named by its path or name) needs loaded first: the
+    /// whole closure, as `modules.dep` lists it. Empty for an unknown module.
+    pub fn deps_of(&self, module: &str) -> &[String] {
+        self.map
+            .get(&name_of(module))
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or(&[])
+    }
+
     /// The path of a module, relative to the modules directory.
     pub fn path(&self, name: &str) -> Option<&str> {
         self.map.get(&normalize(name)).map(|(p, _)| p.as_str())

@@ -513,15 +513,30 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
         send_data(&mut cl, &data[2 << 20..3 << 20]);
         drop(cl);
         wait_for(|| status(&a).partial.map(|p| p.received) == Some(3 << 20));
-        let mut cl = a.client(&a.tcp);
-        assert_eq!(
-            cl.call(&Request::Push {
-                manifest: m2.clone(),
-                resume: true
-            })
-            .unwrap(),
-            Response::Send { offset: 3 << 20 }
-        );
+        // The bytes are on disk; the cut session may still be closing (then: busy, and a
+        // client tries again, as keelctl does).
+        let t = std::time::Instant::now();
+        let mut cl = loop {
+            let mut cl = a.client(&a.tcp);
+            let r = cl
+                .call(&Request::Push {
+                    manifest: m2.clone(),
+                    resume: true,
+                })
+                .unwrap();
+            match r {
+                Response::Error {
+                    code: ErrorCode::Busy,
+                    ..
+                } if t.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                r => {
+                    assert_eq!(r, Response::Send { offset: 3 << 20 });
+                    break cl;
+                }
+            }
+        };
         send_data(&mut cl, &data[3 << 20..]);
         cl.stream().write_all(&data_header(0)).unwrap();
         match cl.response().unwrap() {

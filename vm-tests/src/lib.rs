@@ -328,6 +328,7 @@ pub fn sign(image: &Path, version: u64) -> SignedManifest {
 pub const PARTS: [(&str, u64); 4] = [("img", 64), ("overlay", 32), ("newimg", 48), ("boot", 8)];
 
 /// A GPT disk image.
+#[derive(Debug, Clone)]
 pub struct Disk {
     pub path: PathBuf,
     /// (label, MiB) of each partition, in order.
@@ -344,6 +345,16 @@ impl Disk {
     /// [`Disk::new`], with `files` empty files left in the overlay's upper layer (as a
     /// previous boot would have left them).
     pub fn with_old_upper(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
+        Disk::build(dir, v1, image_name, files, false)
+    }
+
+    /// [`Disk::with_old_upper`] as a disk looks after its first boot: the image adopted in
+    /// the boot state, so a boot changes nothing (the state of every later boot).
+    pub fn steady(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
+        Disk::build(dir, v1, image_name, files, true)
+    }
+
+    fn build(dir: &Path, v1: &Path, image_name: &str, files: usize, adopted: bool) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
         let m = sign(v1, 1);
@@ -366,9 +377,23 @@ impl Disk {
             .map(|(label, size)| {
                 let p = Part::new(label, *size);
                 match *label {
-                    "img" => p
-                        .file(image_name, fs::read(v1).unwrap())
-                        .file(&format!("{image_name}.manifest"), m.to_json()),
+                    "img" => {
+                        let p = p
+                            .file(image_name, fs::read(v1).unwrap())
+                            .file(&format!("{image_name}.manifest"), m.to_json());
+                        if adopted {
+                            let state = keel_proto::bootstate::BootState {
+                                boot_count: 1,
+                                current: Some(keel_proto::bootstate::ImageRecord::from_manifest(
+                                    &m.manifest,
+                                )),
+                                ..Default::default()
+                            };
+                            p.file(keel_proto::layout::STATE_FILE, state.to_json())
+                        } else {
+                            p
+                        }
+                    }
                     "overlay" => {
                         let mut p = p.file("persistent/etc/persisted", b"kept\n".to_vec());
                         for i in 0..files {
@@ -465,6 +490,8 @@ pub struct Boot {
     pub initramfs: Option<PathBuf>,
     /// Leave out `quiet` (the kernel then prints its own timestamps, e.g. `Run /init`).
     pub verbose: bool,
+    /// Virtual CPUs (0 means 1). More than one use multi-threaded TCG: one host thread each.
+    pub cpus: u32,
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -497,7 +524,7 @@ impl Vm {
             "-M",
             "pc",
             "-smp",
-            "1",
+            &b.cpus.max(1).to_string(),
             "-nodefaults",
             "-no-user-config",
         ])

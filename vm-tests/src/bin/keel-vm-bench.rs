@@ -1,7 +1,12 @@
 //! The VM half of `make bench`: boot stage time (initstage vs a busybox-script initramfs),
 //! initramfs sizes, and the update round trip vs a plain boot. Prints Markdown.
 //!
-//!     keel-vm-bench [RUNS]        (RUNS per configuration, default 3)
+//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip ...]
+//!
+//! RUNS per configuration (default 3); naming sections runs only those (all by default).
+//! With `KEEL_BENCH_STEPS=1` the boot-stage runs print their serial log from `Run /init` on
+//! (stderr); `KEEL_BENCH_CMDLINE` adds to the kernel command line (e.g. `keel.debug`, which
+//! logs each module's load time).
 
 use std::fs;
 use std::time::Instant;
@@ -34,25 +39,52 @@ fn kernel_timestamp(line: &str) -> Option<f64> {
     inner.trim().parse().ok()
 }
 
-/// One boot: (seconds from `Run /init` to the real init, seconds of module loading).
-fn stage_time(disk: &Disk, tag: &str, initramfs: Option<&std::path::Path>) -> (f64, f64) {
+/// The kernel's own mark of the real init's exec: TOMOYO (built into Debian's kernels) logs
+/// this line when `/sbin/init` is executed.
+const EXEC_INIT: &str = "Not activating Mandatory Access Control";
+
+/// One boot: (seconds from `Run /init` to the exec of the real init, seconds of module
+/// loading). The exec's time is the kernel's timestamp of [`EXEC_INIT`]; a kernel without
+/// that line falls back to the real init's first output (`KEEL t-init=`, its uptime).
+fn stage_time(
+    disk: &Disk,
+    tag: &str,
+    initramfs: Option<&std::path::Path>,
+    cpus: u32,
+) -> (f64, f64, Vec<(String, f64)>) {
     let mut vm = Vm::start(
         disk,
         tag,
         &Boot {
             initramfs: initramfs.map(|p| p.to_path_buf()),
             verbose: true,
+            cpus,
+            cmdline: std::env::var("KEEL_BENCH_CMDLINE").unwrap_or_default(),
             ..Boot::default()
         },
     );
     let t_init = num_after(&vm.wait_for("KEEL t-init="), "KEEL t-init=").unwrap();
     let log = vm.log();
     vm.kill();
+    if std::env::var_os("KEEL_BENCH_STEPS").is_some() {
+        for l in log
+            .lines()
+            .skip_while(|l| !l.contains("Run /init"))
+            .take_while(|l| !l.contains("KEEL t-init="))
+        {
+            eprintln!("{tag}: {l}");
+        }
+    }
     let run_init = log
         .lines()
         .find(|l| l.contains("Run /init as init process"))
         .and_then(kernel_timestamp)
         .unwrap_or_else(|| panic!("no `Run /init` line:\n{log}"));
+    let exec = log
+        .lines()
+        .find(|l| l.contains(EXEC_INIT))
+        .and_then(kernel_timestamp)
+        .unwrap_or(t_init);
     let modules = if initramfs.is_some() {
         let at = |step: &str| {
             log.lines()
@@ -68,39 +100,78 @@ fn stage_time(disk: &Disk, tag: &str, initramfs: Option<&std::path::Path>) -> (f
             .map(|ms| ms / 1e3)
             .unwrap_or_else(|| panic!("no module step:\n{log}"))
     };
-    (t_init - run_init, modules)
+    // keel's own steps: `keel: <step>: ok (<ms> ms)`, in order.
+    let steps = log
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("keel: ")? + 6..];
+            let (name, ms) = rest.split_once(": ok (")?;
+            Some((name.to_string(), num_after(ms, "")?))
+        })
+        .collect();
+    (exec - run_init, modules, steps)
 }
 
 fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(3);
+    let sections: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    let want = |s: &str| sections.is_empty() || sections.contains(&s);
     let k = kit();
     let script = script_initramfs();
     let v1 = image(1, true, Fs::Squashfs);
     let dir = scenario_dir("bench");
 
     // 1. Boot stage time.
+    if want("boot") {
+        boot_stage(runs, &script, &v1, &dir);
+    }
+    if want("initramfs") {
+        initramfs_sizes(&k.initramfs, &script);
+    }
+    if want("roundtrip") {
+        round_trip(runs, &v1, &dir);
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Boot stage time, keel vs the script: 1 vCPU with 0 and 100,000 files in the old upper, and
+/// 2 vCPUs with none. `KEEL_BENCH_UPPER=N` / `KEEL_BENCH_CPUS=N` keep only those rows.
+fn boot_stage(runs: usize, script: &std::path::Path, v1: &std::path::Path, dir: &std::path::Path) {
     println!("### Boot stage: `Run /init` → exec of the real init (kernel timestamps, QEMU TCG, median of {runs}, min–max)\n");
-    println!("| initramfs | old upper | total | modules | excluding modules |");
-    println!("|---|---|---|---|---|");
+    println!("An ordinary boot: the image adopted on an earlier boot, nothing staged. Same kernel, disk, modules and QEMU settings for both.\n");
+    println!("| initramfs | vCPUs | old upper | total | modules | excluding modules |");
+    println!("|---|---|---|---|---|---|");
+    let env_num = |k: &str| std::env::var(k).ok().map(|v| v.parse::<usize>().expect(k));
+    let configs: Vec<(u32, usize)> = [(1, 0), (1, 100_000), (2, 0)]
+        .into_iter()
+        .filter(|&(c, f)| {
+            env_num("KEEL_BENCH_UPPER").is_none_or(|n| n == f)
+                && env_num("KEEL_BENCH_CPUS").is_none_or(|n| n == c as usize)
+        })
+        .collect();
     let mut totals = std::collections::HashMap::new();
-    for files in [0usize, 100_000] {
-        let base = Disk::with_old_upper(
-            &dir.join(format!("base-{files}")),
-            &v1,
-            "root-squashfs.img",
-            files,
-        );
-        for (name, initrd) in [
-            ("keel (initstage)", None),
-            ("busybox script", Some(script.as_path())),
-        ] {
-            let mut tot = Vec::new();
-            let mut mods = Vec::new();
-            let mut excl = Vec::new();
-            for r in 0..runs {
+    let mut bases = std::collections::HashMap::new();
+    let mut steps: std::collections::BTreeMap<(u32, usize, String), Vec<f64>> = Default::default();
+    for &(cpus, files) in &configs {
+        let base = bases
+            .entry(files)
+            .or_insert_with(|| {
+                Disk::steady(
+                    &dir.join(format!("base-{files}")),
+                    v1,
+                    "root-squashfs.img",
+                    files,
+                )
+            })
+            .clone();
+        // keel and the script take turns, so that a slow spell of the host hits both.
+        let who = [("keel (initstage)", None), ("busybox script", Some(script))];
+        let mut tot = vec![Vec::new(); 2];
+        let mut mods = vec![Vec::new(); 2];
+        let mut excl = vec![Vec::new(); 2];
+        for r in 0..runs {
+            for (w, (_, initrd)) in who.iter().enumerate() {
                 let disk = Disk {
                     path: dir.join("run.img"),
                     layout: base.layout.clone(),
@@ -108,63 +179,85 @@ fn main() {
                 fs::copy(&base.path, &disk.path).unwrap();
                 // Write the copy back now, not while the VM boots.
                 run(&mut std::process::Command::new("sync"));
-                let (t, m) = stage_time(&disk, &format!("{files}-{r}"), initrd);
-                tot.push(t);
-                mods.push(m);
-                excl.push(t - m);
+                let tag = format!(
+                    "{}-{cpus}-{files}-{r}",
+                    if initrd.is_some() { "script" } else { "keel" }
+                );
+                let (t, m, st) = stage_time(&disk, &tag, *initrd, cpus);
+                tot[w].push(t);
+                mods[w].push(m);
+                excl[w].push(t - m);
+                for (name, ms) in st {
+                    steps.entry((cpus, files, name)).or_default().push(ms / 1e3);
+                }
             }
+        }
+        for (w, (name, _)) in who.iter().enumerate() {
             println!(
-                "| {name} | {} files | {} | {} | {} |",
-                files,
-                fmt_ms(&tot),
-                fmt_ms(&mods),
-                fmt_ms(&excl)
+                "| {name} | {cpus} | {files} files | {} | {} | {} |",
+                fmt_ms(&tot[w]),
+                fmt_ms(&mods[w]),
+                fmt_ms(&excl[w])
             );
-            totals.insert((name, files), (stats(&tot).0, stats(&excl).0));
+            totals.insert((*name, cpus, files), (stats(&tot[w]).0, stats(&excl[w]).0));
         }
     }
     println!();
-    for files in [0usize, 100_000] {
-        let (kt, ke) = totals[&("keel (initstage)", files)];
-        let (st, se) = totals[&("busybox script", files)];
+    for &(cpus, files) in &configs {
+        let (kt, ke) = totals[&("keel (initstage)", cpus, files)];
+        let (st, se) = totals[&("busybox script", cpus, files)];
         println!(
-            "- {files} files in the old upper: keel takes **{:.2}×** the script's time in total, **{:.2}×** excluding module loading.",
+            "- {cpus} vCPU{}, {files} files in the old upper: keel takes **{:.2}×** the script's time in total, **{:.2}×** excluding module loading.",
+            if cpus > 1 { "s" } else { "" },
             kt / st,
             ke / se
         );
     }
-    let (k0, _) = totals[&("keel (initstage)", 0)];
-    let (k1, _) = totals[&("keel (initstage)", 100_000)];
-    println!(
-        "- keel with 100,000 files left in the upper vs none: {:.2}×.\n",
-        k1 / k0
-    );
+    // Where keel's time goes: its own step log.
+    println!("\nkeel's steps (its own log, median ms):\n");
+    println!("| vCPUs | old upper | step | time |");
+    println!("|---|---|---|---|");
+    for ((cpus, files, name), v) in &steps {
+        println!("| {cpus} | {files} files | {name} | {} |", fmt_ms(v));
+    }
+    println!();
+    if let (Some((k0, _)), Some((k1, _))) = (
+        totals.get(&("keel (initstage)", 1, 0)),
+        totals.get(&("keel (initstage)", 1, 100_000)),
+    ) {
+        println!(
+            "- keel with 100,000 files left in the upper vs none: {:.2}×.",
+            k1 / k0
+        );
+    }
+    println!();
+}
 
-    // 2. Initramfs sizes.
+/// Compressed initramfs sizes, keel's vs the busybox script's.
+fn initramfs_sizes(keel: &std::path::Path, script: &std::path::Path) {
     let size = |p: &std::path::Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
     println!("### Initramfs (gzip, same 17 module files)\n");
     println!("| initramfs | bytes |");
     println!("|---|---|");
-    println!(
-        "| keel: initstage + modules + key | {} |",
-        size(&k.initramfs)
-    );
+    println!("| keel: initstage + modules + key | {} |", size(keel));
     println!(
         "| busybox script + busybox-static + modules | {} |",
-        size(&script)
+        size(script)
     );
     println!(
         "\nkeel's is {:.2}× the busybox one.\n",
-        size(&k.initramfs) as f64 / size(&script) as f64
+        size(keel) as f64 / size(script) as f64
     );
+}
 
-    // 5. Update round trip vs a plain boot.
+/// The update round trip vs a plain boot.
+fn round_trip(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     let v2 = image(2, true, Fs::Squashfs);
     sign(&v2, 2);
     let mut plain = Vec::new();
     let mut update = Vec::new();
     for r in 0..runs {
-        let disk = Disk::new(&dir.join(format!("rt-{r}")), &v1, "root-squashfs.img");
+        let disk = Disk::new(&dir.join(format!("rt-{r}")), v1, "root-squashfs.img");
         let port = free_port();
         let boot = Boot {
             tcp_port: Some(port),
@@ -205,5 +298,4 @@ fn main() {
         "\nThe update round trip is {:.2}× a plain boot.",
         stats(&update).0 / stats(&plain).0
     );
-    let _ = fs::remove_dir_all(&dir);
 }
