@@ -116,8 +116,20 @@ fn spawn_cleaner(old_root: &std::fs::File, trash: Option<&Path>) {
     }
 }
 
+/// Seconds since boot on the clock the kernel log's timestamps use (CLOCK_MONOTONIC).
+fn uptime() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
 /// Runs PID 1 mode. `argv` is what the kernel passed (arguments it did not recognise).
 pub fn run(argv: Vec<String>) -> ! {
+    let entered = uptime();
     kmsg::init();
     std::panic::set_hook(Box::new(|info| {
         log::error!("initstage panicked: {info}");
@@ -129,7 +141,11 @@ pub fn run(argv: Vec<String>) -> ! {
     console_stdio();
     let devkmsg = kmsg::unlimit();
     kmsg::open_kmsg();
-    log::info!("initstage {} started", env!("CARGO_PKG_VERSION"));
+    log::info!(
+        "initstage {} started ({:.3} s after boot; API filesystems mounted)",
+        env!("CARGO_PKG_VERSION"),
+        entered
+    );
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (cfg, warnings) = cmdline::parse(&line);
     for w in &warnings {
