@@ -18,7 +18,7 @@ size() { stat -c %s "$1"; }
   echo
   echo "$(date -u +%Y-%m-%d), $(nproc) cores, kernel $(uname -r); every ratio is against a baseline measured in the same run."
   echo
-  echo "## Binary sizes (static glibc, release, opt-level z, LTO, stripped)"
+  echo "## Binary sizes (static glibc, release, opt-level z, LTO, stripped; initstage also with std rebuilt for size, see the README)"
   echo
   echo "| binary | bytes | goal |"
   echo "|---|---|---|"

@@ -198,6 +198,7 @@ echo "KEEL fstype=$(sed -n 's/.*"image_fstype": "\([a-z0-9]*\)".*/\1/p' /run/kee
 echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"
 echo "KEEL upper=$(sed -n 's/^overlay \/ .*upperdir=\([^,]*\).*/\1/p' /proc/mounts)"
 if [ -e /scratch ]; then echo "KEEL scratch=present"; else echo "KEEL scratch=absent"; fi
+echo "KEEL kmsg-steps=$(dmesg | sed -n 's/.*keel: \([a-z_ ]*\): ok (.*/\1/p' | tr '\n' ,)"
 echo "written in boot of version $V" > /scratch
 ip link set lo up
 ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2

@@ -55,8 +55,18 @@ fn first_boot_persistent_and_fresh_upper() {
     let upper = vm.wait_for("KEEL upper=");
     assert!(upper.ends_with("/run/keel/overlay/upper"), "{upper}");
     assert!(vm.wait_for("KEEL scratch=").ends_with("absent"));
+    // Every step's line reached the kernel log (initstage lifts /dev/kmsg's rate limit of
+    // 10 lines per 5 s while it runs; a boot logs more than that).
+    let steps = vm.wait_for("KEEL kmsg-steps=");
+    assert!(
+        steps.ends_with("load modules,find partitions,mount partitions,promotion,mount image and overlay,layer views,switch_root,"),
+        "{steps}"
+    );
     vm.wait_for("KEEL ready version=1");
     vm.kill();
+    let state = disk
+        .read("img", "keel-state.json")
+        .expect("state after the first boot");
     let mut vm = Vm::start(&disk, "2", &Boot::default());
     vm.wait_for("KEEL booted version=1");
     assert!(
@@ -66,6 +76,13 @@ fn first_boot_persistent_and_fresh_upper() {
     );
     vm.wait_for("KEEL ready version=1");
     vm.kill();
+    // A boot that changed nothing wrote nothing to the image partition (a write would have
+    // counted the boot).
+    assert_eq!(
+        disk.read("img", "keel-state.json").as_deref(),
+        Some(&state[..]),
+        "the second, plain boot rewrote the boot state"
+    );
     for tag in ["3", "4"] {
         let mut vm = Vm::start(
             &disk,
