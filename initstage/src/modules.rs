@@ -115,11 +115,13 @@ where
     struct Board<E> {
         started: Vec<bool>,
         done: Vec<bool>,
+        running: usize,
         error: Option<E>,
     }
     let board = std::sync::Mutex::new(Board {
         started: vec![false; order.len()],
         done: vec![false; order.len()],
+        running: 0,
         error: None,
     });
     let changed = std::sync::Condvar::new();
@@ -132,11 +134,20 @@ where
                         if b.error.is_some() || b.started.iter().all(|&x| x) {
                             return;
                         }
+                        let unstarted = |i: &usize| !b.started[*i];
                         let ready = (0..order.len())
-                            .find(|&i| !b.started[i] && pre[i].iter().all(|&d| b.done[d]));
+                            .filter(unstarted)
+                            .find(|&i| pre[i].iter().all(|&d| b.done[d]))
+                            // Nothing ready and nothing running: a cycle in a broken
+                            // modules.dep. Go on in order rather than wait forever (the
+                            // kernel names a symbol that is really missing).
+                            .or_else(|| {
+                                (0..order.len()).filter(unstarted).find(|_| b.running == 0)
+                            });
                         match ready {
                             Some(i) => {
                                 b.started[i] = true;
+                                b.running += 1;
                                 break i;
                             }
                             None => b = changed.wait(b).unwrap_or_else(|p| p.into_inner()),
@@ -145,6 +156,7 @@ where
                 };
                 let r = job(&order[next]);
                 let mut b = board.lock().unwrap_or_else(|p| p.into_inner());
+                b.running -= 1;
                 match r {
                     Ok(()) => b.done[next] = true,
                     Err(e) => {
@@ -199,6 +211,25 @@ mod tests {
             d.sort();
             assert_eq!(d, order, "workers {workers}");
         }
+    }
+
+    /// A cycle (a broken modules.dep) does not hang the boot: everything still runs once.
+    #[test]
+    fn schedule_survives_a_dependency_cycle() {
+        let order: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        let (needs_a, needs_b) = (["b".to_string()], ["a".to_string()]);
+        let ran = Mutex::new(0);
+        schedule(
+            &order,
+            |m| if m == "a" { &needs_a[..] } else { &needs_b[..] },
+            2,
+            |_| {
+                *ran.lock().unwrap() += 1;
+                Ok::<(), String>(())
+            },
+        )
+        .unwrap();
+        assert_eq!(*ran.lock().unwrap(), 2);
     }
 
     /// A failure is returned, and nothing that needs the failed item runs.
