@@ -41,6 +41,18 @@ impl Agent {
     fn client(&self, ep: &Endpoint) -> Client {
         Client::connect(ep, Duration::from_secs(5), T).unwrap()
     }
+
+    /// Opens a TCP connection and asks to push `m`: the connection and the agent's answer.
+    fn begin_push(&self, m: &SignedManifest, resume: bool) -> (Client, Response) {
+        let mut cl = self.client(&self.tcp);
+        let r = cl
+            .call(&Request::Push {
+                manifest: m.clone(),
+                resume,
+            })
+            .unwrap();
+        (cl, r)
+    }
 }
 
 impl Drop for Agent {
@@ -378,13 +390,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         check("disk full");
 
         // Truncated: the end-of-image frame arrives early.
-        let mut cl = a.client(&a.tcp);
-        let r = cl
-            .call(&Request::Push {
-                manifest: m7.clone(),
-                resume: false,
-            })
-            .unwrap();
+        let (mut cl, r) = a.begin_push(&m7, false);
         assert_eq!(r, Response::Send { offset: 0 });
         let data = fs::read(&v7).unwrap();
         send_data(&mut cl, &data[..500_000]);
@@ -395,12 +401,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         check("truncated stream");
 
         // More bytes than declared.
-        let mut cl = a.client(&a.tcp);
-        cl.call(&Request::Push {
-            manifest: m7.clone(),
-            resume: false,
-        })
-        .unwrap();
+        let (mut cl, _) = a.begin_push(&m7, false);
         send_data(&mut cl, &data);
         send_data(&mut cl, b"extra");
         let (c, msg) = error_of(cl.response().unwrap());
@@ -477,16 +478,8 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
         let data = fs::read(&v2).unwrap();
 
         // A first push sends 2 MiB and pauses; a second push is told "busy".
-        let mut first = a.client(&a.tcp);
-        assert_eq!(
-            first
-                .call(&Request::Push {
-                    manifest: m2.clone(),
-                    resume: false
-                })
-                .unwrap(),
-            Response::Send { offset: 0 }
-        );
+        let (mut first, r) = a.begin_push(&m2, false);
+        assert_eq!(r, Response::Send { offset: 0 });
         send_data(&mut first, &data[..2 << 20]);
         let (c, msg) = refused(push(&a.unix, &v2, &m2));
         assert_eq!(c, ErrorCode::Busy, "{msg}");
@@ -501,15 +494,8 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
         assert_eq!(st.partial.as_ref().map(|p| p.received), Some(2 << 20));
 
         // A cut connection (the client vanishes mid-stream), then a resume.
-        let mut cl = a.client(&a.tcp);
-        assert_eq!(
-            cl.call(&Request::Push {
-                manifest: m2.clone(),
-                resume: true
-            })
-            .unwrap(),
-            Response::Send { offset: 2 << 20 }
-        );
+        let (mut cl, r) = a.begin_push(&m2, true);
+        assert_eq!(r, Response::Send { offset: 2 << 20 });
         send_data(&mut cl, &data[2 << 20..3 << 20]);
         drop(cl);
         wait_for(|| status(&a).partial.map(|p| p.received) == Some(3 << 20));
@@ -517,13 +503,7 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
         // client tries again, as keelctl does).
         let t = std::time::Instant::now();
         let mut cl = loop {
-            let mut cl = a.client(&a.tcp);
-            let r = cl
-                .call(&Request::Push {
-                    manifest: m2.clone(),
-                    resume: true,
-                })
-                .unwrap();
+            let (cl, r) = a.begin_push(&m2, true);
             match r {
                 Response::Error {
                     code: ErrorCode::Busy,
@@ -757,12 +737,7 @@ fn agent_killed_mid_stream_leaves_nothing_initstage_promotes() {
     sb.with_partition(&disk, 3, |newimg| {
         let w = world(&mut sb2, newimg, 1);
         let mut a = start(&w, "");
-        let mut cl = a.client(&a.tcp);
-        cl.call(&Request::Push {
-            manifest: m2.clone(),
-            resume: false,
-        })
-        .unwrap();
+        let (mut cl, _) = a.begin_push(&m2, false);
         let data = fs::read(&v2).unwrap();
         send_data(&mut cl, &data[..5 << 20]);
         wait_for(|| {

@@ -85,6 +85,15 @@ fn stage_time(
         .find(|l| l.contains(EXEC_INIT))
         .and_then(kernel_timestamp)
         .unwrap_or(t_init);
+    // keel's own steps: `keel: <step>: ok (<ms> ms)`, in order.
+    let steps: Vec<(String, f64)> = log
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("keel: ")? + 6..];
+            let (name, ms) = rest.split_once(": ok (")?;
+            Some((name.to_string(), num_after(ms, "")?))
+        })
+        .collect();
     let modules = if initramfs.is_some() {
         let at = |step: &str| {
             log.lines()
@@ -94,21 +103,12 @@ fn stage_time(
         };
         at("modules") - at("start")
     } else {
-        log.lines()
-            .find(|l| l.contains("load modules: ok ("))
-            .and_then(|l| num_after(l, "ok ("))
-            .map(|ms| ms / 1e3)
+        steps
+            .iter()
+            .find(|(name, _)| name == "load modules")
+            .map(|(_, ms)| ms / 1e3)
             .unwrap_or_else(|| panic!("no module step:\n{log}"))
     };
-    // keel's own steps: `keel: <step>: ok (<ms> ms)`, in order.
-    let steps = log
-        .lines()
-        .filter_map(|l| {
-            let rest = &l[l.find("keel: ")? + 6..];
-            let (name, ms) = rest.split_once(": ok (")?;
-            Some((name.to_string(), num_after(ms, "")?))
-        })
-        .collect();
     (exec - run_init, modules, steps)
 }
 
