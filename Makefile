@@ -8,7 +8,7 @@ STATIC  := target/$(TARGET)/release
 APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static
 FEATURES := --features initstage/failpoints
 
-.PHONY: test demo deps lint build unit integration static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
+.PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -40,6 +40,13 @@ test: lint build static vm-bins vsock-device
 	$(CARGO) test --workspace $(FEATURES)
 	$(MAKE) --no-print-directory units fuzz sizes
 
+## check: the fast edit loop: fmt, clippy, and the tests that need neither root nor QEMU
+## (unit tests of every crate, the agent's in-memory protocol tests)
+check:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
+	$(CARGO) test $(FEATURES) -p keel-proto -p keel-sys -p initstage -p keel-agent -p keelctl -p keel-build
+
 ## units: systemd-analyze verify on the units, sh -n on the OpenRC scripts
 units: build
 	systemd/check.sh target/debug
@@ -52,12 +59,12 @@ fuzz: deps
 
 ## bench: every benchmark, as ratios against baselines run alongside -> bench/results.md
 bench: build static vm-bins
-	$(CARGO) build --release -p keel-agent
+	$(CARGO) build --release -p keel-agent -p keelctl
 	bench/run.sh
 
 ## bench-smoke: one short iteration of every benchmark (CI), nothing kept
 bench-smoke: build static vm-bins
-	$(CARGO) build --release -p keel-agent
+	$(CARGO) build --release -p keel-agent -p keelctl
 	BENCH_SMOKE=1 bench/run.sh
 
 # initstage goes into every initramfs, so it is built for size: std itself is rebuilt with
@@ -74,7 +81,7 @@ INITSTAGE_BUILD = RUSTC_BOOTSTRAP=1 RUSTFLAGS='$(INITSTAGE_RUSTFLAGS)' \
 
 ## static: initstage and keel-agent as static binaries, as they go into images
 static: deps
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p keel-agent --target $(TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p keel-agent -p keelctl --target $(TARGET)
 	$(INITSTAGE_BUILD) --target-dir target/initstage
 	ln -f target/initstage/$(TARGET)/release/initstage $(STATIC)/initstage
 
@@ -84,7 +91,7 @@ vsock-device: deps
 
 ## vm-bins: the static binaries the VM tests pack (initstage with failpoints), own target dir
 vm-bins: deps
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p keel-agent --target $(TARGET) --target-dir target/vm
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p keel-agent -p keelctl --target $(TARGET) --target-dir target/vm
 	$(INITSTAGE_BUILD) --features failpoints --target-dir target/vm-initstage
 	ln -f target/vm-initstage/$(TARGET)/release/initstage target/vm/$(TARGET)/release/initstage
 

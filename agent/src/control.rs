@@ -1,45 +1,34 @@
 //! Control requests: end the booted image's trial (mark-good) and reboot.
 
-use std::fs;
 use std::path::Path;
 
-use keel_proto::bootstate::{BootState, MarkGood};
-use keel_proto::layout::{STATE_FILE, STATE_TMP};
+use keel_proto::bootstate::MarkGood;
 use keel_proto::message::ErrorCode;
+use keel_sys::durable::no_hook;
+use keel_sys::state;
 
 use crate::verify::Refusal;
 
-fn io(op: &str, p: &Path, e: std::io::Error) -> Refusal {
-    Refusal::new(ErrorCode::Io, format!("{op} {}: {e}", p.display()))
-}
-
-/// Writes the state crash-safely: temporary file, fsync, rename, fsync the directory.
-pub fn save_state(img: &Path, state: &BootState) -> Result<(), Refusal> {
-    crate::stage::atomic_write(img, STATE_TMP, STATE_FILE, &state.to_json())
-}
-
 /// Ends the trial recorded in `<img>/keel-state.json`; returns what happened.
 pub fn mark_good(img: &Path) -> Result<String, Refusal> {
-    let path = img.join(STATE_FILE);
-    let bytes = match fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    let mut state = match state::load(img) {
+        Ok(Some(s)) => s,
+        Ok(None) => {
             return Err(Refusal::new(
                 ErrorCode::InvalidState,
                 format!(
                     "no boot state at {}: was this system booted by initstage?",
-                    path.display()
+                    state::path(img).display()
                 ),
             ))
         }
-        Err(e) => return Err(io("read", &path, e)),
+        Err(e) => return Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
     };
-    let mut state = BootState::from_json(&bytes)
-        .map_err(|e| Refusal::new(ErrorCode::InvalidState, format!("{}: {e}", path.display())))?;
     let version = state.current.as_ref().map(|c| c.version).unwrap_or(0);
     match state.mark_good() {
         Ok(MarkGood::Ended) => {
-            save_state(img, &state)?;
+            state::save(img, &state, no_hook)
+                .map_err(|e| Refusal::new(ErrorCode::Io, e.to_string()))?;
             Ok(format!("version {version} marked good: its trial is over"))
         }
         Ok(MarkGood::NotOnTrial) => Ok(format!("version {version} is not on trial: nothing to do")),

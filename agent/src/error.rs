@@ -1,10 +1,8 @@
-//! The agent's and client's errors, each naming what it was doing and on which path or peer.
+//! The daemon's errors, each naming what it was doing and on which path or address.
 
 use std::path::PathBuf;
 
-use keel_proto::message::ErrorCode;
-
-/// Errors of the agent library.
+/// Errors of the daemon (config, listeners, keys).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The config file is wrong.
@@ -41,54 +39,6 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
-    /// An endpoint string did not parse.
-    #[error("endpoint {0:?}: expected tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT or hvsock:///PATH:PORT")]
-    Endpoint(String),
-    /// Connecting to an endpoint failed.
-    #[error("connect to {endpoint}: {detail}")]
-    Connect {
-        /// The endpoint.
-        endpoint: String,
-        /// What happened.
-        detail: String,
-    },
-    /// The peer broke the protocol.
-    #[error("protocol error with {peer}: {detail}")]
-    Protocol {
-        /// The peer.
-        peer: String,
-        /// What was wrong.
-        detail: String,
-    },
-    /// The agent refused a request.
-    #[error("agent refused ({code}): {message}")]
-    Refused {
-        /// The class.
-        code: Code,
-        /// The agent's reason.
-        message: String,
-    },
-    /// The connection failed mid-exchange.
-    #[error("{op} with {peer}: {source}")]
-    Net {
-        /// What was being done.
-        op: &'static str,
-        /// The peer.
-        peer: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
-/// An [`ErrorCode`] that prints as its wire name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Code(pub ErrorCode);
-
-impl std::fmt::Display for Code {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = serde_json::to_string(&self.0).unwrap_or_default();
-        f.write_str(s.trim_matches('"'))
-    }
 }
 
 /// Shorthand.

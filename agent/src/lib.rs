@@ -1,31 +1,38 @@
-//! keel's in-guest agent (`keel-agent`) and its host-side client (`keelctl`).
+//! keel-agent: the daemon in the booted device. It links only what it runs: no client, no
+//! builder (those are the host crates `keelctl` and `keel-build`).
 //!
 //! | module | concern |
 //! |---|---|
 //! | [`config`] | `/etc/keel/agent.toml` |
 //! | [`transport`] | listeners (TCP, Unix socket, vsock) and peers |
-//! | [`vsock`] | AF_VSOCK through libc |
-//! | [`session`] | one connection: hello, requests, timeouts, limits |
+//! | [`server`] | the daemon: bind, announce, accept under a limit, shut down |
+//! | [`shared`] | what every connection shares: settings, keys, the push lock |
+//! | [`session`] | one connection: hello, then each request authorized and dispatched |
+//! | [`authz`] | who may do what: the one check before every request |
+//! | [`conn`] | framed reads and writes with the idle timeout |
+//! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
 //! | [`status`] | what the device runs and holds |
 //! | [`control`] | mark-good and reboot |
 //! | [`notify`] | sd_notify |
-//! | [`server`] | the daemon: bind, announce, serve, shut down |
-//! | [`client`] | the blocking client keelctl and the tests use |
-//! | [`initramfs`] | `keelctl initramfs`: cpio newc + gzip, modules from `modules.dep` |
+//! | [`error`] | the daemon's start-up errors |
+//!
+//! Imports go one way: server → session → {authz, intake, control, status} → {stage,
+//! verify, conn}.
 #![warn(missing_docs)]
 
-pub mod client;
+pub mod authz;
 pub mod config;
+pub mod conn;
 pub mod control;
 pub mod error;
-pub mod initramfs;
+pub mod intake;
 pub mod notify;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod stage;
 pub mod status;
 pub mod transport;
 pub mod verify;
-pub mod vsock;

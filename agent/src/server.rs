@@ -6,26 +6,16 @@ use std::time::Duration;
 
 use keel_proto::manifest::VerifyingKey;
 use keel_proto::message::{message_frame, Announce, ErrorCode, Response};
+use keel_sys::vsock;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::shared::Shared;
 use crate::status::Facts;
 use crate::transport::{Conn, Listener, Peer};
-use crate::{notify, session, vsock};
-
-/// What every connection shares.
-pub struct Shared {
-    /// The settings.
-    pub config: Config,
-    /// Trusted public keys.
-    pub keys: Vec<VerifyingKey>,
-    /// Held for the duration of a push: one at a time.
-    pub push: Mutex<()>,
-    /// Idle-read timeout.
-    pub idle: Duration,
-}
+use crate::{notify, session};
 
 /// Binds every configured listener.
 pub async fn bind(config: &Config) -> Result<Vec<Listener>, Error> {
@@ -52,12 +42,7 @@ pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
     let listeners = bind(&config).await?;
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
-    let shared = Arc::new(Shared {
-        idle: Duration::from_secs(config.idle_timeout_secs),
-        config,
-        keys,
-        push: Mutex::new(()),
-    });
+    let shared = Arc::new(Shared::new(config, keys));
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
     notify::notify(&format!("READY=1\nSTATUS=listening on {}", names.join(" ")));
     if let Some(to) = shared.config.announce.clone() {
@@ -121,10 +106,12 @@ async fn accept_loop(l: Listener, sh: Arc<Shared>, limit: Arc<Semaphore>) {
 
 async fn refuse_busy(conn: Conn, peer: Peer, max: usize) {
     tracing::info!(%peer, op = "connect", outcome = "refused busy: connection limit", "request");
-    let f = message_frame(&Response::error(
+    let Ok(f) = message_frame(&Response::error(
         ErrorCode::Busy,
         format!("the agent already serves {max} connections: try again later"),
-    ));
+    )) else {
+        return;
+    };
     let w = async {
         match conn {
             Conn::Tcp(mut s) => s.write_all(&f).await,
@@ -143,7 +130,13 @@ pub async fn announce(to: &str, config: &Config, listening: Vec<String>) {
         boot_count: facts.report.as_ref().map(|r| r.boot_count),
         listening,
     };
-    let frame = message_frame(&msg);
+    let frame = match message_frame(&msg) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(%to, "announce: {e}");
+            return;
+        }
+    };
     for attempt in 1..=120u32 {
         match send_once(to, &frame).await {
             Ok(()) => {

@@ -22,9 +22,9 @@
 //! bytes it does not describe being promoted (initstage re-hashes while copying anyway).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::thread;
@@ -34,6 +34,7 @@ use keel_proto::hex;
 use keel_proto::layout::Names;
 use keel_proto::manifest::SignedManifest;
 use keel_proto::message::ErrorCode;
+use keel_sys::durable::{self, no_hook, IoError};
 use sha2::{Digest, Sha256};
 
 use crate::verify::Refusal;
@@ -61,19 +62,25 @@ fn io_refusal(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
     Refusal::new(code, format!("{op} {}: {e}", path.display()))
 }
 
+fn sys_refusal(e: IoError) -> Refusal {
+    let code = if e.is_no_space() {
+        ErrorCode::NoSpace
+    } else {
+        ErrorCode::Io
+    };
+    Refusal::new(code, e.to_string())
+}
+
 fn fsync_dir(dir: &Path) -> Result<(), Refusal> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_refusal("fsync directory", dir, &e))
+    durable::fsync_dir(dir, no_hook).map_err(sys_refusal)
 }
 
 fn remove(path: &Path) -> Result<bool, Refusal> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(io_refusal("remove", path, &e)),
-    }
+    durable::remove(path, no_hook).map_err(sys_refusal)
 }
+
+/// The largest manifest file read from `newimg` (a real one is under 1 KiB).
+pub const MAX_MANIFEST: u64 = 64 << 10;
 
 impl Slot {
     /// The slot for image file `image` in `dir`.
@@ -109,8 +116,15 @@ impl Slot {
     }
 
     fn read_manifest(&self, name: &str) -> Option<SignedManifest> {
-        let b = fs::read(self.path(name)).ok()?;
-        SignedManifest::from_json(&b).ok()
+        let p = self.path(name);
+        match durable::read_regular(&p, MAX_MANIFEST) {
+            Ok(Some(b)) => SignedManifest::from_json(&b).ok(),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!("{e}: treated as absent");
+                None
+            }
+        }
     }
 
     /// The complete staged image's manifest (the commit marker), if any.
@@ -121,7 +135,11 @@ impl Slot {
     /// The upload in progress: its manifest and the bytes on disk.
     pub fn partial(&self) -> Option<(SignedManifest, u64)> {
         let m = self.read_manifest(&self.names.partial_manifest)?;
-        let len = fs::metadata(self.partial_path()).ok()?.len();
+        let md = fs::symlink_metadata(self.partial_path()).ok()?;
+        if !md.file_type().is_file() {
+            return None;
+        }
+        let len = md.len();
         Some((m, len))
     }
 
@@ -152,7 +170,7 @@ impl Slot {
             self.discard_partial()?;
         }
         let have = if resume && same {
-            fs::metadata(self.partial_path())
+            fs::symlink_metadata(self.partial_path())
                 .map(|m| m.len())
                 .unwrap_or(0)
         } else {
@@ -170,17 +188,25 @@ impl Slot {
             ));
         }
         if have == 0 {
-            let tmp = self.path(&format!("{}.tmp", self.names.partial_manifest));
-            write_synced(&tmp, &signed.to_json())?;
-            let dst = self.path(&self.names.partial_manifest);
-            fs::rename(&tmp, &dst).map_err(|e| io_refusal("rename", &dst, &e))?;
+            let tmp = format!("{}.tmp", self.names.partial_manifest);
+            durable::write_atomic(
+                &self.dir,
+                &tmp,
+                &self.names.partial_manifest,
+                &signed.to_json(),
+                no_hook,
+            )
+            .map_err(sys_refusal)?;
         }
         let path = self.partial_path();
+        // Never through a symlink planted at the partial name (a fresh start removed
+        // whatever was there; a resume checked it is a regular file).
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&path)
             .map_err(|e| io_refusal("open", &path, &e))?;
         if have == 0 {
@@ -225,23 +251,6 @@ impl Slot {
             hasher,
         })
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Refusal> {
-    let mut f = File::create(path).map_err(|e| io_refusal("create", path, &e))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|e| io_refusal("write", path, &e))
-}
-
-/// Replaces `dir/name` with `bytes` crash-safely: `dir/tmp` written and fsynced, renamed over
-/// `name`, the directory fsynced. Used for the staged manifest and the boot state.
-pub fn atomic_write(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<(), Refusal> {
-    let tmp = dir.join(tmp);
-    write_synced(&tmp, bytes)?;
-    let dst = dir.join(name);
-    fs::rename(&tmp, &dst).map_err(|e| io_refusal("rename", &dst, &e))?;
-    fsync_dir(dir)
 }
 
 /// An upload ready to receive bytes from `offset`.
@@ -468,12 +477,14 @@ impl Pipeline {
         let staged = s.staged_path();
         fs::rename(s.partial_path(), &staged).map_err(|e| io_refusal("rename", &staged, &e))?;
         // 3. The manifest, written last, commits.
-        atomic_write(
+        durable::write_atomic(
             &s.dir,
             &n.staged_manifest_tmp,
             &n.staged_manifest,
             &u.signed.to_json(),
-        )?;
+            no_hook,
+        )
+        .map_err(sys_refusal)?;
         remove(&s.path(&n.partial_manifest))?;
         fsync_dir(&s.dir)?;
         Ok(ImageRecord::from_manifest(&u.signed.manifest))

@@ -1,13 +1,12 @@
 //! What the agent knows about the device: the boot report, the boot state, the staging slot.
 //! Read fresh for every request (small files), so the agent never serves stale facts.
 
-use std::fs;
-use std::path::Path;
-
 use keel_proto::bootstate::{BootState, ImageRecord};
-use keel_proto::layout::{DEFAULT_IMAGE, STATE_FILE};
+use keel_proto::layout::DEFAULT_IMAGE;
 use keel_proto::message::{PartialUpload, StatusReport};
 use keel_proto::report::BootReport;
+
+use keel_sys::{durable, state};
 
 use crate::config::Config;
 use crate::stage::Slot;
@@ -19,16 +18,24 @@ pub struct Facts {
     pub report: Option<BootReport>,
     /// The boot state on `img`.
     pub state: Option<BootState>,
+    /// Why the boot state could not be read.
+    pub state_error: Option<String>,
 }
 
 impl Facts {
     /// Reads the report and the state named by `config`.
     pub fn read(config: &Config) -> Facts {
+        let (state, state_error) = match state::load(&config.img_dir()) {
+            Ok(s) => (s, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
         Facts {
-            report: fs::read(config.boot_report())
+            report: durable::read_regular(&config.boot_report(), MAX_REPORT)
                 .ok()
+                .flatten()
                 .and_then(|b| BootReport::from_json(&b).ok()),
-            state: read_state(&config.img_dir()),
+            state,
+            state_error,
         }
     }
 
@@ -61,12 +68,8 @@ impl Facts {
     }
 }
 
-/// Reads `keel-state.json` from `img`.
-pub fn read_state(img: &Path) -> Option<BootState> {
-    fs::read(img.join(STATE_FILE))
-        .ok()
-        .and_then(|b| BootState::from_json(&b).ok())
-}
+/// The largest boot report read (a real one is a few KiB).
+pub const MAX_REPORT: u64 = 1 << 20;
 
 /// Assembles the status report.
 pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
@@ -105,5 +108,6 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
             .as_ref()
             .map(|s| s.events.clone())
             .unwrap_or_default(),
+        state_error: facts.state_error.clone(),
     }
 }

@@ -9,7 +9,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::error::Error;
-use crate::vsock;
+use keel_sys::vsock;
 
 /// Who is connected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,13 +30,6 @@ pub enum Peer {
         /// Its port.
         port: u32,
     },
-}
-
-impl Peer {
-    /// Control requests (mark-good, reboot) are for root on the local socket only.
-    pub fn may_control(&self) -> bool {
-        matches!(self, Peer::Unix { uid: Some(0), .. })
-    }
 }
 
 impl fmt::Display for Peer {

@@ -3,7 +3,7 @@
 
 use keel_proto::bootstate::ImageRecord;
 use keel_proto::manifest::{ManifestError, SignedManifest, VerifyingKey};
-use keel_proto::message::ErrorCode;
+use keel_proto::message::{ErrorCode, Response};
 
 /// What the device knows when a manifest is offered.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +46,12 @@ impl Refusal {
             code,
             message: message.into(),
         }
+    }
+}
+
+impl From<Refusal> for Response {
+    fn from(r: Refusal) -> Response {
+        Response::error(r.code, r.message)
     }
 }
 

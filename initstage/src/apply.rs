@@ -8,14 +8,19 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use keel_proto::bootstate::BootState;
-use keel_proto::layout::{Names, STATE_FILE, STATE_TMP};
+use keel_proto::layout::Names;
 use keel_proto::manifest::{Manifest, SignedManifest, VerifyingKey};
 use keel_proto::{bootstate::ImageRecord, hex};
+use keel_sys::durable;
+use keel_sys::state::{self, StateError};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
 use crate::promote::{Facts, Plan, Staged, Step};
+
+/// The largest manifest file read (a real one is under 1 KiB).
+const MAX_MANIFEST: u64 = 64 << 10;
 
 /// Copy buffer size: large and aligned for the page cache.
 const CHUNK: usize = 1 << 20;
@@ -41,69 +46,38 @@ impl Dirs {
     }
 }
 
+fn hook(step: &'static str) {
+    failpoint::hit(step)
+}
+
+fn sys(e: durable::IoError) -> Error {
+    Error::Io {
+        op: e.op,
+        path: e.path,
+        source: e.source,
+    }
+}
+
 /// fsyncs a directory so renames and unlinks in it are durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .ctx("open directory", dir)?
-        .sync_all()
-        .ctx("fsync directory", dir)?;
-    failpoint::hit("fsync dir");
-    Ok(())
+    durable::fsync_dir(dir, hook).map_err(sys)
 }
 
-/// Writes `bytes` to `dir/name` atomically: temp file, fsync, rename, fsync dir.
-pub fn atomic_write(dir: &Path, tmp: &str, name: &str, bytes: &[u8]) -> Result<()> {
-    let tmp = dir.join(tmp);
-    let dst = dir.join(name);
-    {
-        let mut f = File::create(&tmp).ctx("create", &tmp)?;
-        f.write_all(bytes).ctx("write", &tmp)?;
-        failpoint::hit("write temp");
-        f.sync_all().ctx("fsync", &tmp)?;
-        failpoint::hit("fsync temp");
-    }
-    fs::rename(&tmp, &dst).ctx("rename", &dst)?;
-    failpoint::hit("rename");
-    fsync_dir(dir)
-}
-
-/// Reads the boot state; a missing file is a fresh state, an unreadable one is reported.
+/// Reads the boot state ([`keel_sys::state::load`]: missing is fresh, unreadable is an error).
 pub fn load_state(img: &Path) -> Result<Option<BootState>> {
-    let p = img.join(STATE_FILE);
-    match fs::read(&p) {
-        Ok(b) => BootState::from_json(&b)
-            .map(Some)
-            .map_err(|e| Error::Invalid {
-                path: p,
-                detail: e.to_string(),
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io {
-            op: "read",
-            path: p,
-            source: e,
-        }),
-    }
+    state::load(img).map_err(|e| match e {
+        StateError::Unreadable(e) => sys(e),
+        StateError::Corrupt { path, detail } => Error::Invalid { path, detail },
+    })
 }
 
 /// Persists the boot state atomically.
 pub fn save_state(img: &Path, s: &BootState) -> Result<()> {
-    atomic_write(img, STATE_TMP, STATE_FILE, &s.to_json())
+    state::save(img, s, hook).map_err(sys)
 }
 
 fn remove_if_exists(p: &Path) -> Result<bool> {
-    match fs::remove_file(p) {
-        Ok(()) => {
-            failpoint::hit("unlink");
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(Error::Io {
-            op: "remove",
-            path: p.to_path_buf(),
-            source: e,
-        }),
-    }
+    durable::remove(p, hook).map_err(sys)
 }
 
 /// Reads and checks the staged slot on newimg. `keys`: verify the signature too.
@@ -111,10 +85,11 @@ pub fn read_staged(dirs: &Dirs, keys: &[VerifyingKey]) -> Staged {
     let Some(mpath) = dirs.newimg(&dirs.names.staged_manifest) else {
         return Staged::None;
     };
-    let bytes = match fs::read(&mpath) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Staged::None,
-        Err(e) => return Staged::Invalid(format!("cannot read {}: {e}", mpath.display())),
+    // A FIFO or a symlink to /dev/zero here must not hang or exhaust PID 1.
+    let bytes = match durable::read_regular(&mpath, MAX_MANIFEST) {
+        Ok(Some(b)) => b,
+        Ok(None) => return Staged::None,
+        Err(e) => return Staged::Invalid(format!("cannot read staged manifest: {e}")),
     };
     let signed = match SignedManifest::from_json(&bytes) {
         Ok(m) => m,
@@ -141,8 +116,9 @@ pub fn read_staged(dirs: &Dirs, keys: &[VerifyingKey]) -> Staged {
 /// Looks at the img partition (and the staged slot) for the planner.
 pub fn gather_facts(dirs: &Dirs, keys: &[VerifyingKey]) -> Facts {
     let n = &dirs.names;
-    let adopt = fs::read(dirs.img(&format!("{}.manifest", n.current)))
+    let adopt = durable::read_regular(&dirs.img(&format!("{}.manifest", n.current)), MAX_MANIFEST)
         .ok()
+        .flatten()
         .and_then(|b| SignedManifest::from_json(&b).ok())
         .map(|m| ImageRecord::from_manifest(&m.manifest));
     Facts {

@@ -6,8 +6,9 @@
 //! | [`manifest`] | the signed image manifest, its canonical bytes, key loading and verification |
 //! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
+//! | [`endpoint`] | `tcp://`, `unix://`, `vsock://`, `hvsock://` endpoint strings |
 //! | [`layout`] | file names on the partitions, derived from the image name |
-//! | [`wire`] | length-prefixed frames with a size limit |
+//! | [`wire`] | length-prefixed frames with a size limit: the one encoder and header check |
 //! | [`message`] | the typed requests and responses carried in frames |
 //! | [`moddep`] | `modules.dep`: which kernel modules to load or pack, in order |
 //!
@@ -16,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod bootstate;
+pub mod endpoint;
 pub mod hex;
 pub mod layout;
 pub mod manifest;

@@ -159,6 +159,14 @@ pub enum ErrorCode {
     Unavailable,
 }
 
+impl std::fmt::Display for ErrorCode {
+    /// The wire name (`no-space`, `bad-signature`, ...).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = serde_json::to_string(self).unwrap_or_default();
+        f.write_str(s.trim_matches('"'))
+    }
+}
+
 /// What `status` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -186,6 +194,9 @@ pub struct StatusReport {
     pub boot_actions: Vec<String>,
     /// The last events of the boot state, oldest first.
     pub events: Vec<Event>,
+    /// Why the boot state could not be read (absent when it was, or when there is none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_error: Option<String>,
 }
 
 /// An interrupted upload that a `resume` can continue.
@@ -258,20 +269,16 @@ pub fn parse_response(body: &[u8]) -> Result<Response, MessageError> {
     }
 }
 
-/// A whole frame (header, kind, JSON) carrying `msg`.
-pub fn message_frame<T: Serialize>(msg: &T) -> Vec<u8> {
+/// A whole frame (header, kind, JSON) carrying `msg`, through [`crate::wire::encode`]:
+/// refused when it would exceed the frame limit.
+pub fn message_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let json = serde_json::to_vec(msg).expect("messages serialize");
-    let mut v = Vec::with_capacity(5 + json.len());
-    v.extend_from_slice(&((json.len() + 1) as u32).to_be_bytes());
-    v.push(KIND_MESSAGE);
-    v.extend_from_slice(&json);
-    v
+    crate::wire::encode(KIND_MESSAGE, &json)
 }
 
 /// The 5-byte header of a data frame carrying `len` image bytes.
-pub fn data_header(len: usize) -> [u8; 5] {
-    let h = ((len + 1) as u32).to_be_bytes();
-    [h[0], h[1], h[2], h[3], KIND_DATA]
+pub fn data_header(len: usize) -> Result<[u8; 5], FrameError> {
+    crate::wire::encode_header(KIND_DATA, len)
 }
 
 impl Response {
@@ -290,7 +297,7 @@ mod tests {
     use crate::wire::Decoder;
 
     fn round_trip(req: Request) {
-        let f = message_frame(&req);
+        let f = message_frame(&req).unwrap();
         let mut d = Decoder::default();
         d.push(&f);
         let body = d.next_frame().unwrap().unwrap();
@@ -310,7 +317,7 @@ mod tests {
 
     #[test]
     fn wire_names_are_stable() {
-        let f = message_frame(&Request::MarkGood);
+        let f = message_frame(&Request::MarkGood).unwrap();
         assert_eq!(&f[5..], br#"{"op":"mark-good"}"#);
         let e = Response::error(ErrorCode::NoSpace, "x");
         let j = serde_json::to_string(&e).unwrap();
@@ -337,6 +344,6 @@ mod tests {
 
     #[test]
     fn data_header_counts_the_kind_byte() {
-        assert_eq!(data_header(3), [0, 0, 0, 4, KIND_DATA]);
+        assert_eq!(data_header(3).unwrap(), [0, 0, 0, 4, KIND_DATA]);
     }
 }

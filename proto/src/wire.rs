@@ -28,28 +28,57 @@ pub enum FrameError {
         /// The limit.
         max: usize,
     },
+    /// The header announces no body, so not even a kind byte.
+    #[error("empty frame (no kind byte)")]
+    Empty,
 }
 
-/// Prefixes `body` with its length.
-pub fn encode(body: &[u8]) -> Result<Vec<u8>, FrameError> {
-    if body.len() > MAX_FRAME {
+/// Bytes in a frame header: the length, then the kind byte that starts every body.
+pub const HEADER: usize = 5;
+
+/// Checks a received length prefix: the body's length (kind byte included), refused when it
+/// is over [`MAX_FRAME`] or zero. Every reader of frames (the agent, the client, the
+/// [`Decoder`]) calls this, before buffering a byte of the body.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = usize::try_from(u32::from_be_bytes(prefix)).unwrap_or(usize::MAX);
+    if len > MAX_FRAME {
         return Err(FrameError::TooLarge {
-            len: body.len(),
+            len,
             max: MAX_FRAME,
         });
     }
-    let mut v = Vec::with_capacity(4 + body.len());
-    v.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    v.extend_from_slice(body);
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    Ok(len)
+}
+
+/// The header of a frame of `kind` carrying `payload_len` bytes after the kind byte;
+/// refused when the body would be over [`MAX_FRAME`].
+pub fn encode_header(kind: u8, payload_len: usize) -> Result<[u8; HEADER], FrameError> {
+    let len = payload_len.saturating_add(1);
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            len,
+            max: MAX_FRAME,
+        });
+    }
+    // MAX_FRAME fits a u32, so the checked length does too.
+    let h = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+    Ok([h[0], h[1], h[2], h[3], kind])
+}
+
+/// A whole frame: header, kind byte, payload. The only frame encoder.
+pub fn encode(kind: u8, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
+    let h = encode_header(kind, payload.len())?;
+    let mut v = Vec::with_capacity(HEADER + payload.len());
+    v.extend_from_slice(&h);
+    v.extend_from_slice(payload);
     Ok(v)
 }
 
-/// A frame header for a body of `len` bytes (kind byte included).
-pub fn header(len: usize) -> [u8; 4] {
-    (len as u32).to_be_bytes()
-}
-
-/// Incremental decoder: feed bytes as they arrive, take whole frames out.
+/// Incremental decoder over [`frame_len`]: feed bytes as they arrive, take whole frame
+/// bodies (kind byte first) out.
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
@@ -63,16 +92,10 @@ impl Decoder {
 
     /// The next whole frame's body, `Ok(None)` if more bytes are needed.
     pub fn next_frame(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
-        if self.buf.len() < 4 {
+        let Some(prefix) = self.buf.first_chunk::<4>() else {
             return Ok(None);
-        }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(FrameError::TooLarge {
-                len,
-                max: MAX_FRAME,
-            });
-        }
+        };
+        let len = frame_len(*prefix)?;
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
@@ -93,9 +116,9 @@ mod tests {
 
     #[test]
     fn frames_survive_any_split() {
-        let mut stream = encode(b"hello").unwrap();
-        stream.extend(encode(b"").unwrap());
-        stream.extend(encode(&[7u8; 1000]).unwrap());
+        let mut stream = encode(KIND_MESSAGE, b"hello").unwrap();
+        stream.extend(encode(KIND_DATA, b"").unwrap());
+        stream.extend(encode(KIND_DATA, &[7u8; 1000]).unwrap());
         for chunk in [1, 2, 3, 5, 4096] {
             let mut d = Decoder::default();
             let mut out = Vec::new();
@@ -105,7 +128,9 @@ mod tests {
                     out.push(f);
                 }
             }
-            assert_eq!(out, vec![b"hello".to_vec(), vec![], vec![7u8; 1000]]);
+            let mut big = vec![KIND_DATA];
+            big.extend([7u8; 1000]);
+            assert_eq!(out, vec![b"\x01hello".to_vec(), vec![KIND_DATA], big]);
             assert_eq!(d.pending(), 0);
         }
     }
@@ -121,16 +146,18 @@ mod tests {
                 max: MAX_FRAME
             })
         );
-        assert!(encode(&vec![0u8; MAX_FRAME + 1]).is_err());
+        assert!(encode(KIND_DATA, &vec![0u8; MAX_FRAME - 1]).is_ok());
+        assert!(encode(KIND_DATA, &vec![0u8; MAX_FRAME]).is_err());
+        assert_eq!(frame_len([0; 4]), Err(FrameError::Empty));
     }
 
     #[test]
     fn truncated_frame_waits() {
         let mut d = Decoder::default();
-        let f = encode(b"abcdef").unwrap();
+        let f = encode(KIND_MESSAGE, b"abcdef").unwrap();
         d.push(&f[..7]);
         assert_eq!(d.next_frame(), Ok(None));
         d.push(&f[7..]);
-        assert_eq!(d.next_frame(), Ok(Some(b"abcdef".to_vec())));
+        assert_eq!(d.next_frame(), Ok(Some(b"\x01abcdef".to_vec())));
     }
 }

@@ -9,14 +9,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_agent::client::{self, Client, Endpoint, Pushed};
-use keel_agent::error::Error as ClientError;
 use keel_proto::bootstate::{BootState, ImageRecord, Trial};
 use keel_proto::manifest::{public_key_to_pem, SignedManifest, SigningKey};
 use keel_proto::message::{data_header, message_frame, ErrorCode, Request, Response};
 use keel_proto::report::BootReport;
 use keel_proto::wire::MAX_FRAME;
 use keel_tests::*;
+use keelctl::client::{self, Client, Pushed};
+use keelctl::error::Error as ClientError;
+use keelctl::Endpoint;
 
 const T: Duration = Duration::from_secs(20);
 
@@ -194,12 +195,12 @@ fn slot(w: &World) -> (Option<String>, Option<Vec<u8>>) {
 }
 
 fn push(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
-    client::push(ep, m, img, 0, T, &mut |_, _| {})
+    client::push(ep, m, img, 0, T, T, &mut |_, _| {})
 }
 
 fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
     match r {
-        Err(ClientError::Refused { code, message }) => (code.0, message),
+        Err(ClientError::Refused { code, message }) => (code, message),
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
@@ -394,7 +395,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         assert_eq!(r, Response::Send { offset: 0 });
         let data = fs::read(&v7).unwrap();
         send_data(&mut cl, &data[..500_000]);
-        cl.stream().write_all(&data_header(0)).unwrap();
+        cl.stream().write_all(&data_header(0).unwrap()).unwrap();
         let (c, msg) = error_of(cl.response().unwrap());
         assert_eq!(c, ErrorCode::SizeMismatch, "{msg}");
         assert!(msg.contains("ended after 500000 of"), "{msg}");
@@ -431,10 +432,13 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         assert_eq!(c, ErrorCode::BadRequest, "{msg}");
         // The wrong protocol version.
         let mut s = std::os::unix::net::UnixStream::connect(w.etc.join("agent.sock")).unwrap();
-        s.write_all(&message_frame(&Request::Hello {
-            protocol: 99,
-            client: "t".into(),
-        }))
+        s.write_all(
+            &message_frame(&Request::Hello {
+                protocol: 99,
+                client: "t".into(),
+            })
+            .unwrap(),
+        )
         .unwrap();
         let (c, msg) = error_of(read_response(&mut s));
         assert_eq!(c, ErrorCode::UnsupportedProtocol, "{msg}");
@@ -448,7 +452,9 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
 
 fn send_data(cl: &mut Client, data: &[u8]) {
     for c in data.chunks(200_000) {
-        cl.stream().write_all(&data_header(c.len())).unwrap();
+        cl.stream()
+            .write_all(&data_header(c.len()).unwrap())
+            .unwrap();
         cl.stream().write_all(c).unwrap();
     }
 }
@@ -518,7 +524,7 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
             }
         };
         send_data(&mut cl, &data[3 << 20..]);
-        cl.stream().write_all(&data_header(0)).unwrap();
+        cl.stream().write_all(&data_header(0).unwrap()).unwrap();
         match cl.response().unwrap() {
             Response::Staged {
                 received,

@@ -1,200 +1,22 @@
-//! The blocking client: endpoints, hello, requests, and a push that resumes after a cut.
+//! The blocking client: hello, requests, and a push that resumes after a cut.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use keel_proto::endpoint::Endpoint;
 use keel_proto::manifest::SignedManifest;
 use keel_proto::message::{
     data_header, message_frame, parse_response, ErrorCode, Request, Response,
 };
-use keel_proto::wire::{MAX_FRAME, PROTOCOL_VERSION};
+use keel_proto::wire::{frame_len, PROTOCOL_VERSION};
 
-use crate::error::{Code, Error, Result};
-use crate::vsock;
+use crate::error::{Error, Result};
+use crate::stream::{open, Stream};
 
 /// Image bytes per data frame.
 pub const DATA_FRAME: usize = 256 * 1024;
-
-/// Where an agent listens.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `tcp://HOST:PORT`
-    Tcp(String),
-    /// `unix:///PATH`
-    Unix(PathBuf),
-    /// `vsock://CID:PORT` (from inside a VM, or a host with vhost-vsock)
-    Vsock {
-        /// Context id.
-        cid: u32,
-        /// Port.
-        port: u32,
-    },
-    /// `hvsock:///PATH:PORT`: Firecracker / Cloud Hypervisor hybrid vsock (a Unix socket on
-    /// the host; `CONNECT <port>\n` → `OK <n>\n`).
-    Hybrid {
-        /// The VMM's Unix socket.
-        path: PathBuf,
-        /// The guest port.
-        port: u32,
-    },
-}
-
-impl FromStr for Endpoint {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Endpoint> {
-        let bad = || Error::Endpoint(s.to_string());
-        if let Some(a) = s.strip_prefix("tcp://") {
-            let (host, port) = a.rsplit_once(':').ok_or_else(bad)?;
-            if host.is_empty() || port.parse::<u16>().is_err() {
-                return Err(bad());
-            }
-            Ok(Endpoint::Tcp(a.to_string()))
-        } else if let Some(p) = s.strip_prefix("unix://") {
-            if !p.starts_with('/') {
-                return Err(bad());
-            }
-            Ok(Endpoint::Unix(p.into()))
-        } else if let Some(a) = s.strip_prefix("vsock://") {
-            let (cid, port) = a.split_once(':').ok_or_else(bad)?;
-            Ok(Endpoint::Vsock {
-                cid: cid.parse().map_err(|_| bad())?,
-                port: port.parse().map_err(|_| bad())?,
-            })
-        } else if let Some(a) = s.strip_prefix("hvsock://") {
-            let (path, port) = a.rsplit_once(':').ok_or_else(bad)?;
-            if !path.starts_with('/') {
-                return Err(bad());
-            }
-            Ok(Endpoint::Hybrid {
-                path: path.into(),
-                port: port.parse().map_err(|_| bad())?,
-            })
-        } else {
-            Err(bad())
-        }
-    }
-}
-
-impl std::fmt::Display for Endpoint {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Endpoint::Tcp(a) => write!(f, "tcp://{a}"),
-            Endpoint::Unix(p) => write!(f, "unix://{}", p.display()),
-            Endpoint::Vsock { cid, port } => write!(f, "vsock://{cid}:{port}"),
-            Endpoint::Hybrid { path, port } => write!(f, "hvsock://{}:{port}", path.display()),
-        }
-    }
-}
-
-/// A connected byte stream.
-pub enum Stream {
-    /// TCP.
-    Tcp(TcpStream),
-    /// Unix socket (also vsock and hybrid vsock).
-    Unix(UnixStream),
-}
-
-impl Stream {
-    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
-            Stream::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.read(b),
-            Stream::Unix(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.write(b),
-            Stream::Unix(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Opens the byte stream to `ep`; hybrid vsock retries `CONNECT` until `wait` has passed
-/// (the guest may not listen yet).
-pub fn open(ep: &Endpoint, wait: Duration) -> Result<Stream> {
-    let cerr = |detail: String| Error::Connect {
-        endpoint: ep.to_string(),
-        detail,
-    };
-    let deadline = Instant::now() + wait;
-    loop {
-        let r = match ep {
-            Endpoint::Tcp(a) => TcpStream::connect(a).map(|s| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-            Endpoint::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
-            Endpoint::Vsock { cid, port } => {
-                vsock::connect(*cid, *port).map(|fd| Stream::Unix(UnixStream::from(fd)))
-            }
-            Endpoint::Hybrid { path, port } => hybrid_connect(path, *port),
-        };
-        match r {
-            Ok(s) => return Ok(s),
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!("connect {ep}: {e}; retrying");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => return Err(cerr(e.to_string())),
-        }
-    }
-}
-
-fn hybrid_connect(path: &Path, port: u32) -> std::io::Result<Stream> {
-    let mut s = UnixStream::connect(path)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    // Read the reply byte by byte: nothing after the newline may be consumed.
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    loop {
-        match s.read(&mut b)? {
-            0 => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    format!("no guest listening on vsock port {port} (closed without OK)"),
-                ))
-            }
-            _ if b[0] == b'\n' => break,
-            _ if line.len() > 64 => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "hybrid vsock reply too long",
-                ))
-            }
-            _ => line.push(b[0]),
-        }
-    }
-    if !line.starts_with(b"OK") {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            format!("hybrid vsock answered {:?}", String::from_utf8_lossy(&line)),
-        ));
-    }
-    s.set_read_timeout(None)?;
-    Ok(Stream::Unix(s))
-}
 
 /// A session with an agent.
 pub struct Client {
@@ -212,13 +34,10 @@ pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<Vec<u8>> {
         peer: peer.to_string(),
         source,
     })?;
-    let len = u32::from_be_bytes(h) as usize;
-    if len > MAX_FRAME {
-        return Err(Error::Protocol {
-            peer: peer.to_string(),
-            detail: format!("reply frame of {len} bytes exceeds {MAX_FRAME}"),
-        });
-    }
+    let len = frame_len(h).map_err(|e| Error::Protocol {
+        peer: peer.to_string(),
+        detail: format!("reply: {e}"),
+    })?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body).map_err(|source| Error::Net {
         op: "read reply",
@@ -278,7 +97,7 @@ impl Client {
     fn unexpected(&self, r: &Response) -> Error {
         match r {
             Response::Error { code, message } => Error::Refused {
-                code: Code(*code),
+                code: *code,
                 message: message.clone(),
             },
             other => Error::Protocol {
@@ -307,7 +126,10 @@ impl Client {
 
     /// Sends a request and reads its response (an `Error` response is returned as is).
     pub fn call(&mut self, req: &Request) -> Result<Response> {
-        let f = message_frame(req);
+        let f = message_frame(req).map_err(|e| Error::Protocol {
+            peer: self.peer.clone(),
+            detail: format!("request {}: {e}", req.op()),
+        })?;
         self.s.write_all(&f).map_err(self.net("send request"))?;
         self.response()
     }
@@ -315,10 +137,7 @@ impl Client {
     /// Sends a request; an `Error` response becomes [`Error::Refused`].
     pub fn expect(&mut self, req: &Request) -> Result<Response> {
         match self.call(req)? {
-            Response::Error { code, message } => Err(Error::Refused {
-                code: Code(code),
-                message,
-            }),
+            Response::Error { code, message } => Err(Error::Refused { code, message }),
             r => Ok(r),
         }
     }
@@ -379,7 +198,7 @@ impl Client {
             }
             let n = buf.len().min((size - done) as usize);
             self.s
-                .write_all(&data_header(n))
+                .write_all(&data_header(n).expect("DATA_FRAME is under the frame limit"))
                 .and_then(|()| self.s.write_all(&buf[..n]))
                 .map_err(|source| Error::Net {
                     op: "send image",
@@ -391,7 +210,7 @@ impl Client {
             progress(done, size);
         }
         self.s
-            .write_all(&data_header(0))
+            .write_all(&data_header(0).expect("an empty frame fits"))
             .map_err(self.net("send end of image"))?;
         match self.response()? {
             Response::Staged {
@@ -410,18 +229,19 @@ impl Client {
 pub fn is_cut(e: &Error) -> bool {
     match e {
         Error::Net { .. } | Error::Connect { .. } => true,
-        Error::Refused { code, .. } => matches!(code.0, ErrorCode::Timeout | ErrorCode::Busy),
+        Error::Refused { code, .. } => matches!(code, ErrorCode::Timeout | ErrorCode::Busy),
         _ => false,
     }
 }
 
-/// Pushes with resume: a cut connection is reopened (up to `retries` times) and the upload
-/// continues from what the agent has on disk.
+/// Pushes with resume: a cut connection is reopened (up to `retries` times, each connect
+/// retried for `wait`) and the upload continues from what the agent has on disk.
 pub fn push(
     ep: &Endpoint,
     signed: &SignedManifest,
     image: &Path,
     retries: u32,
+    wait: Duration,
     timeout: Duration,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Pushed> {
@@ -436,7 +256,7 @@ pub fn push(
             last = done - s;
             progress(done, total);
         };
-        let r = Client::connect(ep, Duration::from_secs(10), timeout)
+        let r = Client::connect(ep, wait, timeout)
             .and_then(|mut c| c.push_once(signed, image, true, &mut track));
         sent += last;
         match r {

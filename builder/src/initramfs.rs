@@ -128,7 +128,7 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
         let version = kdir
             .file_name()
             .and_then(|v| v.to_str())
-            .ok_or_else(|| Error::Config {
+            .ok_or_else(|| Error::Input {
                 path: kdir.clone(),
                 detail: "not a lib/modules/<version> directory".into(),
             })?
@@ -139,7 +139,7 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
         let builtin = parse_builtin(&builtin_text);
         let (order, missing) = resolve(&spec.modules, &deps, &builtin, &Default::default());
         if !missing.is_empty() {
-            return Err(Error::Config {
+            return Err(Error::Input {
                 path: kdir.join("modules.dep"),
                 detail: format!("no such module(s): {}", missing.join(", ")),
             });

@@ -1,0 +1,214 @@
+//! Push intake: lock, read the device's facts, find the slot, admit, begin, receive, commit.
+//! Generic over the connection's stream; the session hands a push here once it is
+//! authorized.
+
+use std::sync::Arc;
+
+use keel_proto::manifest::SignedManifest;
+use keel_proto::message::{ErrorCode, Response};
+use keel_proto::wire::{KIND_DATA, KIND_MESSAGE};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::conn::{Conn, ReadError};
+use crate::session::Outcome;
+use crate::shared::Shared;
+use crate::stage::{Pipeline, Slot, CHUNK};
+use crate::status::Facts;
+use crate::verify::{self, Admit, Context, Refusal};
+
+/// Runs one push to its end: the outcome's response is the reply to send.
+pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    sh: &Arc<Shared>,
+    signed: SignedManifest,
+    resume: bool,
+) -> Outcome {
+    let Ok(_guard) = sh.push.try_lock() else {
+        return Outcome::reply(Response::error(
+            ErrorCode::Busy,
+            "another push is in progress: try again when it ends",
+        ));
+    };
+    let config = sh.config.clone();
+    let facts = Facts::read(&config);
+    let slot = Slot::new(config.newimg_dir(), &facts.image_name(&config));
+    if !slot.available() {
+        return Outcome::reply(Response::error(
+            ErrorCode::Unavailable,
+            format!(
+                "{} is not there: is the newimg partition mounted?",
+                slot.dir().display()
+            ),
+        ));
+    }
+    let staged = slot
+        .staged()
+        .map(|m| keel_proto::bootstate::ImageRecord::from_manifest(&m.manifest));
+    let ctx = Context {
+        keys: &sh.keys,
+        name: facts.product_name(&config),
+        booted: facts.booted(),
+        staged: staged.as_ref(),
+        rejected: facts.rejected(),
+    };
+    match verify::admit(&signed, &ctx) {
+        Ok(Admit::Accept) => {}
+        Ok(Admit::UpToDate(message)) => return Outcome::reply(Response::UpToDate { message }),
+        Err(r) => return Outcome::reply(Response::from(r)),
+    }
+    let size = signed.manifest.size;
+    let version = signed.manifest.version;
+    let s2 = slot.clone();
+    let m2 = signed.clone();
+    let upload = match tokio::task::spawn_blocking(move || s2.begin(&m2, resume))
+        .await
+        .expect("begin task")
+    {
+        Ok(u) => u,
+        Err(r) => return Outcome::reply(Response::from(r)),
+    };
+    let offset = upload.offset();
+    if io.send(&Response::Send { offset }).await.is_err() {
+        return Outcome {
+            response: Response::error(ErrorCode::Io, "client went away before the data"),
+            bytes: 0,
+            close: true,
+            reboot: false,
+        };
+    }
+    crate::notify::notify(&format!(
+        "STATUS=receiving version {version} ({size} bytes)"
+    ));
+    let mut p = upload.start();
+    let got = receive(io, &mut p, size - offset).await;
+    let (complete, keep, cut) = match &got {
+        Ok(_) => (true, false, None),
+        Err((_, ReadError::Protocol(r))) => (false, false, Some(r.clone())),
+        Err((_, ReadError::WriterStopped)) => (false, false, None),
+        Err((n, e)) => (
+            false,
+            true,
+            Some(Refusal::new(
+                if matches!(e, ReadError::Timeout) {
+                    ErrorCode::Timeout
+                } else {
+                    ErrorCode::SizeMismatch
+                },
+                format!(
+                    "upload cut after {} of {size} bytes ({}); push again to resume",
+                    offset + n,
+                    e.describe(io.idle)
+                ),
+            )),
+        ),
+    };
+    let bytes = match &got {
+        Ok(n) | Err((n, _)) => *n,
+    };
+    let resumed_from = p.resumed_from();
+    let result = tokio::task::spawn_blocking(move || p.finish(complete, keep))
+        .await
+        .expect("finish task");
+    crate::notify::notify("STATUS=idle");
+    let response = match (result, cut) {
+        (Ok(image), _) => Response::Staged {
+            image,
+            received: bytes,
+            resumed_from,
+        },
+        // The stream's own fault explains more than the finish's.
+        (Err(_), Some(c)) => Response::from(c),
+        (Err(r), None) => Response::from(r),
+    };
+    Outcome {
+        close: !complete,
+        response,
+        bytes,
+        reboot: false,
+    }
+}
+
+/// Reads data frames into the pipeline until the empty end frame. Returns the bytes
+/// received, or how many arrived before the failure.
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    p: &mut Pipeline,
+    expect: u64,
+) -> Result<u64, (u64, ReadError)> {
+    let mut got = 0u64;
+    let mut cur = None;
+    let r = receive_into(io, p, expect, &mut got, &mut cur).await;
+    if let Some(c) = cur.take() {
+        if c.len > 0 {
+            p.put(c);
+        }
+    }
+    match r {
+        Ok(()) => Ok(got),
+        Err(e) => Err((got, e)),
+    }
+}
+
+async fn receive_into<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    p: &mut Pipeline,
+    expect: u64,
+    got: &mut u64,
+    cur: &mut Option<crate::stage::Chunk>,
+) -> Result<(), ReadError> {
+    let protocol = |code, msg: String| Err(ReadError::Protocol(Refusal::new(code, msg)));
+    loop {
+        let (len, kind) = io.header().await?;
+        if kind != KIND_DATA {
+            let what = if kind == KIND_MESSAGE {
+                "a message".to_string()
+            } else {
+                format!("a frame of unknown kind 0x{kind:02x}")
+            };
+            return protocol(
+                ErrorCode::BadRequest,
+                format!("expected image data after {got} of {expect} bytes, got {what}"),
+            );
+        }
+        if len == 0 {
+            if *got < expect {
+                return protocol(
+                    ErrorCode::SizeMismatch,
+                    format!("image ended after {got} of the {expect} bytes the manifest declares"),
+                );
+            }
+            return Ok(());
+        }
+        if *got + len as u64 > expect {
+            return protocol(
+                ErrorCode::SizeMismatch,
+                format!(
+                    "more bytes than the {expect} the manifest declares ({} arrived)",
+                    *got + len as u64
+                ),
+            );
+        }
+        let mut n = len;
+        while n > 0 {
+            if cur.is_none() {
+                match p.take().await {
+                    Some(c) => *cur = Some(c),
+                    // The writer stopped: finish() reports its error.
+                    None => return Err(ReadError::WriterStopped),
+                }
+            }
+            let c = cur.as_mut().expect("buffer");
+            let k = (CHUNK - c.len).min(n);
+            io.read_exact(&mut c.buf[c.len..c.len + k]).await?;
+            c.len += k;
+            n -= k;
+            *got += k as u64;
+            if c.len == CHUNK {
+                let full = cur.take().expect("buffer");
+                if !p.put(full) {
+                    return Err(ReadError::WriterStopped);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,496 @@
+//! The protocol in memory: `session::serve` driven over `tokio::io::duplex` with temporary
+//! `newimg` and `img` directories. No root, no loop device, no agent process: every refusal
+//! that does not need a real block device, in milliseconds. (`tests/tests/agent.rs` runs the
+//! same refusals against a real agent on ext4 over TCP and the Unix socket.)
+
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keel_agent::config::Config;
+use keel_agent::session;
+use keel_agent::shared::Shared;
+use keel_agent::transport::Peer;
+use keel_proto::bootstate::{BootState, ImageRecord, Trial};
+use keel_proto::hex;
+use keel_proto::manifest::{Manifest, SignedManifest, SigningKey, MANIFEST_FORMAT};
+use keel_proto::message::{
+    data_header, message_frame, parse_response, ErrorCode, Request, Response,
+};
+use keel_proto::report::BootReport;
+use keel_proto::wire::{frame_len, MAX_FRAME, PROTOCOL_VERSION};
+use keel_sys::durable::no_hook;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+const IMAGE: &str = "root-squashfs.img";
+
+fn key() -> SigningKey {
+    SigningKey::from_bytes(&[7; 32])
+}
+
+fn record(version: u64) -> ImageRecord {
+    ImageRecord {
+        name: "demo".into(),
+        version,
+        sha256: "11".repeat(32),
+        size: 4096,
+    }
+}
+
+/// A device: newimg, img with a boot state, a boot report, booted at `booted`.
+struct Dev {
+    root: PathBuf,
+    sh: Arc<Shared>,
+}
+
+impl Dev {
+    fn new(tag: &str, booted: u64, idle_secs: u64) -> Dev {
+        let root = std::env::temp_dir().join(format!("keel-session-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        for d in ["newimg", "img"] {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let report = BootReport {
+            initstage_version: "test".into(),
+            image_file: IMAGE.into(),
+            booted: record(booted),
+            image_fstype: "squashfs".into(),
+            trial: Some(Trial { tries: 3, used: 1 }),
+            tries_left: Some(2),
+            boot_count: 7,
+            partitions: vec![],
+            upper: "partition".into(),
+            actions: vec![],
+            run_dir: "/run/keel".into(),
+        };
+        fs::write(root.join("boot.json"), report.to_json()).unwrap();
+        let st = BootState {
+            current: Some(record(booted)),
+            trial: Some(Trial { tries: 3, used: 1 }),
+            rejected: vec![digest(&data(1, 99))],
+            ..BootState::default()
+        };
+        keel_sys::state::save(&root.join("img"), &st, no_hook).unwrap();
+        let config = Config {
+            unix: String::new(),
+            newimg_dir: Some(root.join("newimg")),
+            img_dir: Some(root.join("img")),
+            boot_report: Some(root.join("boot.json")),
+            idle_timeout_secs: idle_secs,
+            ..Config::default()
+        };
+        let sh = Arc::new(Shared::new(config, vec![key().verifying_key()]));
+        Dev { root, sh }
+    }
+
+    fn newimg(&self) -> PathBuf {
+        self.root.join("newimg")
+    }
+
+    /// The staged slot's bytes and manifest, for byte-identity checks.
+    fn slot(&self) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let n = self.newimg();
+        (
+            fs::read(n.join(IMAGE)).ok(),
+            fs::read(n.join(format!("{IMAGE}.manifest"))).ok(),
+        )
+    }
+
+    fn partial_exists(&self) -> bool {
+        self.newimg().join(format!("{IMAGE}.partial")).exists()
+    }
+
+    /// A connected, greeted client, served as `peer`.
+    async fn client(&self, peer: Peer) -> Client {
+        let mut c = self.raw(peer);
+        c.send(&Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            client: "test".into(),
+        })
+        .await;
+        assert!(matches!(c.recv().await, Response::Hello { .. }));
+        c
+    }
+
+    /// A connection without the hello.
+    fn raw(&self, peer: Peer) -> Client {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        tokio::spawn(session::serve(b, peer, self.sh.clone()));
+        Client { s: a }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+fn tcp() -> Peer {
+    Peer::Tcp("127.0.0.1:40000".parse().unwrap())
+}
+
+fn local_root() -> Peer {
+    Peer::Unix {
+        uid: Some(0),
+        pid: Some(1),
+    }
+}
+
+struct Client {
+    s: DuplexStream,
+}
+
+impl Client {
+    async fn send(&mut self, r: &Request) {
+        self.s.write_all(&message_frame(r).unwrap()).await.unwrap();
+    }
+
+    async fn data(&mut self, bytes: &[u8]) {
+        for c in bytes.chunks(64 << 10) {
+            self.s
+                .write_all(&data_header(c.len()).unwrap())
+                .await
+                .unwrap();
+            self.s.write_all(c).await.unwrap();
+        }
+    }
+
+    async fn end(&mut self) {
+        self.s.write_all(&data_header(0).unwrap()).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Response {
+        let read = async {
+            let mut h = [0u8; 4];
+            self.s.read_exact(&mut h).await.unwrap();
+            let mut body = vec![0u8; frame_len(h).unwrap()];
+            self.s.read_exact(&mut body).await.unwrap();
+            parse_response(&body).unwrap()
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .expect("a response within 10 s")
+    }
+
+    /// Whether the agent closed the connection.
+    async fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        )
+    }
+
+    /// Offers `m`; expects `Send` and returns its offset.
+    async fn offer(&mut self, m: &SignedManifest, resume: bool) -> Response {
+        self.send(&Request::Push {
+            manifest: m.clone(),
+            resume,
+        })
+        .await;
+        self.recv().await
+    }
+}
+
+fn data(mib_quarter: usize, seed: u8) -> Vec<u8> {
+    (0..mib_quarter * (256 << 10))
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .collect()
+}
+
+fn digest(b: &[u8]) -> String {
+    hex::encode(&Sha256::digest(b))
+}
+
+fn manifest(b: &[u8], version: u64, name: &str) -> Manifest {
+    Manifest {
+        format: MANIFEST_FORMAT,
+        name: name.into(),
+        version,
+        size: b.len() as u64,
+        sha256: digest(b),
+        created: 0,
+        min_version: None,
+    }
+}
+
+fn signed(b: &[u8], version: u64) -> SignedManifest {
+    manifest(b, version, "demo").sign(&key())
+}
+
+fn code(r: Response) -> (ErrorCode, String) {
+    match r {
+        Response::Error { code, message } => (code, message),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+async fn push_all(c: &mut Client, b: &[u8], m: &SignedManifest) -> Response {
+    match c.offer(m, false).await {
+        Response::Send { offset: 0 } => {}
+        other => return other,
+    }
+    c.data(b).await;
+    c.end().await;
+    c.recv().await
+}
+
+#[tokio::test]
+async fn a_good_push_is_staged_and_reported() {
+    let d = Dev::new("good", 1, 30);
+    let mut c = d.client(tcp()).await;
+    let img = data(3, 1);
+    let m = signed(&img, 2);
+    match push_all(&mut c, &img, &m).await {
+        Response::Staged {
+            image, received, ..
+        } => {
+            assert_eq!(image.version, 2);
+            assert_eq!(received, img.len() as u64);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.slot().0.unwrap(), img);
+    c.send(&Request::Status).await;
+    let Response::Status(s) = c.recv().await else {
+        panic!("status")
+    };
+    assert_eq!(s.staged.unwrap().version, 2);
+    assert_eq!(s.booted.unwrap().version, 1);
+    assert!(s.state_error.is_none());
+    // The same offer again is a no-op.
+    assert!(matches!(
+        c.offer(&m, false).await,
+        Response::UpToDate { .. }
+    ));
+}
+
+#[tokio::test]
+async fn offers_are_refused_before_a_byte_and_the_staged_image_is_untouched() {
+    let d = Dev::new("offers", 5, 30);
+    let mut c = d.client(tcp()).await;
+    let v7 = data(1, 7);
+    assert!(matches!(
+        push_all(&mut c, &v7, &signed(&v7, 7)).await,
+        Response::Staged { .. }
+    ));
+    let before = d.slot();
+    let other_key = SigningKey::from_bytes(&[8; 32]);
+    let img = data(1, 8);
+    let mut min = manifest(&img, 9, "demo");
+    min.min_version = Some(6);
+    let mut bad_sig = signed(&img, 9);
+    bad_sig.manifest.version = 10;
+    let cases: Vec<(SignedManifest, ErrorCode)> = vec![
+        (
+            manifest(&img, 9, "demo").sign(&other_key),
+            ErrorCode::BadSignature,
+        ),
+        (bad_sig, ErrorCode::BadSignature),
+        (
+            manifest(&img, 9, "other").sign(&key()),
+            ErrorCode::WrongName,
+        ),
+        (signed(&img, 4), ErrorCode::Downgrade),
+        (signed(&img, 6), ErrorCode::Downgrade), // below the staged 7
+        (min.sign(&key()), ErrorCode::MinVersion),
+        (signed(&data(1, 99), 9), ErrorCode::Rejected),
+    ];
+    for (i, (m, want)) in cases.into_iter().enumerate() {
+        let (got, msg) = code(c.offer(&m, false).await);
+        assert_eq!(got, want, "case {i}: {msg}");
+        assert_eq!(d.slot(), before, "case {i} touched the staged slot");
+        assert!(!d.partial_exists(), "case {i} left a partial file");
+    }
+    // A manifest that does not validate.
+    let mut zero = manifest(&img, 9, "demo");
+    zero.sha256 = "xyz".into();
+    let (got, msg) = code(c.offer(&zero.sign(&key()), false).await);
+    assert_eq!(got, ErrorCode::BadManifest, "{msg}");
+    // Bigger than newimg can hold.
+    let mut huge = manifest(&img, 9, "demo");
+    huge.size = 1 << 60;
+    let (got, msg) = code(c.offer(&huge.sign(&key()), false).await);
+    assert_eq!(got, ErrorCode::NoSpace, "{msg}");
+    assert_eq!(d.slot(), before);
+}
+
+#[tokio::test]
+async fn bad_streams_are_refused_and_leave_nothing() {
+    let d = Dev::new("streams", 1, 30);
+    let img = data(2, 3);
+    // Wrong bytes: hash mismatch.
+    let mut c = d.client(tcp()).await;
+    let m = signed(&img, 2);
+    assert!(matches!(
+        c.offer(&m, false).await,
+        Response::Send { offset: 0 }
+    ));
+    c.data(&data(2, 4)).await;
+    c.end().await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::HashMismatch, "{msg}");
+    assert_eq!(d.slot(), (None, None));
+    assert!(!d.partial_exists());
+    // Too short: the end frame comes early.
+    let mut c = d.client(tcp()).await;
+    assert!(matches!(c.offer(&m, false).await, Response::Send { .. }));
+    c.data(&img[..1000]).await;
+    c.end().await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::SizeMismatch, "{msg}");
+    assert!(!d.partial_exists());
+    // Too long.
+    let mut c = d.client(tcp()).await;
+    assert!(matches!(c.offer(&m, false).await, Response::Send { .. }));
+    c.data(&img).await;
+    c.data(b"x").await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::SizeMismatch, "{msg}");
+    assert!(c.closed().await);
+    assert!(!d.partial_exists());
+    // A message where image data belongs.
+    let mut c = d.client(tcp()).await;
+    assert!(matches!(c.offer(&m, false).await, Response::Send { .. }));
+    c.send(&Request::Status).await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::BadRequest, "{msg}");
+    assert!(msg.contains("expected image data"), "{msg}");
+}
+
+#[tokio::test]
+async fn protocol_violations_are_named() {
+    let d = Dev::new("protocol", 1, 30);
+    // A request before the hello.
+    let mut c = d.raw(tcp());
+    c.send(&Request::Status).await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::BadRequest, "{msg}");
+    assert!(msg.contains("expected hello first"), "{msg}");
+    // Another protocol version.
+    let mut c = d.raw(tcp());
+    c.send(&Request::Hello {
+        protocol: 99,
+        client: "t".into(),
+    })
+    .await;
+    assert_eq!(code(c.recv().await).0, ErrorCode::UnsupportedProtocol);
+    // An oversized frame header, refused before its body.
+    let mut c = d.client(tcp()).await;
+    c.s.write_all(&u32::try_from(MAX_FRAME + 1).unwrap().to_be_bytes())
+        .await
+        .unwrap();
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::FrameTooLarge, "{msg}");
+    assert!(c.closed().await);
+    // An empty frame, garbage JSON, an unknown op, image data where a request belongs.
+    for bytes in [
+        vec![0, 0, 0, 0],
+        vec![0, 0, 0, 2, 1, b'{'],
+        [&[0, 0, 0, 20, 1][..], br#"{"op":"format-disk"}"#].concat()[..24].to_vec(),
+        vec![0, 0, 0, 2, 2, 0],
+    ] {
+        let mut c = d.client(tcp()).await;
+        c.s.write_all(&bytes).await.unwrap();
+        let (got, msg) = code(c.recv().await);
+        assert_eq!(got, ErrorCode::BadRequest, "{bytes:?}: {msg}");
+    }
+    // A second hello.
+    let mut c = d.client(tcp()).await;
+    c.send(&Request::Hello {
+        protocol: PROTOCOL_VERSION,
+        client: "t".into(),
+    })
+    .await;
+    assert_eq!(code(c.recv().await).0, ErrorCode::BadRequest);
+}
+
+#[tokio::test]
+async fn control_is_for_local_root_only() {
+    let d = Dev::new("control", 1, 30);
+    for peer in [
+        tcp(),
+        Peer::Vsock { cid: 2, port: 5 },
+        Peer::Unix {
+            uid: Some(1000),
+            pid: None,
+        },
+    ] {
+        let mut c = d.client(peer).await;
+        for req in [Request::MarkGood, Request::Reboot] {
+            c.send(&req).await;
+            let (got, msg) = code(c.recv().await);
+            assert_eq!(got, ErrorCode::NotPermitted, "{msg}");
+        }
+    }
+    let state = || keel_sys::state::load(&d.root.join("img")).unwrap().unwrap();
+    assert!(state().trial.is_some());
+    let mut c = d.client(local_root()).await;
+    c.send(&Request::MarkGood).await;
+    assert!(matches!(c.recv().await, Response::Done { .. }));
+    assert!(state().trial.is_none());
+    // A corrupt state file: status says so, mark-good refuses, nothing is rewritten.
+    let p = keel_sys::state::path(&d.root.join("img"));
+    fs::write(&p, b"{garbage").unwrap();
+    c.send(&Request::MarkGood).await;
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::InvalidState, "{msg}");
+    assert!(msg.contains("corrupt"), "{msg}");
+    c.send(&Request::Status).await;
+    let Response::Status(s) = c.recv().await else {
+        panic!("status")
+    };
+    assert!(s.state_error.unwrap().contains("corrupt"));
+    assert_eq!(fs::read(&p).unwrap(), b"{garbage");
+}
+
+#[tokio::test]
+async fn one_push_at_a_time_and_a_missing_newimg() {
+    let d = Dev::new("busy", 1, 30);
+    let img = data(1, 5);
+    let guard = d.sh.push.lock().await;
+    let mut c = d.client(tcp()).await;
+    let (got, msg) = code(c.offer(&signed(&img, 2), false).await);
+    assert_eq!(got, ErrorCode::Busy, "{msg}");
+    drop(guard);
+    fs::remove_dir_all(d.newimg()).unwrap();
+    let (got, msg) = code(c.offer(&signed(&img, 2), false).await);
+    assert_eq!(got, ErrorCode::Unavailable, "{msg}");
+}
+
+#[tokio::test]
+async fn a_silent_peer_is_dropped_and_a_cut_upload_resumes() {
+    let d = Dev::new("resume", 1, 1);
+    let img = data(4, 6);
+    let m = signed(&img, 3);
+    let mut c = d.client(tcp()).await;
+    assert!(matches!(
+        c.offer(&m, false).await,
+        Response::Send { offset: 0 }
+    ));
+    let half = img.len() / 2;
+    c.data(&img[..half]).await;
+    // Silent for the idle timeout: the agent says why and keeps the bytes.
+    let (got, msg) = code(c.recv().await);
+    assert_eq!(got, ErrorCode::Timeout, "{msg}");
+    assert!(c.closed().await);
+    assert!(d.partial_exists());
+    let mut c = d.client(tcp()).await;
+    match c.offer(&m, true).await {
+        Response::Send { offset } => assert_eq!(offset, half as u64),
+        other => panic!("{other:?}"),
+    }
+    c.data(&img[half..]).await;
+    c.end().await;
+    match c.recv().await {
+        Response::Staged { resumed_from, .. } => assert_eq!(resumed_from, half as u64),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.slot().0.unwrap(), img);
+    // Idle between requests: a timeout error, then the connection closes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(code(c.recv().await).0, ErrorCode::Timeout);
+}

@@ -1,0 +1,11 @@
+//! keel-build: what the host builds for a device. Host side only: `keel-agent` never links
+//! this crate.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`initramfs`] | `keelctl initramfs`: cpio newc + gzip with initstage, modules from `modules.dep`, keys |
+//! | [`error`] | the builders' errors, each naming the path and what was wrong |
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod initramfs;

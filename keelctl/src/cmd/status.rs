@@ -1,0 +1,84 @@
+//! `keelctl status [--json]`: what the device runs, holds and did.
+
+use anyhow::bail;
+use keel_proto::message::{Request, Response, StatusReport};
+use keelctl::client::Client;
+
+use super::out;
+
+/// Asks for the status and prints it (as JSON with `json`).
+pub fn run(mut c: Client, json: bool) -> anyhow::Result<()> {
+    match c.expect(&Request::Status)? {
+        Response::Status(s) => {
+            if json {
+                out!("{}", serde_json::to_string_pretty(&s)?);
+                Ok(())
+            } else {
+                print(&s)
+            }
+        }
+        other => bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn print(s: &StatusReport) -> anyhow::Result<()> {
+    let rec = |r: &keel_proto::bootstate::ImageRecord| {
+        format!(
+            "{} version {} ({} bytes, sha256 {})",
+            r.name,
+            r.version,
+            r.size,
+            r.sha256.get(..12).unwrap_or("?")
+        )
+    };
+    out!("agent        {}", s.agent_version);
+    out!("image file   {}", s.image_file);
+    out!(
+        "booted       {}",
+        s.booted
+            .as_ref()
+            .map(rec)
+            .unwrap_or_else(|| "unknown (no boot report)".into())
+    );
+    match (&s.trial, s.tries_left) {
+        (Some(t), left) => out!(
+            "trial        on trial: boot {} of {}{}",
+            t.used,
+            t.tries,
+            left.map(|l| format!(", {l} left")).unwrap_or_default()
+        ),
+        (None, _) => out!("trial        not on trial"),
+    }
+    out!(
+        "staged       {}",
+        s.staged.as_ref().map(rec).unwrap_or_else(|| "none".into())
+    );
+    if let Some(p) = &s.partial {
+        out!(
+            "partial      version {}: {} of {} bytes (push again to resume)",
+            p.version,
+            p.received,
+            p.size
+        );
+    }
+    out!(
+        "old          {}",
+        s.old.as_ref().map(rec).unwrap_or_else(|| "none".into())
+    );
+    if let Some(f) = s.newimg_free {
+        out!("newimg free  {:.1} MiB", f as f64 / (1 << 20) as f64);
+    }
+    if s.push_in_progress {
+        out!("push         in progress");
+    }
+    for a in &s.boot_actions {
+        out!("this boot    {a}");
+    }
+    if let Some(e) = &s.state_error {
+        out!("boot state   {e}");
+    }
+    if let Some(e) = s.events.last() {
+        out!("last event   boot {}: {:?}: {}", e.boot, e.kind, e.detail);
+    }
+    Ok(())
+}

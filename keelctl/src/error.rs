@@ -1,0 +1,61 @@
+//! The client's errors, each naming what it was doing and with which peer or path.
+
+use std::path::PathBuf;
+
+use keel_proto::endpoint::EndpointError;
+use keel_proto::message::ErrorCode;
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A local file operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// An endpoint string did not parse.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// Connecting to an endpoint failed.
+    #[error("connect to {endpoint}: {detail}")]
+    Connect {
+        /// The endpoint.
+        endpoint: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The peer broke the protocol.
+    #[error("protocol error with {peer}: {detail}")]
+    Protocol {
+        /// The peer.
+        peer: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The agent refused a request.
+    #[error("agent refused ({code}): {message}")]
+    Refused {
+        /// The class.
+        code: ErrorCode,
+        /// The agent's reason.
+        message: String,
+    },
+    /// The connection failed mid-exchange.
+    #[error("{op} with {peer}: {source}")]
+    Net {
+        /// What was being done.
+        op: &'static str,
+        /// The peer.
+        peer: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Shorthand.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,17 @@
+//! keelctl's library: the blocking client that `keelctl` and the tests use to talk to
+//! keel-agent. Host side: the device agent never links it.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`stream`] | opening an endpoint: TCP, Unix socket, vsock, hybrid vsock (`CONNECT`/`OK`) |
+//! | [`client`] | hello, requests, frames, and a push that resumes after a cut |
+//! | [`error`] | the client's errors, each naming the peer or path |
+//!
+//! The commands themselves are one file each under `src/cmd/` of the `keelctl` binary.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod stream;
+
+pub use keel_proto::endpoint::Endpoint;

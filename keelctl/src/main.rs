@@ -1,0 +1,226 @@
+//! `keelctl`: keys, signing, and talking to keel-agent over TCP, Unix sockets, vsock and
+//! hybrid vsock. One file per command under `cmd/`; the client is the `keelctl` library.
+//!
+//! Exit codes: 0 done (or stdout closed by its reader), 1 the command failed (the message
+//! says why), 2 bad usage (clap).
+
+mod cmd;
+mod progress;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use keel_proto::message::Request;
+use keelctl::client::Client;
+use keelctl::Endpoint;
+
+/// keel's host-side tool.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Agent endpoint: tcp://HOST:PORT, unix:///PATH, vsock://CID:PORT, hvsock:///PATH:PORT.
+    #[arg(
+        long,
+        short = 'e',
+        env = "KEEL_ENDPOINT",
+        default_value = "unix:///run/keel/agent.sock",
+        global = true
+    )]
+    endpoint: String,
+    /// Seconds any single read or write may take.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout: u64,
+    /// Seconds to keep retrying the connection (the agent or guest may not listen yet).
+    #[arg(long, default_value_t = 10, global = true)]
+    wait: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Makes an ed25519 key pair: KEY (PKCS#8 PEM, mode 0600) and KEY.pub (SPKI PEM).
+    Keygen {
+        /// Private key file to write.
+        key: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Writes the signed manifest of IMAGE (default: IMAGE.manifest).
+    Sign {
+        /// The image file.
+        image: PathBuf,
+        /// Private key (PEM, as `openssl genpkey -algorithm ed25519` writes).
+        #[arg(long)]
+        key: PathBuf,
+        /// Product name.
+        #[arg(long)]
+        name: String,
+        /// Image version (a positive integer, higher is newer).
+        #[arg(long)]
+        version: u64,
+        /// Devices must run at least this version to install it.
+        #[arg(long)]
+        min_version: Option<u64>,
+        /// Creation time (Unix seconds; default now).
+        #[arg(long)]
+        created: Option<u64>,
+        /// Output file.
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
+    /// Checks a manifest's signature and, with the image, its size and digest.
+    Verify {
+        /// The image file (its manifest defaults to IMAGE.manifest).
+        image: PathBuf,
+        /// Trusted public keys (PEM; several blocks allowed).
+        #[arg(long)]
+        keys: PathBuf,
+        /// The manifest file.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+    /// Sends IMAGE to the agent, which verifies and stages it; resumes after a cut.
+    Push {
+        /// The image file (its manifest defaults to IMAGE.manifest).
+        image: PathBuf,
+        /// The manifest file.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Reconnect and resume this many times after a lost connection.
+        #[arg(long, default_value_t = 5)]
+        retries: u32,
+    },
+    /// Shows what the device runs, holds and did.
+    Status {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ends the booted image's trial (root on the device's Unix socket).
+    MarkGood,
+    /// Reboots the device (root on the device's Unix socket).
+    Reboot,
+    /// Builds an initramfs: initstage as /init, kernel modules with their dependencies, keys.
+    Initramfs {
+        /// The static initstage binary.
+        #[arg(long)]
+        init: PathBuf,
+        /// A kernel's lib/modules/<version> directory (with modules.dep).
+        #[arg(long)]
+        kernel_modules: Option<PathBuf>,
+        /// Modules to include (comma-separated; dependencies are added).
+        #[arg(long, value_delimiter = ',')]
+        modules: Vec<String>,
+        /// Trusted public keys (PEM) for /etc/keel/trusted.pem.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// Extra file, SRC:PATH-IN-INITRAMFS (repeatable).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// Output (gzip-compressed cpio newc).
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+    },
+    /// Listens on tcp://HOST:PORT or unix:///PATH for an agent's ready announce and prints it.
+    WaitReady {
+        /// Where to listen.
+        listen: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        within: u64,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    if std::env::var_os("KEEL_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .init();
+    }
+    if let Err(e) = run(args) {
+        if e.is::<cmd::StdoutClosed>() {
+            std::process::exit(0);
+        }
+        eprintln!("keelctl: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn endpoint(a: &Args) -> anyhow::Result<Endpoint> {
+    Ok(a.endpoint.parse::<Endpoint>()?)
+}
+
+fn connect(a: &Args) -> anyhow::Result<Client> {
+    let ep = endpoint(a)?;
+    Ok(Client::connect(
+        &ep,
+        Duration::from_secs(a.wait),
+        Duration::from_secs(a.timeout),
+    )?)
+}
+
+fn run(a: Args) -> anyhow::Result<()> {
+    match &a.cmd {
+        Cmd::Keygen { key, force } => cmd::keygen::run(key, *force),
+        Cmd::Sign {
+            image,
+            key,
+            name,
+            version,
+            min_version,
+            created,
+            out,
+        } => cmd::sign::run(&cmd::sign::Sign {
+            image,
+            key,
+            name,
+            version: *version,
+            min_version: *min_version,
+            created: *created,
+            out,
+        }),
+        Cmd::Verify {
+            image,
+            keys,
+            manifest,
+        } => cmd::verify::run(image, keys, manifest),
+        Cmd::Push {
+            image,
+            manifest,
+            retries,
+        } => cmd::push::run(
+            &endpoint(&a)?,
+            image,
+            manifest,
+            *retries,
+            Duration::from_secs(a.wait),
+            Duration::from_secs(a.timeout),
+        ),
+        Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
+        Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
+        Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
+        Cmd::Initramfs {
+            init,
+            kernel_modules,
+            modules,
+            keys,
+            files,
+            out,
+        } => cmd::initramfs::run(
+            init.clone(),
+            kernel_modules.clone(),
+            modules.clone(),
+            keys.clone(),
+            files,
+            out,
+        ),
+        Cmd::WaitReady { listen, within } => {
+            cmd::wait_ready::run(listen, Duration::from_secs(*within))
+        }
+    }
+}

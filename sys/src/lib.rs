@@ -1,0 +1,17 @@
+//! keel-sys: the few file-system and socket calls that more than one of keel's binaries make,
+//! written once.
+//!
+//! | module | what it is for |
+//! |---|---|
+//! | [`durable`] | crash-safe writes (exclusive temp file, fsync, rename, fsync dir) and bounded reads of regular files only |
+//! | [`state`] | the one loader and writer of `keel-state.json` |
+//! | [`vsock`] | AF_VSOCK through four libc calls |
+//!
+//! Every write step takes a [`durable::Hook`], called after the step: initstage passes its
+//! failpoint so tests can cut the power after each one; everyone else passes
+//! [`durable::no_hook`].
+#![warn(missing_docs)]
+
+pub mod durable;
+pub mod state;
+pub mod vsock;
