@@ -30,6 +30,9 @@ deps:
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
+	@# The device agent links no host-only crate.
+	@! $(CARGO) tree -e normal,build -p keel-agent --prefix none | grep -E '^(keelctl|keel-build|flate2) ' || { echo "keel-agent links a host-only crate"; exit 1; }
 
 ## build: debug binaries (initstage with failpoints: the integration tests need them)
 build: deps
@@ -45,6 +48,7 @@ test: lint build static vm-bins vsock-device
 check:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
 	$(CARGO) test $(FEATURES) -p keel-proto -p keel-sys -p initstage -p keel-agent -p keelctl -p keel-build
 
 ## units: systemd-analyze verify on the units, sh -n on the OpenRC scripts

@@ -20,6 +20,7 @@ use crate::status;
 use crate::transport::Peer;
 
 /// The outcome of one request, for the log line.
+#[derive(Debug)]
 pub struct Outcome {
     /// The reply.
     pub response: Response,
@@ -78,7 +79,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<
             let r = Response::Hello {
                 protocol: PROTOCOL_VERSION,
                 agent: env!("CARGO_PKG_VERSION").to_string(),
-                max_frame: MAX_FRAME as u32,
+                max_frame: u32::try_from(MAX_FRAME).expect("the frame limit fits a u32"),
             };
             if io.send(&r).await.is_err() {
                 return;
@@ -132,7 +133,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<
             op,
             outcome = %summary(&out.response),
             bytes = out.bytes,
-            ms = t.elapsed().as_millis() as u64,
+            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
             "request"
         );
         let sent = io.send(&out.response).await;
@@ -161,7 +162,7 @@ fn log_read_error(peer: &Peer, e: &ReadError, idle: Duration, t: Instant) {
             %peer,
             op = "read",
             outcome = %format!("dropped: {}", e.describe(idle)),
-            ms = t.elapsed().as_millis() as u64,
+            ms = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
             "request"
         ),
     }

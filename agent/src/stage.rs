@@ -234,7 +234,7 @@ impl Slot {
             let mut left = have;
             while left > 0 {
                 let n = f
-                    .read(&mut buf[..CHUNK.min(left as usize)])
+                    .read(&mut buf[..usize::try_from(left).map_or(CHUNK, |l| l.min(CHUNK))])
                     .map_err(|e| io_refusal("re-read", &path, &e))?;
                 if n == 0 {
                     break;
@@ -254,6 +254,7 @@ impl Slot {
 }
 
 /// An upload ready to receive bytes from `offset`.
+#[derive(Debug)]
 pub struct Upload {
     slot: Slot,
     signed: SignedManifest,
@@ -263,6 +264,7 @@ pub struct Upload {
 }
 
 /// One buffer moving through the pipeline.
+#[derive(Debug)]
 pub struct Chunk {
     /// The buffer, [`CHUNK`] bytes long.
     pub buf: Vec<u8>,
@@ -272,6 +274,7 @@ pub struct Chunk {
 
 /// The running pipeline: take empty buffers with [`Pipeline::take`], hand full ones to
 /// [`Pipeline::put`], then [`Pipeline::finish`].
+#[derive(Debug)]
 pub struct Pipeline {
     free: tokio::sync::mpsc::UnboundedReceiver<Chunk>,
     full: Option<mpsc::SyncSender<Chunk>>,
@@ -280,6 +283,7 @@ pub struct Pipeline {
     upload: UploadMeta,
 }
 
+#[derive(Debug)]
 struct UploadMeta {
     slot: Slot,
     signed: SignedManifest,
@@ -359,8 +363,8 @@ fn write_loop(
             unsafe {
                 libc::sync_file_range(
                     fd,
-                    window_start as i64,
-                    (pos - window_start) as i64,
+                    window_start.cast_signed(),
+                    (pos - window_start).cast_signed(),
                     libc::SYNC_FILE_RANGE_WRITE,
                 )
             };
@@ -369,8 +373,8 @@ fn write_loop(
                 let r = unsafe {
                     libc::sync_file_range(
                         fd,
-                        s as i64,
-                        l as i64,
+                        s.cast_signed(),
+                        l.cast_signed(),
                         libc::SYNC_FILE_RANGE_WAIT_BEFORE
                             | libc::SYNC_FILE_RANGE_WRITE
                             | libc::SYNC_FILE_RANGE_WAIT_AFTER,
@@ -535,7 +539,8 @@ mod tests {
 
     fn data(n: usize, seed: u8) -> Vec<u8> {
         (0..n)
-            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .map(|i: usize| i.to_le_bytes()[0])
+            .map(|b| b.wrapping_mul(31).wrapping_add(seed))
             .collect()
     }
 

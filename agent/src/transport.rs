@@ -53,6 +53,7 @@ impl fmt::Display for Peer {
 }
 
 /// An accepted connection.
+#[derive(Debug)]
 pub enum Conn {
     /// TCP.
     Tcp(TcpStream),
@@ -61,6 +62,7 @@ pub enum Conn {
 }
 
 /// A bound listener.
+#[derive(Debug)]
 pub enum Listener {
     /// TCP.
     Tcp(TcpListener),

@@ -197,7 +197,9 @@ impl Client {
 
 fn data(mib_quarter: usize, seed: u8) -> Vec<u8> {
     (0..mib_quarter * (256 << 10))
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8)
+        .map(|i: usize| {
+            i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ (i >> 12).to_le_bytes()[0]
+        })
         .collect()
 }
 

@@ -57,7 +57,7 @@ pub fn write_cpio(entries: &[(String, Node)], mut w: impl Write) -> io::Result<(
         w.write_all(&[0u8; 3][..n])
     }
     for (i, (path, node)) in entries.iter().enumerate() {
-        let ino = i as u32 + 1;
+        let ino = u32::try_from(i + 1).map_err(|_| io::Error::other("too many archive members"))?;
         match node {
             Node::Dir => header(&mut w, ino, 0o040755, 0, (0, 0), path)?,
             Node::File { mode, data } => {

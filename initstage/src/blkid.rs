@@ -71,7 +71,8 @@ impl Probe {
         let mut len: usize = 0;
         // SAFETY: the probe is valid; data/len are valid out-pointers; libblkid keeps the
         // returned string alive until the probe is freed, and we copy it before that.
-        let rc = unsafe { blkid_probe_lookup_value(self.0, name.as_ptr(), &mut data, &mut len) };
+        let rc =
+            unsafe { blkid_probe_lookup_value(self.0, name.as_ptr(), &raw mut data, &raw mut len) };
         if rc != 0 || data.is_null() {
             return None;
         }

@@ -19,6 +19,7 @@ use crate::stream::{open, Stream};
 pub const DATA_FRAME: usize = 256 * 1024;
 
 /// A session with an agent.
+#[derive(Debug)]
 pub struct Client {
     s: Stream,
     peer: String,
@@ -196,7 +197,7 @@ impl Client {
                     ),
                 });
             }
-            let n = buf.len().min((size - done) as usize);
+            let n = usize::try_from(size - done).map_or(buf.len(), |left| buf.len().min(left));
             self.s
                 .write_all(&data_header(n).expect("DATA_FRAME is under the frame limit"))
                 .and_then(|()| self.s.write_all(&buf[..n]))

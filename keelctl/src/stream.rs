@@ -12,6 +12,7 @@ use keel_sys::vsock;
 use crate::error::{Error, Result};
 
 /// A connected byte stream.
+#[derive(Debug)]
 pub enum Stream {
     /// TCP.
     Tcp(TcpStream),

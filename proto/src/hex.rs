@@ -21,7 +21,7 @@ pub fn decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     for (i, pair) in s.chunks_exact(2).enumerate() {
         let hi = (pair[0] as char).to_digit(16)?;
         let lo = (pair[1] as char).to_digit(16)?;
-        out[i] = (hi * 16 + lo) as u8;
+        out[i] = u8::try_from(hi * 16 + lo).expect("two hex digits fit a byte");
     }
     Some(out)
 }

@@ -138,7 +138,7 @@ mod tests {
     #[test]
     fn oversized_frames_are_refused_from_the_header() {
         let mut d = Decoder::default();
-        d.push(&((MAX_FRAME as u32) + 1).to_be_bytes());
+        d.push(&(u32::try_from(MAX_FRAME).unwrap() + 1).to_be_bytes());
         assert_eq!(
             d.next_frame(),
             Err(FrameError::TooLarge {

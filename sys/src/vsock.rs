@@ -12,13 +12,18 @@ use std::io;
 use std::mem;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+/// `sizeof(struct sockaddr_vm)` (16) as the kernel takes it.
+#[allow(clippy::cast_possible_truncation)]
+const SOCKADDR_VM_LEN: libc::socklen_t = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+
 /// The host's CID as seen from a guest.
 pub const CID_HOST: u32 = 2;
 
 fn addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: sockaddr_vm is plain old data; all-zero is a valid value.
     let mut a: libc::sockaddr_vm = unsafe { mem::zeroed() };
-    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    // AF_VSOCK is 40: it fits sa_family_t.
+    a.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
     a.svm_cid = cid;
     a.svm_port = port;
     a
@@ -43,13 +48,7 @@ pub fn listen(port: u32) -> io::Result<OwnedFd> {
     let fd = socket(true)?;
     let a = addr(libc::VMADDR_CID_ANY, port);
     // SAFETY: `a` is a valid sockaddr_vm and its size is passed with it.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&a as *const libc::sockaddr_vm).cast(),
-            mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
+    let r = unsafe { libc::bind(fd.as_raw_fd(), (&raw const a).cast(), SOCKADDR_VM_LEN) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -63,13 +62,13 @@ pub fn listen(port: u32) -> io::Result<OwnedFd> {
 /// Accepts one connection (non-blocking): the stream and the peer's CID and port.
 pub fn accept(listener: &OwnedFd) -> io::Result<(OwnedFd, u32, u32)> {
     let mut a = addr(0, 0);
-    let mut len = mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    let mut len = SOCKADDR_VM_LEN;
     // SAFETY: `a` and `len` are valid for writes of a sockaddr_vm.
     let fd = unsafe {
         libc::accept4(
             listener.as_raw_fd(),
-            (&mut a as *mut libc::sockaddr_vm).cast(),
-            &mut len,
+            (&raw mut a).cast(),
+            &raw mut len,
             libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
         )
     };
@@ -86,13 +85,7 @@ pub fn connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     let fd = socket(false)?;
     let a = addr(cid, port);
     // SAFETY: `a` is a valid sockaddr_vm and its size is passed with it.
-    let r = unsafe {
-        libc::connect(
-            fd.as_raw_fd(),
-            (&a as *const libc::sockaddr_vm).cast(),
-            mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
-        )
-    };
+    let r = unsafe { libc::connect(fd.as_raw_fd(), (&raw const a).cast(), SOCKADDR_VM_LEN) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }

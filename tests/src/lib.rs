@@ -76,6 +76,7 @@ pub fn manifest_for(image: &Path, name: &str, version: u64) -> SignedManifest {
 }
 
 /// One partition to build.
+#[derive(Debug)]
 pub struct Part {
     pub label: String,
     pub size_mb: u64,
@@ -172,6 +173,7 @@ pub struct Disk {
 }
 
 /// A test's private world.
+#[derive(Debug)]
 pub struct Sandbox {
     pub dir: PathBuf,
     loops: Vec<String>,

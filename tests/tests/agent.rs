@@ -418,7 +418,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         // An oversized frame after the hello.
         let mut cl = a.client(&a.unix);
         cl.stream()
-            .write_all(&((MAX_FRAME as u32) + 1).to_be_bytes())
+            .write_all(&(u32::try_from(MAX_FRAME).unwrap() + 1).to_be_bytes())
             .unwrap();
         let (c, msg) = error_of(cl.response().unwrap());
         assert_eq!(c, ErrorCode::FrameTooLarge, "{msg}");
@@ -705,7 +705,7 @@ fn connection_limit_and_sigterm() {
         wait_for(|| Client::connect(&a.tcp, Duration::from_secs(1), T).is_ok());
         // SIGTERM: a clean exit that removes the socket.
         rustix::process::kill_process(
-            rustix::process::Pid::from_raw(a.child.id() as i32).unwrap(),
+            rustix::process::Pid::from_raw(a.child.id().cast_signed()).unwrap(),
             rustix::process::Signal::TERM,
         )
         .unwrap();

@@ -37,7 +37,7 @@ fn boot_and_check(sb: &mut Sandbox, disk: &Disk, line: &str, shas: &[String; 2])
     let v = sb.booted_version();
     assert_eq!(v, r.booted.version);
     assert_eq!(
-        shas[(v - 1) as usize],
+        shas[usize::try_from(v - 1).unwrap()],
         on_disk,
         "version {v} has another digest"
     );

@@ -1,0 +1,137 @@
+//! A GPT disk with partitions labelled `img`, `overlay`, `newimg`, `boot`, built without
+//! mounting (`mkfs.ext4 -d`, `sfdisk`, `dd`); read back with `debugfs`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::*;
+
+/// Partition sizes in MiB, in disk order.
+pub const PARTS: [(&str, u64); 4] = [("img", 64), ("overlay", 32), ("newimg", 48), ("boot", 8)];
+
+/// A GPT disk image.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// (label, MiB) of each partition, in order.
+    pub layout: Vec<(&'static str, u64)>,
+}
+
+impl Disk {
+    /// Builds the disk with `v1` (and its manifest) as the factory image named `image_name`,
+    /// `/etc/persisted` in the overlay's persistent layer.
+    pub fn new(dir: &Path, v1: &Path, image_name: &str) -> Disk {
+        Disk::with_old_upper(dir, v1, image_name, 0)
+    }
+
+    /// [`Disk::new`], with `files` empty files left in the overlay's upper layer (as a
+    /// previous boot would have left them).
+    pub fn with_old_upper(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
+        Disk::build(dir, v1, image_name, files, false)
+    }
+
+    /// [`Disk::with_old_upper`] as a disk looks after its first boot: the image adopted in
+    /// the boot state, so a boot changes nothing (the state of every later boot).
+    pub fn steady(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
+        Disk::build(dir, v1, image_name, files, true)
+    }
+
+    fn build(dir: &Path, v1: &Path, image_name: &str, files: usize, adopted: bool) -> Disk {
+        fs::create_dir_all(dir).unwrap();
+        let path = dir.join("disk.img");
+        let m = sign(v1, 1);
+        // 100,000 inodes need room: the overlay grows with the files.
+        let layout: Vec<(&'static str, u64)> = PARTS
+            .iter()
+            .map(|&(l, s)| {
+                (
+                    l,
+                    if l == "overlay" {
+                        s + (files as u64 / 2000)
+                    } else {
+                        s
+                    },
+                )
+            })
+            .collect();
+        let parts: Vec<Part> = layout
+            .iter()
+            .map(|(label, size)| {
+                let p = Part::new(label, *size);
+                match *label {
+                    "img" => {
+                        let p = p
+                            .file(image_name, fs::read(v1).unwrap())
+                            .file(&format!("{image_name}.manifest"), m.to_json());
+                        if adopted {
+                            let state = keel_proto::bootstate::BootState {
+                                boot_count: 1,
+                                current: Some(keel_proto::bootstate::ImageRecord::from_manifest(
+                                    &m.manifest,
+                                )),
+                                ..Default::default()
+                            };
+                            p.file(keel_proto::layout::STATE_FILE, state.to_json())
+                        } else {
+                            p
+                        }
+                    }
+                    "overlay" => {
+                        let mut p = p.file("persistent/etc/persisted", b"kept\n".to_vec());
+                        for i in 0..files {
+                            p = p.file(&format!("upper/old/{}/f{i}", i / 1000), Vec::new());
+                        }
+                        if files > 0 {
+                            p.inodes = Some(files + files / 1000 + 1024);
+                        }
+                        p
+                    }
+                    _ => p,
+                }
+            })
+            .collect();
+        gpt_disk(&path, &parts, &dir.join("parts"));
+        Disk { path, layout }
+    }
+
+    /// Reads `path` from the partition labelled `label` with debugfs (no mount).
+    pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
+        let mut start = 1;
+        let mut size = 0;
+        for &(l, s) in &self.layout {
+            if l == label {
+                size = s;
+                break;
+            }
+            start += s;
+        }
+        assert!(size > 0, "no partition {label}");
+        let part = self.path.with_extension(format!("{label}.part"));
+        run(Command::new("dd")
+            .arg(format!("if={}", self.path.display()))
+            .arg(format!("of={}", part.display()))
+            .args(["bs=1M", "status=none"])
+            .arg(format!("skip={start}"))
+            .arg(format!("count={size}")));
+        let out = self.path.with_extension("dump");
+        let _ = fs::remove_file(&out);
+        let _ = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("dump -p {path} {}", out.display()))
+            .arg(&part)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_file(&part);
+        let r = fs::read(&out).ok();
+        let _ = fs::remove_file(&out);
+        r
+    }
+
+    /// The boot state on `img`.
+    pub fn state(&self) -> keel_proto::bootstate::BootState {
+        let b = self.read("img", "/keel-state.json").expect("state on img");
+        keel_proto::bootstate::BootState::from_json(&b).unwrap()
+    }
+}

@@ -1,0 +1,225 @@
+//! Root images: busybox-static, keel-agent, keelctl and an init script that brings up the
+//! network, starts the agent, checks health, marks the boot good (unless the image is "bad")
+//! and reboots when an update is staged; it prints `KEEL ...` markers. Also the busybox-script
+//! initramfs the benchmarks compare against.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use keel_proto::manifest::{Manifest, SignedManifest, MANIFEST_FORMAT};
+use sha2::{Digest, Sha256};
+
+use crate::*;
+
+/// Root image filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fs {
+    Squashfs,
+    Erofs,
+}
+
+/// The init script of a test image: markers on the console, the agent, a health check,
+/// mark-good (unless `good` is false), and a reboot once an update is staged.
+fn init_script(version: u64, good: bool) -> String {
+    let mark = if good {
+        "if keelctl mark-good; then echo \"KEEL marked-good version=$V\"; fi"
+    } else {
+        "echo \"KEEL not-marking-good version=$V\""
+    };
+    format!(
+        r#"#!/bin/sh
+read T _ < /proc/uptime; echo "KEEL t-init=$T"
+PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
+V={version}
+# initstage moved /dev, /proc, /sys and /run in; only /tmp is ours.
+mount -t tmpfs tmpfs /tmp
+echo "KEEL booted version=$V"
+echo "KEEL fstype=$(sed -n 's/.*"image_fstype": "\([a-z0-9]*\)".*/\1/p' /run/keel/boot.json)"
+echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"
+echo "KEEL upper=$(sed -n 's/^overlay \/ .*upperdir=\([^,]*\).*/\1/p' /proc/mounts)"
+if [ -e /scratch ]; then echo "KEEL scratch=present"; else echo "KEEL scratch=absent"; fi
+echo "KEEL kmsg-steps=$(dmesg | sed -n 's/.*keel: \([a-z_ ]*\): ok (.*/\1/p' | tr '\n' ,)"
+echo "written in boot of version $V" > /scratch
+ip link set lo up
+ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+keel-agent --config /etc/keel/agent.toml > /tmp/agent.log 2>&1 &
+i=0
+while ! keelctl --wait 0 status > /dev/null 2>&1; do
+  i=$((i+1)); [ $i -gt 200 ] && echo "KEEL agent-failed" && cat /tmp/agent.log
+  sleep 0.05
+done
+# Health check: the agent answers and reports the version this image says it is.
+if keelctl status --json | grep -q "\"version\": $V"; then
+  {mark}
+else
+  echo "KEEL health-failed"
+fi
+sync
+echo "KEEL ready version=$V"
+while [ ! -e /run/keel/newimg/root-squashfs.img.manifest ] && [ ! -e /run/keel/newimg/rootfs.erofs.manifest ]; do sleep 0.2; done
+echo "KEEL staged: rebooting"
+keelctl reboot
+sleep 60
+"#
+    )
+}
+
+const AGENT_TOML: &str = r#"tcp = "0.0.0.0:7447"
+vsock_port = 7447
+trusted_keys = "/etc/keel/trusted.pem"
+idle_timeout_secs = 20
+announce = "vsock://2:7448"
+"#;
+
+/// The host port the guest agent announces readiness to (over vsock).
+pub const ANNOUNCE_PORT: u16 = 7448;
+
+/// A root image of `version` (cached): busybox-static, the agent, keelctl, the init script.
+pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap();
+    let k = kit();
+    // Cached by content: the script, the config, the binaries and the key.
+    let mut h = Sha256::new();
+    h.update(init_script(version, good).as_bytes());
+    h.update(AGENT_TOML.as_bytes());
+    for f in [
+        k.bins.join("keel-agent"),
+        k.bins.join("keelctl"),
+        "/bin/busybox".into(),
+        k.trusted.clone(),
+    ] {
+        h.update(fs::read(&f).unwrap_or_default());
+    }
+    let key = keel_proto::hex::encode(&h.finalize()[..6]);
+    let name = format!(
+        "v{version}-{}-{key}.{}",
+        if good { "good" } else { "bad" },
+        match fs_kind {
+            Fs::Squashfs => "squashfs",
+            Fs::Erofs => "erofs",
+        }
+    );
+    let out = k.work.join("images").join(&name);
+    if out.exists() {
+        return out;
+    }
+    fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let root = k.work.join("images").join(format!("{name}.root"));
+    let _ = fs::remove_dir_all(&root);
+    for d in [
+        "bin", "sbin", "usr/bin", "etc/keel", "dev", "proc", "sys", "run", "tmp", "media", "var",
+    ] {
+        fs::create_dir_all(root.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static installed");
+    let list = run(Command::new("/bin/busybox").arg("--list"));
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && applet != "init" {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+    }
+    for b in ["keel-agent", "keelctl"] {
+        fs::copy(k.bins.join(b), root.join("usr/bin").join(b)).unwrap();
+    }
+    let init = root.join("sbin/init");
+    fs::write(&init, init_script(version, good)).unwrap();
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::copy(&k.trusted, root.join("etc/keel/trusted.pem")).unwrap();
+    fs::write(root.join("etc/keel/agent.toml"), AGENT_TOML).unwrap();
+    fs::write(root.join("etc/keel-version"), format!("{version}\n")).unwrap();
+    let tmp = out.with_extension("tmp");
+    match fs_kind {
+        Fs::Squashfs => run(Command::new("mksquashfs").arg(&root).arg(&tmp).args([
+            "-noappend",
+            "-quiet",
+            "-comp",
+            "gzip",
+            "-all-root",
+        ])),
+        Fs::Erofs => run(Command::new("mkfs.erofs")
+            .arg("-zlz4hc")
+            .arg(&tmp)
+            .arg(&root)),
+    };
+    fs::rename(&tmp, &out).unwrap();
+    let _ = fs::remove_dir_all(&root);
+    out
+}
+
+/// The signed manifest of `image`, written next to it as `<image>.manifest`.
+pub fn sign(image: &Path, version: u64) -> SignedManifest {
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        name: PRODUCT.into(),
+        version,
+        size: fs::metadata(image).unwrap().len(),
+        sha256: sha256_file(image),
+        created: 1_700_000_000,
+        min_version: None,
+    }
+    .sign(&kit().key);
+    let mut p = image.as_os_str().to_owned();
+    p.push(".manifest");
+    fs::write(PathBuf::from(p), m.to_json()).unwrap();
+    m
+}
+
+/// The classic alternative, for the boot benchmark: a busybox shell-script `/init` that
+/// performs the same steps as initstage (load the same modules, find the labels, clear the
+/// upper, loop-mount the image, overlay with the persistent lower, switch_root), printing
+/// `KEEL-SH <step> <uptime>` after each. Packed by `keelctl initramfs` with the same modules.
+pub fn script_initramfs() -> PathBuf {
+    let k = kit();
+    let mods = MODULES.replace(',', " ");
+    let script = format!(
+        r#"#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t proc proc /proc
+$B mount -t sysfs sysfs /sys
+$B mount -t devtmpfs devtmpfs /dev
+$B mount -t tmpfs -o mode=0755 tmpfs /run
+t() {{ read U _ < /proc/uptime; echo "KEEL-SH $1 $U"; }}
+t start
+$B modprobe -a {mods}
+t modules
+while ! $B findfs LABEL=img > /dev/null 2>&1; do $B usleep 20000; done
+IMG=$($B findfs LABEL=img); OV=$($B findfs LABEL=overlay)
+t found
+$B mkdir -p /run/keel/img /run/keel/overlay /run/keel/ro /sysroot
+$B mount -t ext4 $IMG /run/keel/img
+$B mount -t ext4 $OV /run/keel/overlay
+$B rm -rf /run/keel/overlay/upper /run/keel/overlay/work
+$B mkdir -p /run/keel/overlay/upper /run/keel/overlay/work /run/keel/overlay/persistent
+t upper-cleared
+$B mount -t squashfs -o loop,ro /run/keel/img/root-squashfs.img /run/keel/ro
+$B mount -t overlay overlay -o lowerdir=/run/keel/overlay/persistent:/run/keel/ro,upperdir=/run/keel/overlay/upper,workdir=/run/keel/overlay/work /sysroot
+t mounted
+for m in dev proc sys run; do $B mount --move /$m /sysroot/$m; done
+exec $B switch_root /sysroot /sbin/init
+"#
+    );
+    let dir = k.work.join("script-initramfs");
+    fs::create_dir_all(&dir).unwrap();
+    let init = dir.join("init.sh");
+    fs::write(&init, script).unwrap();
+    fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
+    let out = k
+        .work
+        .join(format!("script-initramfs-{}.cpio.gz", std::process::id()));
+    run(Command::new(k.bins.join("keelctl"))
+        .arg("initramfs")
+        .arg("--init")
+        .arg(&init)
+        .arg("--kernel-modules")
+        .arg(&k.modules)
+        .args(["--modules", MODULES])
+        .arg("--file")
+        .arg("/bin/busybox:bin/busybox")
+        .arg("-o")
+        .arg(&out));
+    out
+}

@@ -1,0 +1,138 @@
+//! The kit built once per test process: a Debian cloud kernel (fetched by package name,
+//! `dpkg -x`, `depmod`), the static binaries, the initramfs (made by `keelctl initramfs`), a
+//! signing key.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use keel_proto::manifest::{public_key_to_pem, SigningKey};
+
+use crate::*;
+
+/// Everything built once per test process.
+#[derive(Debug)]
+pub struct Kit {
+    pub kernel: PathBuf,
+    pub modules: PathBuf,
+    pub initramfs: PathBuf,
+    pub key: SigningKey,
+    pub trusted: PathBuf,
+    pub bins: PathBuf,
+    pub work: PathBuf,
+}
+
+static KIT: OnceLock<Kit> = OnceLock::new();
+
+/// The static binaries, built by `make vm-bins` (initstage with failpoints).
+pub fn bins() -> PathBuf {
+    let d = workspace().join("target/vm/x86_64-unknown-linux-gnu/release");
+    for b in ["initstage", "keel-agent", "keelctl"] {
+        assert!(
+            d.join(b).exists(),
+            "{} missing: run `make vm-bins` (or `make test`)",
+            d.join(b).display()
+        );
+    }
+    d
+}
+
+fn fetch_kernel(dir: &Path) -> (PathBuf, PathBuf) {
+    let root = dir.join("root");
+    let find = || -> Option<(PathBuf, PathBuf)> {
+        let boot = fs::read_dir(root.join("boot")).ok()?;
+        let vmlinuz = boot.flatten().map(|e| e.path()).find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("vmlinuz-"))
+        })?;
+        let version = vmlinuz
+            .file_name()?
+            .to_str()?
+            .trim_start_matches("vmlinuz-")
+            .to_string();
+        let modules = root.join("lib/modules").join(version);
+        modules
+            .join("modules.dep")
+            .exists()
+            .then_some((vmlinuz, modules))
+    };
+    if let Some(found) = find() {
+        return found;
+    }
+    fs::create_dir_all(dir).unwrap();
+    // The real package behind linux-image-cloud-amd64 (refresh the lists once if apt does
+    // not know it yet, as on a fresh machine).
+    let depends = || {
+        Command::new("apt-cache")
+            .args(["depends", "linux-image-cloud-amd64"])
+            .output()
+    };
+    let mut deps = depends().expect("apt-cache");
+    if !deps.status.success() || deps.stdout.is_empty() {
+        run(Command::new("apt-get").args(["update", "-qq"]));
+        deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
+    }
+    let text = String::from_utf8_lossy(&deps.stdout);
+    let pkg = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| {
+            p.starts_with("linux-image-") && p.chars().nth(12).is_some_and(|c| c.is_ascii_digit())
+        })
+        .unwrap_or_else(|| panic!("no kernel package in: {text}"))
+        .to_string();
+    run(Command::new("apt-get")
+        .args(["download", &pkg])
+        .current_dir(dir));
+    let deb = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("downloaded .deb");
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(&root));
+    let version = pkg.trim_start_matches("linux-image-").to_string();
+    run(Command::new("depmod").arg("-b").arg(&root).arg(&version));
+    find().expect("kernel unpacked")
+}
+
+/// Builds (once) the kernel, initramfs and key.
+pub fn kit() -> &'static Kit {
+    KIT.get_or_init(|| {
+        let work = work();
+        let bins = bins();
+        let (kernel, modules) = fetch_kernel(&work.join("kernel"));
+        let key = SigningKey::from_bytes(&[7u8; 32]);
+        let trusted = work.join("trusted.pem");
+        fs::write(&trusted, public_key_to_pem(&key.verifying_key())).unwrap();
+        for e in fs::read_dir(&work).unwrap().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with("initramfs-") || n.starts_with("script-initramfs-") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        let initramfs = work.join(format!("initramfs-{}.cpio.gz", std::process::id()));
+        run(Command::new(bins.join("keelctl"))
+            .arg("initramfs")
+            .arg("--init")
+            .arg(bins.join("initstage"))
+            .arg("--kernel-modules")
+            .arg(&modules)
+            .args(["--modules", MODULES])
+            .arg("--keys")
+            .arg(&trusted)
+            .arg("-o")
+            .arg(&initramfs));
+        Kit {
+            kernel,
+            modules,
+            initramfs,
+            key,
+            trusted,
+            bins,
+            work,
+        }
+    })
+}

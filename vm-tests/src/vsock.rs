@@ -1,0 +1,69 @@
+//! The user-space vsock device (`vhost-device-vsock`) and its hybrid-vsock host side.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use crate::*;
+
+/// A user-space vsock device (`vhost-device-vsock`) for the guest with CID 3: QEMU connects
+/// to `vhost.sock`; the host side is Firecracker-style hybrid vsock on `vm.vsock`.
+#[derive(Debug)]
+pub struct VsockDevice {
+    child: Child,
+    pub vhost: PathBuf,
+    pub uds: PathBuf,
+}
+
+impl VsockDevice {
+    pub fn start(dir: &Path) -> VsockDevice {
+        let bin = std::env::var_os("HOME")
+            .map(|h| Path::new(&h).join(".cargo/bin/vhost-device-vsock"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| "vhost-device-vsock".into());
+        let vhost = dir.join("vhost.sock");
+        let uds = dir.join("vm.vsock");
+        let log = fs::File::create(dir.join("vhost-device-vsock.log")).unwrap();
+        let child = Command::new(&bin)
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&vhost)
+            .arg("--uds-path")
+            .arg(&uds)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo install vhost-device-vsock --locked)",
+                    bin.display()
+                )
+            });
+        let t0 = Instant::now();
+        while !vhost.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "vhost-device-vsock did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        VsockDevice { child, vhost, uds }
+    }
+
+    /// The hybrid-vsock endpoint of the guest's agent.
+    pub fn endpoint(&self) -> String {
+        format!("hvsock://{}:{AGENT_PORT}", self.uds.display())
+    }
+
+    /// Where guest connections to the host's port `port` arrive.
+    pub fn host_listener(&self, port: u16) -> PathBuf {
+        PathBuf::from(format!("{}_{port}", self.uds.display()))
+    }
+}
+
+impl Drop for VsockDevice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
