@@ -12,9 +12,42 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::conn::{Conn, ReadError};
 use crate::session::Outcome;
 use crate::shared::Shared;
-use crate::stage::{Pipeline, Slot, CHUNK};
+use crate::stage::{Pipeline, Slot, Upload, CHUNK};
 use crate::status::Facts;
 use crate::verify::{self, Admit, Context, Refusal};
+
+/// Reads the device's facts, finds the slot, admits `signed` and begins the upload; the
+/// error is the reply (a refusal, or up to date). Blocking.
+fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, Response> {
+    let config = &sh.config;
+    let facts = Facts::read(config);
+    let slot = Slot::new(config.newimg_dir(), &facts.image_name(config));
+    if !slot.available() {
+        return Err(Response::error(
+            ErrorCode::Unavailable,
+            format!(
+                "{} is not there: is the newimg partition mounted?",
+                slot.dir().display()
+            ),
+        ));
+    }
+    let staged = slot
+        .staged()
+        .map(|m| keel_proto::bootstate::ImageRecord::from_manifest(&m.manifest));
+    let ctx = Context {
+        keys: &sh.keys,
+        name: facts.product_name(config),
+        booted: facts.booted(),
+        staged: staged.as_ref(),
+        rejected: facts.rejected(),
+    };
+    match verify::admit(signed, &ctx) {
+        Ok(Admit::Accept) => {}
+        Ok(Admit::UpToDate(message)) => return Err(Response::UpToDate { message }),
+        Err(r) => return Err(r.into()),
+    }
+    slot.begin(signed, resume).map_err(Response::from)
+}
 
 /// Runs one push to its end: the outcome's response is the reply to send.
 pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
@@ -29,43 +62,17 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
             "another push is in progress: try again when it ends",
         ));
     };
-    let config = sh.config.clone();
-    let facts = Facts::read(&config);
-    let slot = Slot::new(config.newimg_dir(), &facts.image_name(&config));
-    if !slot.available() {
-        return Outcome::reply(Response::error(
-            ErrorCode::Unavailable,
-            format!(
-                "{} is not there: is the newimg partition mounted?",
-                slot.dir().display()
-            ),
-        ));
-    }
-    let staged = slot
-        .staged()
-        .map(|m| keel_proto::bootstate::ImageRecord::from_manifest(&m.manifest));
-    let ctx = Context {
-        keys: &sh.keys,
-        name: facts.product_name(&config),
-        booted: facts.booted(),
-        staged: staged.as_ref(),
-        rejected: facts.rejected(),
-    };
-    match verify::admit(&signed, &ctx) {
-        Ok(Admit::Accept) => {}
-        Ok(Admit::UpToDate(message)) => return Outcome::reply(Response::UpToDate { message }),
-        Err(r) => return Outcome::reply(Response::from(r)),
-    }
     let size = signed.manifest.size;
     let version = signed.manifest.version;
-    let s2 = slot.clone();
-    let m2 = signed.clone();
-    let upload = match tokio::task::spawn_blocking(move || s2.begin(&m2, resume))
+    // Every file-system call of the admission (facts, slot, begin) runs off the runtime
+    // thread: a hung file must not freeze the other connections.
+    let sh2 = sh.clone();
+    let upload = match tokio::task::spawn_blocking(move || admit(&sh2, &signed, resume))
         .await
-        .expect("begin task")
+        .expect("admit task")
     {
         Ok(u) => u,
-        Err(r) => return Outcome::reply(Response::from(r)),
+        Err(r) => return Outcome::reply(r),
     };
     let offset = upload.offset();
     if io.send(&Response::Send { offset }).await.is_err() {

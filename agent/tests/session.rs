@@ -496,3 +496,50 @@ async fn a_silent_peer_is_dropped_and_a_cut_upload_resumes() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(code(c.recv().await).0, ErrorCode::Timeout);
 }
+
+#[tokio::test]
+async fn planted_fifos_and_symlinks_on_newimg_neither_hang_nor_redirect_writes() {
+    use std::os::unix::fs::symlink;
+    let d = Dev::new("planted", 1, 30);
+    let n = d.newimg();
+    let victim = d.root.join("victim");
+    fs::write(&victim, b"precious").unwrap();
+    // A FIFO where the commit marker goes: reading it would block forever.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        n.join(format!("{IMAGE}.manifest")),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    // Symlinks where the temporary manifests go: writing them would write the victim.
+    for tmp in ["partial.manifest.tmp", "manifest.tmp"] {
+        symlink(&victim, n.join(format!("{IMAGE}.{tmp}"))).unwrap();
+    }
+    // A symlink to /dev/zero as the partial upload: reading it would never end.
+    symlink("/dev/zero", n.join(format!("{IMAGE}.partial.manifest"))).unwrap();
+    let mut c = d.client(tcp()).await;
+    c.send(&Request::Status).await;
+    let Response::Status(s) = c.recv().await else {
+        panic!("status")
+    };
+    assert!(s.staged.is_none() && s.partial.is_none());
+    let img = data(1, 2);
+    assert!(matches!(
+        push_all(&mut c, &img, &signed(&img, 2)).await,
+        Response::Staged { .. }
+    ));
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+    assert_eq!(d.slot().0.unwrap(), img);
+    let m = n.join(format!("{IMAGE}.manifest"));
+    assert!(fs::symlink_metadata(&m).unwrap().file_type().is_file());
+    // A symlink to /dev/zero as the commit marker: treated as nothing staged.
+    fs::remove_file(&m).unwrap();
+    symlink("/dev/zero", &m).unwrap();
+    c.send(&Request::Status).await;
+    let Response::Status(s) = c.recv().await else {
+        panic!("status")
+    };
+    assert!(s.staged.is_none());
+}

@@ -101,7 +101,10 @@ pub fn read_staged(dirs: &Dirs, keys: &[VerifyingKey]) -> Staged {
         }
     }
     let ipath = dirs.newimg(&dirs.names.staged).expect("newimg is mounted");
-    match fs::metadata(&ipath) {
+    match fs::symlink_metadata(&ipath) {
+        Ok(md) if !md.file_type().is_file() => {
+            Staged::Invalid(format!("{} is not a regular file", ipath.display()))
+        }
         Ok(md) if md.len() == signed.manifest.size => Staged::Ready(signed.manifest),
         Ok(md) => Staged::Invalid(format!(
             "{} is {} bytes, its manifest says {}",
@@ -244,5 +247,44 @@ pub fn staged_manifest(facts: &Facts) -> Option<&Manifest> {
     match &facts.staged {
         Staged::Ready(m) => Some(m),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::promote::Staged;
+
+    #[test]
+    fn a_fifo_or_dev_zero_as_the_staged_manifest_is_invalid_not_a_hang() {
+        let root = std::env::temp_dir().join(format!("keel-apply-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let newimg = root.join("newimg");
+        fs::create_dir_all(&newimg).unwrap();
+        let dirs = Dirs {
+            img: root.join("img"),
+            newimg: Some(newimg.clone()),
+            names: Names::for_image("root.img"),
+        };
+        let m = newimg.join("root.img.manifest");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &m,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        match read_staged(&dirs, &[]) {
+            Staged::Invalid(why) => assert!(why.contains("FIFO"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        fs::remove_file(&m).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &m).unwrap();
+        match read_staged(&dirs, &[]) {
+            Staged::Invalid(why) => assert!(why.contains("symlink"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -33,6 +33,9 @@ pub struct Options {
     pub scope: Scope,
     /// Trusted keys; when non-empty, a staged manifest must verify with one of them.
     pub keys: Vec<VerifyingKey>,
+    /// The trusted-key file exists but is unusable (why): nothing is promoted, the staged
+    /// image is left in place for a fixed key file.
+    pub keys_error: Option<String>,
     /// Modules `modules=` named that the initramfs did not have, to load from `boot`.
     pub modules_pending: Vec<String>,
 }
@@ -116,6 +119,15 @@ fn prepare_upper(up: &mountplan::UpperPlan, mounts: &mut Mounts) -> Result<Optio
     Ok(trash)
 }
 
+/// Fails closed on an unusable key file: no staged image is trusted, so none is promoted
+/// and none is removed (it waits on `newimg` for a fixed key file). Returns what to report.
+pub fn distrust_staged(facts: &mut promote::Facts, keys_error: Option<&str>) -> Option<String> {
+    let e = keys_error?;
+    let had = !matches!(facts.staged, promote::Staged::None);
+    facts.staged = promote::Staged::None;
+    had.then(|| format!("trusted keys unusable ({e}): staged image not promoted, left in place"))
+}
+
 /// Runs the promotion plan; a staged image that fails its copy is refused, never booted.
 fn promote_and_account(
     opts: &Options,
@@ -130,11 +142,12 @@ fn promote_and_account(
             BootState::default()
         }
     };
-    let facts = apply::gather_facts(dirs, &opts.keys);
-    let plan = promote::plan(&state, &facts, opts.cfg.tries);
-    for a in &plan.actions {
-        log::info!("{a}");
+    let mut facts = apply::gather_facts(dirs, &opts.keys);
+    if let Some(why) = distrust_staged(&mut facts, opts.keys_error.as_deref()) {
+        log::error!("{why}");
+        actions.push(why);
     }
+    let plan = promote::plan(&state, &facts, opts.cfg.tries);
     for s in &plan.steps {
         if let Err(e) = apply::run_step(s, dirs) {
             if let (Step::CopyStaged { .. }, Some(m)) = (s, apply::staged_manifest(&facts)) {
@@ -154,6 +167,10 @@ fn promote_and_account(
             }
             return Err(e);
         }
+    }
+    // Logged once they happened, not before.
+    for a in &plan.actions {
+        log::info!("{a}");
     }
     actions.extend(plan.actions.iter().cloned());
     Ok(plan.state)
@@ -333,4 +350,43 @@ pub fn clean_trash(trash: &Path) -> std::io::Result<()> {
         t.elapsed().as_secs_f64() * 1000.0
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_proto::manifest::{Manifest, MANIFEST_FORMAT};
+
+    #[test]
+    fn a_broken_key_file_promotes_nothing_and_removes_nothing() {
+        let staged = promote::Staged::Ready(Manifest {
+            format: MANIFEST_FORMAT,
+            name: "a".into(),
+            version: 2,
+            size: 1,
+            sha256: "00".repeat(32),
+            created: 0,
+            min_version: None,
+        });
+        let facts = promote::Facts {
+            current_exists: true,
+            staged,
+            ..promote::Facts::default()
+        };
+        let state = BootState::default();
+        let mut f = facts.clone();
+        assert!(distrust_staged(&mut f, None).is_none());
+        assert!(promote::plan(&state, &f, 2)
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::CopyStaged { .. })));
+        let mut f = facts.clone();
+        let why = distrust_staged(&mut f, Some("PEM block 2 (line 4): RSA")).unwrap();
+        assert!(why.contains("PEM block 2"), "{why}");
+        let plan = promote::plan(&state, &f, 2);
+        assert!(!plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::CopyStaged { .. } | Step::RemoveStaged)));
+    }
 }

@@ -95,6 +95,7 @@ fn prepare(args: &[String]) -> Result<(), String> {
         },
         scope: p.devices.map(Scope::Disks).unwrap_or(Scope::All),
         keys,
+        keys_error: None,
         modules_pending,
     };
     boot::prepare(&opts).map(|_| ()).map_err(|e| e.to_string())

@@ -168,12 +168,18 @@ pub fn run(argv: Vec<String>) -> ! {
             Vec::new()
         }
     };
-    let keys = match std::fs::read_to_string(TRUSTED_KEYS) {
-        Ok(pem) => keel_proto::manifest::public_keys_from_pem(&pem).unwrap_or_else(|e| {
-            log::error!("{TRUSTED_KEYS}: {e}; staged images are checked by hash only");
-            Vec::new()
-        }),
-        Err(_) => Vec::new(),
+    // No key file: staged images are checked by hash only (documented). A key file that
+    // does not parse: nothing is promoted (fail closed), the current image boots.
+    let (keys, keys_error) = match std::fs::read_to_string(TRUSTED_KEYS) {
+        Ok(pem) => match keel_proto::manifest::public_keys_from_pem(&pem) {
+            Ok(k) => (k, None),
+            Err(e) => {
+                log::error!("{TRUSTED_KEYS}: {e}: no staged image is promoted until it is fixed");
+                (Vec::new(), Some(format!("{TRUSTED_KEYS}: {e}")))
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => (Vec::new(), None),
+        Err(e) => (Vec::new(), Some(format!("{TRUSTED_KEYS}: {e}"))),
     };
     let opts = Options {
         cfg: cfg.clone(),
@@ -183,6 +189,7 @@ pub fn run(argv: Vec<String>) -> ! {
         },
         scope: Scope::All,
         keys,
+        keys_error,
         modules_pending,
     };
     let prepared = match boot::prepare(&opts) {

@@ -208,22 +208,36 @@ impl SignedManifest {
 
 /// Parses every `-----BEGIN PUBLIC KEY-----` block in `pem` (one file may hold several keys).
 pub fn public_keys_from_pem(pem: &str) -> Result<Vec<VerifyingKey>, ManifestError> {
-    const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+    const BEGIN: &str = "-----BEGIN ";
+    const KEY_BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
     const END: &str = "-----END PUBLIC KEY-----";
     let mut keys = Vec::new();
     let mut rest = pem;
+    let mut n = 0usize;
+    // Every PEM block must be an ed25519 public key: one bad block refuses the whole file
+    // (a device must never fall back to fewer checks than its owner configured).
     while let Some(start) = rest.find(BEGIN) {
-        let after = &rest[start..];
-        let end = after.find(END).ok_or_else(|| ManifestError::Key {
+        n += 1;
+        let line = pem[..pem.len() - rest.len() + start].lines().count() + 1;
+        let bad = |detail: String| ManifestError::Key {
             kind: "public",
-            detail: "unterminated PEM block".into(),
-        })? + END.len();
+            detail: format!("PEM block {n} (line {line}): {detail}"),
+        };
+        let after = &rest[start..];
+        if !after.starts_with(KEY_BEGIN) {
+            let label = after.lines().next().unwrap_or_default();
+            return Err(bad(format!(
+                "{label} is not an ed25519 public key (expected {KEY_BEGIN})"
+            )));
+        }
+        let end = after
+            .find(END)
+            .ok_or_else(|| bad("unterminated PEM block".into()))?
+            + END.len();
         let block = &after[..end];
         keys.push(
-            VerifyingKey::from_public_key_pem(block).map_err(|e| ManifestError::Key {
-                kind: "public",
-                detail: e.to_string(),
-            })?,
+            VerifyingKey::from_public_key_pem(block)
+                .map_err(|e| bad(format!("not an ed25519 public key ({e})")))?,
         );
         rest = &after[end..];
     }
@@ -361,5 +375,27 @@ mod tests {
         let e = public_keys_from_pem("hello").unwrap_err();
         assert!(e.to_string().contains("no PUBLIC KEY block"), "{e}");
         assert!(signing_key_from_pem("nope").is_err());
+    }
+
+    #[test]
+    fn one_bad_block_refuses_the_whole_key_file_and_is_named() {
+        let good = public_key_to_pem(&SigningKey::from_bytes(&[1; 32]).verifying_key());
+        assert_eq!(public_keys_from_pem(&good).unwrap().len(), 1);
+        // An RSA key added during a rotation, in either PEM flavour.
+        let rsa =
+            "-----BEGIN RSA PUBLIC KEY-----\nMAoCAwEAAQIDAQAB\n-----END RSA PUBLIC KEY-----\n";
+        let e = public_keys_from_pem(&format!("{good}{rsa}")).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("PEM block 2") && msg.contains("RSA PUBLIC KEY"),
+            "{msg}"
+        );
+        let spki_rsa =
+            "-----BEGIN PUBLIC KEY-----\nMA0GCSqGSIb3DQEBAQUAAwIAAA==\n-----END PUBLIC KEY-----\n";
+        let e = public_keys_from_pem(&format!("{spki_rsa}{good}")).unwrap_err();
+        assert!(e.to_string().contains("PEM block 1 (line 1)"), "{e}");
+        let e =
+            public_keys_from_pem(&format!("{good}-----BEGIN PUBLIC KEY-----\nAAAA")).unwrap_err();
+        assert!(e.to_string().contains("unterminated"), "{e}");
     }
 }

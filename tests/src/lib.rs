@@ -17,14 +17,20 @@ use keel_proto::manifest::{Manifest, SignedManifest, SigningKey, MANIFEST_FORMAT
 use keel_proto::report::BootReport;
 use sha2::{Digest, Sha256};
 
-/// Whether we can run privileged tests; prints why not otherwise.
+/// Whether we can run privileged tests; prints why not otherwise. Under CI (`CI` set, as
+/// `.ci/run` is run) or with `KEEL_REQUIRE_ROOT=1` a skip is a failure: a green run must have
+/// run them.
 pub fn privileged() -> bool {
     if rustix::process::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("SKIP: needs root (loop devices, mounts)");
-        false
+        return true;
     }
+    let required = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty() && x != "0");
+    assert!(
+        !(required("CI") || required("KEEL_REQUIRE_ROOT")),
+        "this test needs root (loop devices, mounts) and CI requires it to run: run as root"
+    );
+    eprintln!("SKIP: needs root (loop devices, mounts)");
+    false
 }
 
 /// Path of a workspace binary (built by `make test` before the tests run).

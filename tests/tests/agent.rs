@@ -296,6 +296,41 @@ fn good_push_over_tcp_then_unix_socket() {
         let out = keelctl(&["-e", &ue, "status"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("staged       demo version 3"), "{text}");
+        // A reader that is gone (`| head -1` once it has its line) is no error and no panic.
+        let piped = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "set -o pipefail; {} -e {ue} status --json | {{ exec 0<&-; sleep 1; }}",
+                bin("keelctl").display()
+            ))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&piped.stderr);
+        assert!(
+            piped.status.success() && err.is_empty(),
+            "{:?} {err}",
+            piped.status
+        );
+        // --wait bounds how long a push keeps retrying the connection.
+        let t0 = Instant::now();
+        let out = keelctl(&[
+            "-e",
+            "unix:///nonexistent/agent.sock",
+            "--wait",
+            "1",
+            "push",
+            v3.to_str().unwrap(),
+            "--manifest",
+            newimg.join("root-squashfs.img.manifest").to_str().unwrap(),
+            "--retries",
+            "0",
+        ]);
+        assert!(!out.status.success());
+        assert!(
+            t0.elapsed() < Duration::from_secs(8),
+            "--wait 1 took {:?}",
+            t0.elapsed()
+        );
         // One log line per request, with peer, op, outcome and bytes.
         let log = a.log();
         assert!(

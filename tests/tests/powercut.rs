@@ -126,3 +126,37 @@ fn power_cut_at_every_step_of_a_rollback() {
     assert!(steps >= 8, "only {steps} steps were cut");
     eprintln!("cut a rollback at each of its {steps} steps");
 }
+
+/// A privileged test run without root fails when CI requires it, and skips otherwise: a
+/// green CI run has run every privileged test.
+#[test]
+fn a_privileged_test_without_root_fails_under_ci() {
+    if !privileged() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let run = |require: &str| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&exe)
+            .args([
+                "--exact",
+                "power_cut_at_every_step_of_a_promotion",
+                "--nocapture",
+            ])
+            .env_remove("CI")
+            .env("KEEL_REQUIRE_ROOT", require)
+            .output()
+            .unwrap()
+    };
+    let strict = run("1");
+    let text = String::from_utf8_lossy(&strict.stdout).into_owned()
+        + &String::from_utf8_lossy(&strict.stderr);
+    assert!(!strict.status.success(), "{text}");
+    assert!(text.contains("needs root"), "{text}");
+    let lax = run("0");
+    let text =
+        String::from_utf8_lossy(&lax.stdout).into_owned() + &String::from_utf8_lossy(&lax.stderr);
+    assert!(lax.status.success(), "{text}");
+    assert!(text.contains("SKIP: needs root"), "{text}");
+}
