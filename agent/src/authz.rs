@@ -4,7 +4,7 @@
 //! | request | who |
 //! |---|---|
 //! | hello, status, push | anyone who can connect (a push is admitted only if signed by a trusted key) |
-//! | mark-good, reboot | root on the local Unix socket (`SO_PEERCRED`) |
+//! | mark-good, reboot, unstage | root on the local Unix socket (`SO_PEERCRED`) |
 
 use keel_proto::message::{ErrorCode, Request};
 
@@ -15,7 +15,7 @@ use crate::verify::Refusal;
 pub fn authorize(req: &Request, peer: &Peer) -> Result<(), Refusal> {
     match req {
         Request::Hello { .. } | Request::Status | Request::Push { .. } => Ok(()),
-        Request::MarkGood | Request::Reboot => {
+        Request::MarkGood | Request::Reboot | Request::Unstage => {
             if is_local_root(peer) {
                 Ok(())
             } else {
@@ -56,7 +56,7 @@ mod tests {
         };
         let tcp = Peer::Tcp("127.0.0.1:9".parse().unwrap());
         let vsock = Peer::Vsock { cid: 2, port: 9 };
-        for req in [Request::MarkGood, Request::Reboot] {
+        for req in [Request::MarkGood, Request::Reboot, Request::Unstage] {
             assert!(authorize(&req, &root).is_ok());
             for p in [&user, &unknown, &tcp, &vsock] {
                 let e = authorize(&req, p).unwrap_err();

@@ -49,6 +49,40 @@ fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, R
     slot.begin(signed, resume).map_err(Response::from)
 }
 
+/// Drops the staged image and any partial upload (not while a push runs).
+pub async fn unstage(sh: &Arc<Shared>) -> Response {
+    let Ok(_guard) = sh.push.try_lock() else {
+        return Response::error(
+            ErrorCode::Busy,
+            "a push is in progress: try again when it ends",
+        );
+    };
+    let sh2 = sh.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let facts = Facts::read(&sh2.config);
+        let slot = Slot::new(sh2.config.newimg_dir(), &facts.image_name(&sh2.config));
+        if !slot.available() {
+            return Err(Refusal::new(
+                ErrorCode::Unavailable,
+                format!("{} is not there", slot.dir().display()),
+            ));
+        }
+        slot.discard_partial()?;
+        slot.unstage()
+    })
+    .await
+    .expect("unstage task");
+    match r {
+        Ok(Some(v)) => Response::Done {
+            message: format!("removed staged version {v}: it will not be installed"),
+        },
+        Ok(None) => Response::Done {
+            message: "nothing was staged".into(),
+        },
+        Err(r) => r.into(),
+    }
+}
+
 /// Runs one push to its end: the outcome's response is the reply to send.
 pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Conn<S>,

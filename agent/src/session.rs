@@ -207,5 +207,6 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             })
         },
         Request::Push { manifest, resume } => intake::push(io, sh, manifest, resume).await,
+        Request::Unstage => Outcome::reply(intake::unstage(sh).await),
     }
 }

@@ -62,6 +62,15 @@ fn io_refusal(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
     Refusal::new(code, format!("{op} {}: {e}", path.display()))
 }
 
+/// Bytes of disk a regular file holds (its blocks, not its length); 0 for anything else.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => m.blocks().saturating_mul(512),
+        _ => 0,
+    }
+}
+
 fn sys_refusal(e: IoError) -> Refusal {
     let code = if e.is_no_space() {
         ErrorCode::NoSpace
@@ -151,6 +160,19 @@ impl Slot {
         Ok(s.f_bavail.saturating_mul(s.f_frsize))
     }
 
+    /// Removes the staged image: its manifest (the commit marker) first, then the bytes.
+    /// Returns the version removed, if one was staged.
+    pub fn unstage(&self) -> Result<Option<u64>, Refusal> {
+        let version = self.staged().map(|m| m.manifest.version);
+        if remove(&self.path(&self.names.staged_manifest))? {
+            fsync_dir(&self.dir)?;
+        }
+        if remove(&self.staged_path())? {
+            fsync_dir(&self.dir)?;
+        }
+        Ok(version)
+    }
+
     /// Removes a partial upload and its manifest.
     pub fn discard_partial(&self) -> Result<(), Refusal> {
         let a = remove(&self.partial_path())?;
@@ -176,16 +198,40 @@ impl Slot {
         } else {
             0
         };
+        // Blocks the partial upload already holds (fallocated up front) are ours to reuse;
+        // blocks of a staged image this one replaces are freed if nothing else fits.
+        let held = if have > 0 {
+            allocated(&self.partial_path())
+        } else {
+            0
+        };
         let free = self.free_bytes()?;
-        let need = size - have;
+        let need = size.saturating_sub(held.max(have));
         if need > free {
-            return Err(Refusal::new(
-                ErrorCode::NoSpace,
-                format!(
-                    "image is {size} bytes, {need} more do not fit: {} has {free} bytes free",
-                    self.dir.display()
-                ),
-            ));
+            let staged = allocated(&self.staged_path());
+            if self.staged().is_some() && need <= free.saturating_add(staged) {
+                // Admission already checked this image is newer than the staged one: the
+                // staged one is superseded, and both do not fit.
+                tracing::info!(
+                    "dropping the staged image to make room: {need} bytes needed, {free} free"
+                );
+                self.unstage()?;
+            } else {
+                // A refusal leaves no partial file behind.
+                self.discard_partial()?;
+                return Err(Refusal::new(
+                    ErrorCode::NoSpace,
+                    format!(
+                        "image is {size} bytes, {need} more do not fit: {} has {free} bytes free{}",
+                        self.dir.display(),
+                        if staged > 0 {
+                            format!(" ({staged} more if the staged image went)")
+                        } else {
+                            String::new()
+                        }
+                    ),
+                ));
+            }
         }
         if have == 0 {
             let tmp = format!("{}.tmp", self.names.partial_manifest);

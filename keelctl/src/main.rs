@@ -103,6 +103,8 @@ enum Cmd {
     MarkGood,
     /// Reboots the device (root on the device's Unix socket).
     Reboot,
+    /// Drops the staged image and any partial upload (root on the device's Unix socket).
+    Unstage,
     /// Builds an initramfs: initstage as /init, kernel modules with their dependencies, keys.
     Initramfs {
         /// The static initstage binary.
@@ -204,6 +206,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
+        Cmd::Unstage => cmd::control::run(connect(&a)?, &Request::Unstage),
         Cmd::Initramfs {
             init,
             kernel_modules,

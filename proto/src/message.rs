@@ -37,6 +37,8 @@ pub enum Request {
     MarkGood,
     /// Syncs and reboots the machine (Unix socket, root only).
     Reboot,
+    /// Removes the staged image and any partial upload (Unix socket, root only).
+    Unstage,
 }
 
 impl Request {
@@ -48,6 +50,7 @@ impl Request {
             Request::Push { .. } => "push",
             Request::MarkGood => "mark-good",
             Request::Reboot => "reboot",
+            Request::Unstage => "unstage",
         }
     }
 }

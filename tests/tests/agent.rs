@@ -932,3 +932,74 @@ fn hybrid_vsock_endpoint_retries_until_the_guest_listens() {
         drop(a);
     });
 }
+
+/// Pushes with the busy retry keelctl does (a cut session may still be closing).
+fn push_retrying(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
+    let t = Instant::now();
+    loop {
+        match push(ep, img, m) {
+            Err(ClientError::Refused {
+                code: ErrorCode::Busy,
+                ..
+            }) if t.elapsed() < Duration::from_secs(5) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            r => return r,
+        }
+    }
+}
+
+#[test]
+fn large_images_resume_replace_the_staged_one_and_unstage() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-space", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let a = start(&w, "");
+        let free = status(&a).newimg_free.unwrap();
+        // Over half of newimg's free space, cut after 8 MiB.
+        let v2 = image(sb, 30, 4);
+        let m2 = manifest_for(&v2, "demo", 2);
+        let data = fs::read(&v2).unwrap();
+        assert!(
+            data.len() as u64 * 2 > free,
+            "image {} vs free {free}",
+            data.len()
+        );
+        let (mut cl, r) = a.begin_push(&m2, true);
+        assert_eq!(r, Response::Send { offset: 0 });
+        send_data(&mut cl, &data[..8 << 20]);
+        drop(cl);
+        wait_for(|| status(&a).partial.map(|p| p.received) == Some(8 << 20));
+        // The resume counts the partial file's reserved blocks as its own.
+        let r = push_retrying(&a.tcp, &v2, &m2).unwrap();
+        assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
+        // A newer image that does not fit beside the staged one replaces it.
+        let v3 = image(sb, 30, 5);
+        let m3 = manifest_for(&v3, "demo", 3);
+        let r = push(&a.tcp, &v3, &m3).unwrap();
+        assert!(matches!(r, Pushed::Staged { version: 3, .. }), "{r:?}");
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
+        // One that fits nowhere is refused and leaves no partial file.
+        let huge = image(sb, 60, 6);
+        let (c, msg) = refused(push(&a.tcp, &huge, &manifest_for(&huge, "demo", 4)));
+        assert_eq!(c, ErrorCode::NoSpace, "{msg}");
+        assert!(!newimg.join("root-squashfs.img.partial").exists());
+        assert!(!newimg.join("root-squashfs.img.partial.manifest").exists());
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
+        // unstage: refused over TCP, done for root on the Unix socket.
+        let out = keelctl(&["-e", &a.tcp.to_string(), "unstage"]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not-permitted"));
+        let out = keelctl(&["-e", &a.unix.to_string(), "unstage"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("removed staged version 3"), "{text}");
+        assert_eq!(slot(&w), (None, None));
+    });
+}

@@ -1,4 +1,4 @@
-//! `keelctl mark-good` and `keelctl reboot`: control requests.
+//! `keelctl mark-good`, `keelctl reboot`, `keelctl unstage`: control requests.
 
 use anyhow::bail;
 use keel_proto::message::{Request, Response};
@@ -6,7 +6,7 @@ use keelctl::client::Client;
 
 use super::out;
 
-/// Sends `req` (mark-good or reboot) and prints the agent's answer.
+/// Sends `req` (mark-good, reboot or unstage) and prints the agent's answer.
 pub fn run(mut c: Client, req: &Request) -> anyhow::Result<()> {
     match c.expect(req)? {
         Response::Done { message } => {
