@@ -14,7 +14,9 @@
 //! # image = "root-squashfs.img" # image file name; default: from boot.json
 //!
 //! idle_timeout_secs = 30        # drop a peer silent this long
-//! max_connections = 16          # more are answered "busy"
+//! max_connections = 16          # per pool (local Unix socket; remote TCP + vsock): more are "busy"
+//! max_connections_per_peer = 4  # remote connections from one IP address or vsock CID
+//! max_session_secs = 300        # a remote connection is closed between requests after this
 //! # announce = "vsock://2:7448" # say "ready" to the host once listening
 //! # reboot_command = "systemctl reboot"  # default: sync, then reboot(2)
 //! ```
@@ -58,8 +60,14 @@ pub struct Config {
     pub image: Option<String>,
     /// Seconds a peer may stay silent.
     pub idle_timeout_secs: u64,
-    /// Concurrent connections served.
+    /// Concurrent connections served, per pool: the local Unix socket has its own, so remote
+    /// peers can never starve local root's control requests.
     pub max_connections: usize,
+    /// Concurrent remote connections from one IP address (TCP) or CID (vsock).
+    pub max_connections_per_peer: usize,
+    /// Seconds a remote connection may live: closed before its next request after this (a
+    /// push in progress is not cut).
+    pub max_session_secs: u64,
     /// Endpoint to announce readiness to (`vsock://CID:PORT` or `tcp://HOST:PORT`).
     pub announce: Option<String>,
     /// Run this (through `/bin/sh -c`) to reboot instead of sync + reboot(2).
@@ -81,6 +89,8 @@ impl Default for Config {
             image: None,
             idle_timeout_secs: 30,
             max_connections: 16,
+            max_connections_per_peer: 4,
+            max_session_secs: 300,
             announce: None,
             reboot_command: None,
         }
@@ -123,6 +133,12 @@ impl Config {
         };
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
+        }
+        if self.max_connections_per_peer == 0 {
+            return bad("max_connections_per_peer must be at least 1".into());
+        }
+        if self.max_session_secs == 0 {
+            return bad("max_session_secs must be at least 1".into());
         }
         if self.idle_timeout_secs == 0 {
             return bad("idle_timeout_secs must be at least 1".into());
@@ -198,6 +214,8 @@ mod tests {
             image = "rootfs.erofs"
             idle_timeout_secs = 5
             max_connections = 2
+            max_connections_per_peer = 1
+            max_session_secs = 60
             announce = "tcp://127.0.0.1:2"
             reboot_command = "systemctl reboot"
         "#)

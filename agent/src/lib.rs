@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`config`] | `/etc/keel/agent.toml` |
 //! | [`transport`] | listeners (TCP, Unix socket, vsock) and peers |
+//! | [`admission`] | which connections are served: a local and a remote pool, a per-peer cap |
 //! | [`server`] | the daemon: bind, announce, accept under a limit, shut down |
 //! | [`shared`] | what every connection shares: settings, keys, the push lock |
 //! | [`session`] | one connection: hello, then each request authorized and dispatched |
@@ -22,6 +23,7 @@
 //! verify, conn}.
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod authz;
 pub mod config;
 pub mod conn;

@@ -1,4 +1,5 @@
-//! The daemon: bind the listeners, announce readiness, serve connections under a limit,
+//! The daemon: bind the listeners, announce readiness, serve connections under the
+//! [`crate::admission`] limits,
 //! stop on SIGTERM/SIGINT.
 
 use std::sync::Arc;
@@ -7,9 +8,9 @@ use std::time::Duration;
 use keel_proto::manifest::VerifyingKey;
 use keel_proto::message::{message_frame, Announce, ErrorCode, Response};
 use keel_sys::vsock;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::Semaphore;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::admission::{Full, Gate};
 use crate::config::Config;
 use crate::error::Error;
 use crate::shared::Shared;
@@ -43,7 +44,10 @@ pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
     let shared = Arc::new(Shared::new(config, keys));
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    let gate = Gate::new(
+        shared.config.max_connections,
+        shared.config.max_connections_per_peer,
+    );
     notify::notify(&format!("READY=1\nSTATUS=listening on {}", names.join(" ")));
     if let Some(to) = shared.config.announce.clone() {
         let config = shared.config.clone();
@@ -52,7 +56,7 @@ pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
     }
     let mut tasks = Vec::new();
     for l in listeners {
-        tasks.push(tokio::spawn(accept_loop(l, shared.clone(), limit.clone())));
+        tasks.push(tokio::spawn(accept_loop(l, shared.clone(), gate.clone())));
     }
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen {
@@ -80,7 +84,7 @@ pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
     Ok(())
 }
 
-async fn accept_loop(l: Listener, sh: Arc<Shared>, limit: Arc<Semaphore>) {
+async fn accept_loop(l: Listener, sh: Arc<Shared>, gate: Gate) {
     loop {
         let (conn, peer) = match l.accept().await {
             Ok(x) => x,
@@ -90,35 +94,42 @@ async fn accept_loop(l: Listener, sh: Arc<Shared>, limit: Arc<Semaphore>) {
                 continue;
             }
         };
-        let permit = limit.clone().try_acquire_owned();
+        let ticket = gate.admit(&peer);
         let sh = sh.clone();
         tokio::spawn(async move {
-            match permit {
-                Ok(_permit) => match conn {
+            match ticket {
+                Ok(_ticket) => match conn {
                     Conn::Tcp(s) => session::serve(s, peer, sh).await,
                     Conn::Unix(s) => session::serve(s, peer, sh).await,
                 },
-                Err(_) => refuse_busy(conn, peer, sh.config.max_connections).await,
+                Err(full) => match conn {
+                    Conn::Tcp(s) => refuse_busy(s, peer, full).await,
+                    Conn::Unix(s) => refuse_busy(s, peer, full).await,
+                },
             }
         });
     }
 }
 
-async fn refuse_busy(conn: Conn, peer: Peer, max: usize) {
-    tracing::info!(%peer, op = "connect", outcome = "refused busy: connection limit", "request");
+/// Answers `busy` and lets the client read it: the agent's side is half-closed and what the
+/// client sends (its hello) is drained for up to a second, so neither a reset (TCP) nor a
+/// broken pipe (Unix socket) loses the answer.
+async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, peer: Peer, full: Full) {
+    tracing::info!(%peer, op = "connect", outcome = %format!("refused busy: {full}"), "request");
     let Ok(f) = message_frame(&Response::error(
         ErrorCode::Busy,
-        format!("the agent already serves {max} connections: try again later"),
+        format!("{full}: try again later"),
     )) else {
         return;
     };
-    let w = async {
-        match conn {
-            Conn::Tcp(mut s) => s.write_all(&f).await,
-            Conn::Unix(mut s) => s.write_all(&f).await,
-        }
+    let answer = async {
+        s.write_all(&f).await?;
+        s.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), w).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
 }
 
 /// Connects out to the host and says "ready", retrying until it listens (up to 2 minutes).

@@ -102,8 +102,31 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<
             return;
         }
     }
+    // A remote connection lives at most max_session_secs (checked between requests: a push
+    // in progress is not cut); the local socket is not limited.
+    let lifetime = Duration::from_secs(sh.config.max_session_secs);
+    let deadline =
+        (!matches!(peer, Peer::Unix { .. })).then(|| tokio::time::Instant::from_std(t0) + lifetime);
     loop {
-        let req = match io.request().await {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, io.request()).await {
+                Ok(r) => r,
+                Err(_) => {
+                    let r = Response::error(
+                        ErrorCode::Timeout,
+                        format!(
+                            "this connection is {} s old (max_session_secs): reconnect",
+                            lifetime.as_secs()
+                        ),
+                    );
+                    tracing::info!(%peer, op = "read", outcome = %summary(&r), "request");
+                    let _ = io.send(&r).await;
+                    return;
+                }
+            },
+            None => io.request().await,
+        };
+        let req = match next {
             Ok(r) => r,
             Err(ReadError::Eof) => return,
             Err(e) => {

@@ -47,6 +47,10 @@ struct Dev {
 
 impl Dev {
     fn new(tag: &str, booted: u64, idle_secs: u64) -> Dev {
+        Dev::configured(tag, booted, |c| c.idle_timeout_secs = idle_secs)
+    }
+
+    fn configured(tag: &str, booted: u64, f: impl FnOnce(&mut Config)) -> Dev {
         let root = std::env::temp_dir().join(format!("keel-session-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         for d in ["newimg", "img"] {
@@ -73,14 +77,14 @@ impl Dev {
             ..BootState::default()
         };
         keel_sys::state::save(&root.join("img"), &st, no_hook).unwrap();
-        let config = Config {
+        let mut config = Config {
             unix: String::new(),
             newimg_dir: Some(root.join("newimg")),
             img_dir: Some(root.join("img")),
             boot_report: Some(root.join("boot.json")),
-            idle_timeout_secs: idle_secs,
             ..Config::default()
         };
+        f(&mut config);
         let sh = Arc::new(Shared::new(config, vec![key().verifying_key()]));
         Dev { root, sh }
     }
@@ -542,4 +546,44 @@ async fn planted_fifos_and_symlinks_on_newimg_neither_hang_nor_redirect_writes()
         panic!("status")
     };
     assert!(s.staged.is_none());
+}
+
+#[tokio::test]
+async fn a_remote_connection_lives_at_most_max_session_secs_a_local_one_longer() {
+    let d = Dev::configured("lifetime", 1, |c| {
+        c.idle_timeout_secs = 2;
+        c.max_session_secs = 2;
+    });
+    let mut remote = d.client(tcp()).await;
+    let mut local = d.client(local_root()).await;
+    // Busy enough never to be idle, yet closed once the session is 2 s old.
+    let t0 = std::time::Instant::now();
+    let closed_after = loop {
+        // The agent may have closed already: its answer is still there to read.
+        let _ = remote
+            .s
+            .write_all(&message_frame(&Request::Status).unwrap())
+            .await;
+        match remote.recv().await {
+            Response::Status(_) => {}
+            Response::Error { code, message } => {
+                assert_eq!(code, ErrorCode::Timeout, "{message}");
+                assert!(message.contains("max_session_secs"), "{message}");
+                break t0.elapsed();
+            }
+            other => panic!("{other:?}"),
+        }
+        local.send(&Request::Status).await;
+        assert!(matches!(local.recv().await, Response::Status(_)));
+        assert!(t0.elapsed() < Duration::from_secs(8), "never closed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        closed_after >= Duration::from_millis(1500),
+        "{closed_after:?}"
+    );
+    assert!(remote.closed().await);
+    // The local one is still served.
+    local.send(&Request::Status).await;
+    assert!(matches!(local.recv().await, Response::Status(_)));
 }

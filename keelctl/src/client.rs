@@ -131,7 +131,14 @@ impl Client {
             peer: self.peer.clone(),
             detail: format!("request {}: {e}", req.op()),
         })?;
-        self.s.write_all(&f).map_err(self.net("send request"))?;
+        if let Err(e) = self.s.write_all(&f) {
+            // The agent may have answered (busy) and closed before reading: its answer
+            // explains more than the broken pipe does.
+            if let Ok(r @ Response::Error { .. }) = self.response() {
+                return Ok(r);
+            }
+            return Err(self.net("send request")(e));
+        }
         self.response()
     }
 

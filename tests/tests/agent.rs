@@ -730,13 +730,41 @@ fn connection_limit_and_sigterm() {
     }
     with_newimg("agent-limit", 16, |sb, newimg| {
         let w = world(sb, newimg, 1);
-        let mut a = start(&w, "max_connections = 2");
-        let c1 = a.client(&a.tcp);
-        let c2 = a.client(&a.unix);
-        let mut s = TcpStream::connect(a.tcp.to_string().trim_start_matches("tcp://")).unwrap();
-        let (c, msg) = error_of(read_response(&mut s));
-        assert_eq!(c, ErrorCode::Busy, "{msg}");
-        drop((c1, c2));
+        let mut a = start(&w, "max_connections = 3\nmax_connections_per_peer = 2");
+        let busy = |s: &mut TcpStream| {
+            let (c, msg) = error_of(read_response(s));
+            assert_eq!(c, ErrorCode::Busy, "{msg}");
+            msg
+        };
+        // Two from 127.0.0.1 hold that address's share.
+        let r1 = a.client(&a.tcp);
+        let r2 = a.client(&a.tcp);
+        let mut s = tcp_from("127.0.0.1", &a.tcp);
+        assert!(busy(&mut s).contains("this address"));
+        // One from 127.0.0.2 fills the remote pool; 127.0.0.3 is then refused too.
+        let r3 = Client::over(
+            keelctl::stream::Stream::Tcp(tcp_from("127.0.0.2", &a.tcp)),
+            "127.0.0.2".into(),
+            T,
+        )
+        .unwrap();
+        let mut s = tcp_from("127.0.0.3", &a.tcp);
+        assert!(busy(&mut s).contains("3 connections"));
+        // Remote peers holding every remote slot do not keep local root out.
+        let out = keelctl(&["-e", &a.unix.to_string(), "mark-good"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(read_state(&w.img).trial.is_none());
+        // The local pool full: keelctl says busy (not "broken pipe").
+        let l: Vec<Client> = (0..3).map(|_| a.client(&a.unix)).collect();
+        let out = keelctl(&["-e", &a.unix.to_string(), "--wait", "0", "status"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("busy"), "{err}");
+        assert!(!err.to_lowercase().contains("broken pipe"), "{err}");
+        drop((r1, r2, r3, l));
         wait_for(|| Client::connect(&a.tcp, Duration::from_secs(1), T).is_ok());
         // SIGTERM: a clean exit that removes the socket.
         rustix::process::kill_process(
@@ -749,6 +777,21 @@ fn connection_limit_and_sigterm() {
         assert!(!w.etc.join("agent.sock").exists());
         assert!(a.log().contains("SIGTERM"));
     });
+}
+
+/// A TCP connection to `ep` from the local address `src` (any of 127.0.0.0/8).
+fn tcp_from(src: &str, ep: &Endpoint) -> TcpStream {
+    use rustix::net::{bind, connect, socket, AddressFamily, SocketAddrV4, SocketType};
+    let Endpoint::Tcp(addr) = ep else {
+        panic!("{ep} is not TCP")
+    };
+    let to: std::net::SocketAddrV4 = addr.parse().unwrap();
+    let fd = socket(AddressFamily::INET, SocketType::STREAM, None).unwrap();
+    bind(&fd, &SocketAddrV4::new(src.parse().unwrap(), 0)).unwrap();
+    connect(&fd, &to).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(T)).unwrap();
+    s
 }
 
 /// kill -9 of the agent mid-stream, then a restart: nothing half-staged that initstage would
