@@ -176,6 +176,15 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
     Ok(())
 }
 
+/// Whether two paths name the same file (device and inode), without following symlinks.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::symlink_metadata(a), fs::symlink_metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// Runs one step.
 pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
     let n = &dirs.names;
@@ -222,9 +231,21 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
         }
         Step::RemoveStaged => {
             if let Some(dir) = &dirs.newimg {
+                let staged = dir.join(&n.staged);
+                // Never the current or old image, whatever the mounts made of the names.
+                for keep in [dirs.img(&n.current), dirs.img(&n.old)] {
+                    if same_file(&staged, &keep) {
+                        log::error!(
+                            "refusing to remove {}: it is {} (two roles on one filesystem?); left in place",
+                            staged.display(),
+                            keep.display()
+                        );
+                        return Ok(());
+                    }
+                }
                 // The manifest is the commit marker: it goes first.
                 let a = remove_if_exists(&dir.join(&n.staged_manifest))?;
-                let b = remove_if_exists(&dir.join(&n.staged))?;
+                let b = remove_if_exists(&staged)?;
                 if a || b {
                     fsync_dir(dir)?;
                 }
@@ -285,6 +306,25 @@ mod tests {
             Staged::Invalid(why) => assert!(why.contains("symlink"), "{why}"),
             other => panic!("{other:?}"),
         }
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn removing_the_staged_image_never_removes_the_current_one() {
+        let root = std::env::temp_dir().join(format!("keel-apply-same-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).unwrap();
+        fs::write(root.join("root.img"), b"current").unwrap();
+        fs::write(root.join("root.img.manifest"), b"{}").unwrap();
+        // newimg and img are the same directory, as two roles on one filesystem make them.
+        let dirs = Dirs {
+            img: root.clone(),
+            newimg: Some(root.clone()),
+            names: Names::for_image("root.img"),
+        };
+        run_step(&Step::RemoveStaged, &dirs).unwrap();
+        assert_eq!(fs::read(root.join("root.img")).unwrap(), b"current");
+        assert!(root.join("root.img.manifest").exists());
         fs::remove_dir_all(&root).unwrap();
     }
 }

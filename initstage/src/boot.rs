@@ -206,6 +206,9 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
             f.label
         );
     }
+    for why in &parts.refused {
+        log::warn!("{why}");
+    }
     for role in ["overlay", "newimg", "boot"] {
         if !parts.all().any(|f| f.role == role) {
             log::info!("no {role} partition");
@@ -244,7 +247,7 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         newimg: parts.newimg.as_ref().map(|_| layout.part("newimg")),
         names: Names::for_image(&cfg.image),
     };
-    let mut actions = Vec::new();
+    let mut actions = parts.refused.clone();
     let mut state = step("promotion", || {
         promote_and_account(opts, &dirs, &mut actions)
     })?;

@@ -43,6 +43,9 @@ pub struct Partitions {
     pub newimg: Option<Found>,
     /// The boot partition (modules).
     pub boot: Option<Found>,
+    /// Roles refused because their device already serves another role (why, for the log
+    /// and `boot.json`).
+    pub refused: Vec<String>,
 }
 
 impl Partitions {
@@ -160,11 +163,33 @@ pub fn select(scanned: &[(PathBuf, Superblock)], labels: &Labels) -> Result<Opti
     let Some(img) = pick(scanned, "img", &labels.img)? else {
         return Ok(None);
     };
+    // One device, one role: two roles on one filesystem would make the staged slot and the
+    // current image the same files (and a plan that removes one remove the other).
+    let mut taken: Vec<(PathBuf, &'static str)> = vec![(img.device.clone(), "img")];
+    let mut refused = Vec::new();
+    let mut unique = |role: &'static str, label: &str| -> Result<Option<Found>> {
+        let Some(f) = pick(scanned, role, label)? else {
+            return Ok(None);
+        };
+        if let Some((_, first)) = taken.iter().find(|(d, _)| *d == f.device) {
+            refused.push(format!(
+                "{role} partition refused: {} (label {label:?}) is already the {first} partition; treating {role} as absent (check keel.label.{role}=)",
+                f.device.display()
+            ));
+            return Ok(None);
+        }
+        taken.push((f.device.clone(), role));
+        Ok(Some(f))
+    };
+    let overlay = unique("overlay", &labels.overlay)?;
+    let newimg = unique("newimg", &labels.newimg)?;
+    let boot = unique("boot", &labels.boot)?;
     Ok(Some(Partitions {
         img,
-        overlay: pick(scanned, "overlay", &labels.overlay)?,
-        newimg: pick(scanned, "newimg", &labels.newimg)?,
-        boot: pick(scanned, "boot", &labels.boot)?,
+        overlay,
+        newimg,
+        boot,
+        refused,
     }))
 }
 
@@ -208,6 +233,33 @@ mod tests {
         assert_eq!(p.img.device, PathBuf::from("/dev/vda1"));
         assert_eq!(p.overlay.unwrap().fstype, "ext4");
         assert!(p.newimg.is_none() && p.boot.is_none());
+    }
+
+    #[test]
+    fn a_device_serves_one_role_only() {
+        let scanned = vec![
+            (PathBuf::from("/dev/vda1"), sb("img", "ext4")),
+            (PathBuf::from("/dev/vda2"), sb("overlay", "ext4")),
+        ];
+        let labels = Labels {
+            newimg: "img".into(),
+            boot: "overlay".into(),
+            ..Labels::default()
+        };
+        let p = select(&scanned, &labels).unwrap().unwrap();
+        assert!(p.newimg.is_none() && p.boot.is_none());
+        assert_eq!(p.overlay.unwrap().device, PathBuf::from("/dev/vda2"));
+        assert_eq!(p.refused.len(), 2);
+        assert!(
+            p.refused[0].contains("already the img partition"),
+            "{:?}",
+            p.refused
+        );
+        assert!(
+            p.refused[1].contains("already the overlay partition"),
+            "{:?}",
+            p.refused
+        );
     }
 
     #[test]

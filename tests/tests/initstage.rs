@@ -623,3 +623,37 @@ fn modules_resolve_from_initramfs_then_boot_partition() {
     );
     sb.finish();
 }
+
+/// `keel.label.newimg=img` maps two roles to one filesystem: the factory manifest on `img`
+/// would look like a staged image equal to the current one. The second role is refused and
+/// the current image survives any number of boots, also after the cmdline is fixed.
+#[test]
+fn two_roles_on_one_device_are_refused_and_the_current_image_survives() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("two-roles");
+    let disk = standard_disk(&mut sb);
+    for _ in 0..2 {
+        let r = sb.prepare(&disk, "keel.label.newimg=img");
+        assert_eq!(sb.booted_version(), 1);
+        assert!(
+            r.actions
+                .iter()
+                .any(|a| a.contains("newimg partition refused")),
+            "{:?}",
+            r.actions
+        );
+        assert!(!r.partitions.iter().any(|p| p.role == "newimg"));
+        sb.teardown();
+    }
+    let r = sb.prepare(&disk, "");
+    assert_eq!(sb.booted_version(), 1);
+    assert!(r.partitions.iter().any(|p| p.role == "newimg"));
+    sb.teardown();
+    sb.with_partition(&disk, IMG, |d| {
+        assert!(d.join("root-squashfs.img").exists());
+        assert!(d.join("root-squashfs.img.manifest").exists());
+    });
+    sb.finish();
+}
