@@ -46,7 +46,35 @@ fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, R
         Ok(Admit::UpToDate(message)) => return Err(Response::UpToDate { message }),
         Err(r) => return Err(r.into()),
     }
+    promotable(config, &facts, signed.manifest.size)?;
     slot.begin(signed, resume).map_err(Response::from)
+}
+
+/// Whether the next boot can promote an image of `size` bytes: initstage copies it to `img`
+/// beside the current and old images (the old one goes only after the copy), so `img` needs
+/// that much free (a leftover `.new` copy is removed first, so it counts as free).
+fn promotable(config: &crate::config::Config, facts: &Facts, size: u64) -> Result<(), Response> {
+    let img = config.img_dir();
+    let Ok(st) = rustix::fs::statvfs(&img) else {
+        // No img mounted (a test rig, a device not booted by initstage): nothing to promote to.
+        return Ok(());
+    };
+    let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
+    let leftover = crate::stage::allocated(&img.join(&names.new_tmp));
+    let free = st
+        .f_bavail
+        .saturating_mul(st.f_frsize)
+        .saturating_add(leftover);
+    if size > free {
+        return Err(Response::error(
+            ErrorCode::NoSpace,
+            format!(
+                "image is {size} bytes but {} has {free} bytes free: the next boot could not promote it (free room on img, or make the image smaller)",
+                img.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Drops the staged image and any partial upload (not while a push runs).

@@ -63,7 +63,7 @@ fn io_refusal(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
 }
 
 /// Bytes of disk a regular file holds (its blocks, not its length); 0 for anything else.
-fn allocated(path: &Path) -> u64 {
+pub fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_file() => m.blocks().saturating_mul(512),

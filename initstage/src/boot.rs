@@ -151,6 +151,22 @@ fn promote_and_account(
     for s in &plan.steps {
         if let Err(e) = apply::run_step(s, dirs) {
             if let (Step::CopyStaged { .. }, Some(m)) = (s, apply::staged_manifest(&facts)) {
+                if e.is_no_space() {
+                    // A full img says nothing about the image: keep it staged, boot on.
+                    let why = format!(
+                        "img is full: version {} stays staged, not promoted ({e}); free room on img",
+                        m.version
+                    );
+                    log::error!("{why}");
+                    actions.push(why);
+                    apply::run_step(&Step::RemoveNewTmp, dirs)?;
+                    let mut f = apply::gather_facts(dirs, &opts.keys);
+                    f.staged = promote::Staged::None;
+                    let follow = promote::plan(&state, &f, opts.cfg.tries);
+                    apply::execute(&follow, dirs)?;
+                    actions.extend(follow.actions);
+                    return Ok(follow.state);
+                }
                 let rej = promote::plan_reject_staged(&state, m, &e.to_string());
                 log::error!("{}", rej.actions[0]);
                 apply::execute(&rej, dirs)?;

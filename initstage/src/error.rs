@@ -3,6 +3,13 @@
 use std::io;
 use std::path::PathBuf;
 
+impl Error {
+    /// Whether the file system was full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 /// Everything that can go wrong in initstage.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -1046,3 +1046,32 @@ fn large_images_resume_replace_the_staged_one_and_unstage() {
         assert_eq!(slot(&w), (None, None));
     });
 }
+
+/// A push the next boot could not promote (`img` too small) is refused before a byte.
+#[test]
+fn a_push_img_cannot_take_is_refused() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("agent-imgfull", 16, |sb, small_img| {
+        let newimg = sb.fresh("newimg");
+        fs::create_dir_all(&newimg).unwrap();
+        let mut w = world(sb, &newimg, 1);
+        fs::copy(
+            w.img.join("keel-state.json"),
+            small_img.join("keel-state.json"),
+        )
+        .unwrap();
+        w.img = small_img.to_path_buf();
+        let a = start(&w, "");
+        let big = image(sb, 20, 7);
+        let (c, msg) = refused(push(&a.tcp, &big, &manifest_for(&big, "demo", 2)));
+        assert_eq!(c, ErrorCode::NoSpace, "{msg}");
+        assert!(msg.contains("could not promote"), "{msg}");
+        assert_eq!(slot(&w), (None, None));
+        assert!(!newimg.join("root-squashfs.img.partial").exists());
+        let ok = image(sb, 2, 8);
+        let r = push(&a.tcp, &ok, &manifest_for(&ok, "demo", 2)).unwrap();
+        assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
+    });
+}

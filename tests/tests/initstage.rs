@@ -657,3 +657,37 @@ fn two_roles_on_one_device_are_refused_and_the_current_image_survives() {
     });
     sb.finish();
 }
+
+/// A staged image that does not fit on `img` next to the current one is kept, not refused:
+/// a full partition says nothing about the image.
+#[test]
+fn img_too_small_for_a_promotion_keeps_the_staged_image() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("img-full");
+    let img = sb.img_with_v1(16);
+    let disk = sb.disk(&[img, Part::new("overlay", 8), Part::new("newimg", 48)]);
+    let big = sb.fresh("big.img");
+    fs::write(&big, vec![0x5a; 24 << 20]).unwrap();
+    let m = manifest_for(&big, "demo", 2);
+    sb.with_partition(&disk, NEWIMG, |d| stage(d, &big, &m));
+    let r = sb.prepare(&disk, "");
+    assert_eq!(sb.booted_version(), 1);
+    assert!(
+        r.actions.iter().any(|a| a.contains("img is full")),
+        "{:?}",
+        r.actions
+    );
+    sb.teardown();
+    sb.with_partition(&disk, NEWIMG, |d| {
+        assert!(d.join("root-squashfs.img.manifest").exists());
+        assert_eq!(sha256_file(&d.join("root-squashfs.img")), m.manifest.sha256);
+    });
+    let st = sb.with_partition(&disk, IMG, |d| {
+        assert!(!d.join("root-squashfs.img.new").exists());
+        read_state(d)
+    });
+    assert!(st.rejected.is_empty(), "{:?}", st.rejected);
+    sb.finish();
+}
