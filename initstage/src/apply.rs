@@ -131,7 +131,69 @@ pub fn gather_facts(dirs: &Dirs, keys: &[VerifyingKey]) -> Facts {
         old_tmp_exists: dirs.img(&n.old_tmp).exists(),
         staged: read_staged(dirs, keys),
         adopt,
+        adopt_old: None,
     }
+}
+
+/// Checks the manifest found beside the current image against the image itself (size, then
+/// sha256): a lost state must not make a factory manifest describe a promoted image. Returns
+/// the record to adopt and, on a mismatch, why it is recorded as unknown.
+pub fn check_adopt(dirs: &Dirs, rec: &ImageRecord) -> (ImageRecord, Option<String>) {
+    check_record(&dirs.img(&dirs.names.current), rec)
+}
+
+/// The `-old` image's record, from `<old>.manifest` when it describes the bytes, else unknown
+/// with the real digest.
+pub fn adopt_old(dirs: &Dirs) -> ImageRecord {
+    let n = &dirs.names;
+    let path = dirs.img(&n.old);
+    let rec = durable::read_regular(&dirs.img(&format!("{}.manifest", n.old)), MAX_MANIFEST)
+        .ok()
+        .flatten()
+        .and_then(|b| SignedManifest::from_json(&b).ok())
+        .map(|m| ImageRecord::from_manifest(&m.manifest))
+        .unwrap_or_else(ImageRecord::unknown);
+    check_record(&path, &rec).0
+}
+
+fn check_record(path: &Path, rec: &ImageRecord) -> (ImageRecord, Option<String>) {
+    let (size, sha256) = match hash_file(path) {
+        Ok(x) => x,
+        Err(e) => return (ImageRecord::unknown(), Some(e.to_string())),
+    };
+    if size == rec.size && sha256.eq_ignore_ascii_case(&rec.sha256) {
+        return (rec.clone(), None);
+    }
+    let why = format!(
+        "the manifest beside {} describes {} version {} ({} bytes, sha256 {}), but the image is {size} bytes with sha256 {sha256}: recorded as unknown",
+        path.display(),
+        rec.name,
+        rec.version,
+        rec.size,
+        rec.sha256
+    );
+    let unknown = ImageRecord {
+        sha256,
+        size,
+        ..ImageRecord::unknown()
+    };
+    (unknown, Some(why))
+}
+
+fn hash_file(path: &Path) -> Result<(u64, String)> {
+    let mut f = File::open(path).ctx("open", path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).ctx("read", path)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((total, hex::encode(&hasher.finalize())))
 }
 
 /// Copies `src` to `dst` hashing as it goes, fsyncs, and checks size and digest.
@@ -176,6 +238,22 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
     Ok(())
 }
 
+/// Keeps the installed image's signed manifest beside it on `img` (from the staged slot,
+/// still there until the plan's last step), so that a lost state file is recovered from the
+/// image's own manifest, not the factory one. Best effort: a missing or unreadable staged
+/// manifest leaves the old one, which [`check_adopt`] then finds not to match.
+fn record_manifest(dirs: &Dirs) -> Result<()> {
+    let n = &dirs.names;
+    let Some(src) = dirs.newimg(&n.staged_manifest) else {
+        return Ok(());
+    };
+    let Ok(Some(bytes)) = durable::read_regular(&src, MAX_MANIFEST) else {
+        return Ok(());
+    };
+    let name = format!("{}.manifest", n.current);
+    durable::write_atomic(&dirs.img, &format!("{name}.tmp"), &name, &bytes, hook).map_err(sys)
+}
+
 /// Whether two paths name the same file (device and inode), without following symlinks.
 fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -209,6 +287,14 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
         }
         Step::WriteState(s) => save_state(&dirs.img, s)?,
         Step::KeepCurrentAsOld => {
+            // Best effort, like record_manifest: the old image's manifest goes with it.
+            if let Ok(Some(b)) =
+                durable::read_regular(&dirs.img(&format!("{}.manifest", n.current)), MAX_MANIFEST)
+            {
+                let name = format!("{}.manifest", n.old);
+                durable::write_atomic(&dirs.img, &format!("{name}.tmp"), &name, &b, hook)
+                    .map_err(sys)?;
+            }
             let tmp = dirs.img(&n.old_tmp);
             remove_if_exists(&tmp)?;
             fs::hard_link(dirs.img(&n.current), &tmp).ctx("link", &tmp)?;
@@ -222,6 +308,7 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
                 .ctx("rename", dirs.img(&n.current))?;
             failpoint::hit("rename new");
             fsync_dir(&dirs.img)?;
+            record_manifest(dirs)?;
         }
         Step::RestoreOld => {
             fs::rename(dirs.img(&n.old), dirs.img(&n.current))

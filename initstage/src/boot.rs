@@ -143,6 +143,20 @@ fn promote_and_account(
         }
     };
     let mut facts = apply::gather_facts(dirs, &opts.keys);
+    if state.current.is_none() && facts.current_exists {
+        // Adopting: the manifest must describe the image that is there.
+        if let Some(rec) = &facts.adopt {
+            let (rec, why) = apply::check_adopt(dirs, rec);
+            if let Some(why) = why {
+                log::warn!("{why}");
+                actions.push(why);
+            }
+            facts.adopt = Some(rec);
+        }
+        if facts.old_exists {
+            facts.adopt_old = Some(apply::adopt_old(dirs));
+        }
+    }
     if let Some(why) = distrust_staged(&mut facts, opts.keys_error.as_deref()) {
         log::error!("{why}");
         actions.push(why);

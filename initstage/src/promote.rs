@@ -36,6 +36,8 @@ pub struct Facts {
     pub staged: Staged,
     /// A record for the current image from `<image>.manifest` on img (first boot).
     pub adopt: Option<ImageRecord>,
+    /// A record for the `-old` image, checked against its bytes (only read when adopting).
+    pub adopt_old: Option<ImageRecord>,
 }
 
 /// The staged slot on newimg.
@@ -200,6 +202,19 @@ pub fn plan(state: &BootState, facts: &Facts, tries: u32) -> Plan {
         s.push_event(EventKind::Adopted, msg.clone());
         actions.push(msg);
         s.current = Some(rec);
+        // An -old image means a promotion happened and its state is lost: whether the running
+        // image was ever confirmed is unknown, so it is on trial again (rolled back to -old
+        // unless marked good within `tries` boots).
+        if facts.old_exists && s.trial.is_none() {
+            let msg = format!(
+                "no boot state but a previous image is there: version {} is on trial again",
+                version_of(&s.current)
+            );
+            s.push_event(EventKind::Adopted, msg.clone());
+            actions.push(msg);
+            s.trial = Some(Trial { tries, used: 0 });
+            s.old = Some(facts.adopt_old.clone().unwrap_or_else(ImageRecord::unknown));
+        }
     }
 
     // 4. A committed staged image.
@@ -636,6 +651,7 @@ mod tests {
                         old_tmp_exists: bits & 8 != 0,
                         staged,
                         adopt: None,
+                        adopt_old: None,
                     };
                     let p = plan(st, &f, 3);
                     assert!(p.state.pending.is_none(), "{st:?} {f:?}");

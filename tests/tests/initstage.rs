@@ -691,3 +691,60 @@ fn img_too_small_for_a_promotion_keeps_the_staged_image() {
     assert!(st.rejected.is_empty(), "{:?}", st.rejected);
     sb.finish();
 }
+
+/// `keel-state.json` lost after a promotion: the next boot adopts the promoted image's own
+/// manifest (kept beside it on `img`), puts it on trial again because `-old` is there, and
+/// never takes a manifest that does not describe the image's bytes.
+#[test]
+fn a_lost_state_file_neither_misreports_the_image_nor_forgets_the_trial() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("lost-state");
+    let disk = standard_disk(&mut sb);
+    sb.prepare(&disk, "");
+    sb.teardown();
+    let sha2 = stage_version(&mut sb, &disk, 2);
+    assert_eq!(sb.prepare(&disk, "keel.tries=2").booted.version, 2);
+    sb.teardown();
+    sb.with_partition(&disk, IMG, |d| {
+        fs::write(d.join("keel-state.json"), b"").unwrap()
+    });
+    let r = sb.prepare(&disk, "keel.tries=2");
+    assert_eq!(r.booted.version, 2, "{:?}", r.actions);
+    assert_eq!(r.booted.sha256, sha2);
+    assert_eq!(
+        r.trial,
+        Some(Trial { tries: 2, used: 1 }),
+        "{:?}",
+        r.actions
+    );
+    sb.teardown();
+    // Not marked good: rolled back to the previous image.
+    let r = sb.prepare(&disk, "keel.tries=2");
+    assert_eq!(r.trial, Some(Trial { tries: 2, used: 2 }));
+    sb.teardown();
+    let r = sb.prepare(&disk, "keel.tries=2");
+    assert_eq!(r.booted.version, 1, "{:?}", r.actions);
+    sb.teardown();
+    // A manifest beside the image that does not describe it (the factory one beside v2):
+    // the image is recorded as unknown, with its real digest.
+    let sha1 = stage_version(&mut sb, &disk, 3);
+    sb.prepare(&disk, "");
+    sb.teardown();
+    let factory = sb.squashfs(1);
+    let m1 = manifest_for(&factory, "demo", 1);
+    sb.with_partition(&disk, IMG, |d| {
+        fs::write(d.join("root-squashfs.img.manifest"), m1.to_json()).unwrap();
+        fs::remove_file(d.join("keel-state.json")).unwrap();
+    });
+    let r = sb.prepare(&disk, "");
+    assert_eq!(r.booted.version, 0, "{:?}", r.actions);
+    assert_eq!(r.booted.sha256, sha1);
+    assert!(
+        r.actions.iter().any(|a| a.contains("recorded as unknown")),
+        "{:?}",
+        r.actions
+    );
+    sb.finish();
+}
