@@ -200,7 +200,7 @@ impl Slot {
         };
         // Blocks the partial upload already holds (fallocated up front) are ours to reuse;
         // blocks of a staged image this one replaces are freed if nothing else fits.
-        let held = if have > 0 {
+        let held = if resume && same {
             allocated(&self.partial_path())
         } else {
             0
