@@ -181,7 +181,17 @@ fn check_record(path: &Path, rec: &ImageRecord) -> (ImageRecord, Option<String>)
 }
 
 fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = File::open(path).ctx("open", path)?;
+    let f = File::open(path).ctx("open", path)?;
+    read_hashing(f, path, |_| Ok(()))
+}
+
+/// Reads `f` (opened from `path`) to its end, handing each chunk to `sink` while hashing
+/// it: its size and sha256. The one read loop of the adoption check and the promotion copy.
+fn read_hashing(
+    mut f: File,
+    path: &Path,
+    mut sink: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<(u64, String)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
@@ -191,6 +201,7 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
             break;
         }
         hasher.update(&buf[..n]);
+        sink(&buf[..n])?;
         total += n as u64;
     }
     Ok((total, hex::encode(&hasher.finalize())))
@@ -198,25 +209,14 @@ fn hash_file(path: &Path) -> Result<(u64, String)> {
 
 /// Copies `src` to `dst` hashing as it goes, fsyncs, and checks size and digest.
 pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()> {
-    let mut input = File::open(src).ctx("open", src)?;
+    let input = File::open(src).ctx("open", src)?;
     let mut out = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .open(dst)
         .ctx("create", dst)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = input.read(&mut buf).ctx("read", src)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).ctx("write", dst)?;
-        total += n as u64;
-    }
+    let (total, found) = read_hashing(input, src, |chunk| out.write_all(chunk).ctx("write", dst))?;
     failpoint::hit("copy image");
     out.sync_all().ctx("fsync", dst)?;
     failpoint::hit("fsync image");
@@ -227,7 +227,6 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
             found: total,
         });
     }
-    let found = hex::encode(&hasher.finalize());
     if !found.eq_ignore_ascii_case(sha256) {
         return Err(Error::HashMismatch {
             path: src.to_path_buf(),
@@ -243,14 +242,18 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
 /// image's own manifest, not the factory one. Best effort: a missing or unreadable staged
 /// manifest leaves the old one, which [`check_adopt`] then finds not to match.
 fn record_manifest(dirs: &Dirs) -> Result<()> {
-    let n = &dirs.names;
-    let Some(src) = dirs.newimg(&n.staged_manifest) else {
+    match dirs.newimg(&dirs.names.staged_manifest) {
+        Some(src) => copy_manifest(&src, dirs, &dirs.names.current),
+        None => Ok(()),
+    }
+}
+
+/// Writes the manifest at `src` (if readable) crash-safely as `<image>.manifest` on `img`.
+fn copy_manifest(src: &Path, dirs: &Dirs, image: &str) -> Result<()> {
+    let Ok(Some(bytes)) = durable::read_regular(src, MAX_MANIFEST) else {
         return Ok(());
     };
-    let Ok(Some(bytes)) = durable::read_regular(&src, MAX_MANIFEST) else {
-        return Ok(());
-    };
-    let name = format!("{}.manifest", n.current);
+    let name = format!("{image}.manifest");
     durable::write_atomic(&dirs.img, &format!("{name}.tmp"), &name, &bytes, hook).map_err(sys)
 }
 
@@ -288,13 +291,7 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
         Step::WriteState(s) => save_state(&dirs.img, s)?,
         Step::KeepCurrentAsOld => {
             // Best effort, like record_manifest: the old image's manifest goes with it.
-            if let Ok(Some(b)) =
-                durable::read_regular(&dirs.img(&format!("{}.manifest", n.current)), MAX_MANIFEST)
-            {
-                let name = format!("{}.manifest", n.old);
-                durable::write_atomic(&dirs.img, &format!("{name}.tmp"), &name, &b, hook)
-                    .map_err(sys)?;
-            }
+            copy_manifest(&dirs.img(&format!("{}.manifest", n.current)), dirs, &n.old)?;
             let tmp = dirs.img(&n.old_tmp);
             remove_if_exists(&tmp)?;
             fs::hard_link(dirs.img(&n.current), &tmp).ctx("link", &tmp)?;
