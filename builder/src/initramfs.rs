@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use keel_proto::moddep::{name_of, parse_builtin, resolve, ModuleDeps};
+use keel_unpack::Format;
 
 use crate::error::{Error, IoContext, Result};
 
@@ -84,6 +85,11 @@ pub struct Spec {
     pub modules: Vec<String>,
     /// Trusted public keys (PEM) for `/etc/keel/trusted.pem`.
     pub keys: Option<PathBuf>,
+    /// Pack compressed modules (`.ko.gz`, `.ko.xz`, `.ko.zst`) as they are, for a kernel
+    /// that decompresses them itself. By default they are unpacked to `.ko`: any kernel
+    /// loads them, the boot spends no time decoding, and the archive's own gzip compresses
+    /// them about as well.
+    pub keep_compressed: bool,
     /// Extra files: (source, path in the archive).
     pub files: Vec<(PathBuf, String)>,
 }
@@ -95,6 +101,34 @@ pub struct Packed {
     pub modules: Vec<String>,
     /// Requested modules that are built into the kernel.
     pub builtin: Vec<String>,
+    /// Module files unpacked, per format (gzip, xz, zstd).
+    pub unpacked: [usize; 3],
+    /// zstd modules kept compressed: initstage cannot decode them, only a kernel with
+    /// zstd module decompression loads them.
+    pub kept_zstd: usize,
+}
+
+/// The largest module the builder unpacks.
+pub const MAX_MODULE: u64 = 256 << 20;
+
+/// A module's path in the archive once unpacked: `kernel/a.ko.xz` → `kernel/a.ko`.
+pub fn unpacked_path(rel: &str) -> &str {
+    Format::of_path(rel).map_or(rel, |f| f.strip(rel))
+}
+
+/// A `modules.dep` line with every path unpacked.
+pub fn unpacked_dep_line(line: &str) -> String {
+    match line.split_once(':') {
+        Some((m, deps)) => {
+            let deps: Vec<&str> = deps.split_whitespace().map(unpacked_path).collect();
+            if deps.is_empty() {
+                format!("{}:", unpacked_path(m))
+            } else {
+                format!("{}: {}", unpacked_path(m), deps.join(" "))
+            }
+        }
+        None => line.to_string(),
+    }
 }
 
 fn read(p: &Path) -> Result<Vec<u8>> {
@@ -153,18 +187,38 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
         let base = format!("lib/modules/{version}");
         let mut dep_lines = String::new();
         for rel in &order {
-            add_file(
-                &mut dirs,
-                format!("{base}/{rel}"),
-                0o644,
-                read(&kdir.join(rel))?,
-            );
-            // Keep each packed module's own modules.dep line.
+            let src = kdir.join(rel);
+            let format = Format::of_path(rel);
+            let (path, data) = match format {
+                Some(f) if !spec.keep_compressed => {
+                    let mut data = Vec::new();
+                    keel_unpack::decode_file(&src, &mut data, MAX_MODULE).map_err(|e| {
+                        Error::Input {
+                            path: src.clone(),
+                            detail: format!("cannot unpack this module: {e}"),
+                        }
+                    })?;
+                    packed.unpacked[f as usize] += 1;
+                    (unpacked_path(rel), data)
+                }
+                _ => {
+                    if format == Some(Format::Zstd) {
+                        packed.kept_zstd += 1;
+                    }
+                    (rel.as_str(), read(&src)?)
+                }
+            };
+            add_file(&mut dirs, format!("{base}/{path}"), 0o644, data);
+            // Keep each packed module's own modules.dep line (its paths as packed).
             if let Some(line) = dep_text
                 .lines()
                 .find(|l| l.split(':').next() == Some(rel.as_str()))
             {
-                dep_lines.push_str(line);
+                if spec.keep_compressed {
+                    dep_lines.push_str(line);
+                } else {
+                    dep_lines.push_str(&unpacked_dep_line(line));
+                }
                 dep_lines.push('\n');
             }
             packed.modules.push(name_of(rel));

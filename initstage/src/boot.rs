@@ -378,9 +378,9 @@ pub fn clean_trash(trash: &Path) -> std::io::Result<()> {
         std::fs::remove_dir_all(&p)?;
     }
     log::info!(
-        "emptied {} ({:.1} ms)",
+        "emptied {} ({} ms)",
         trash.display(),
-        t.elapsed().as_secs_f64() * 1000.0
+        crate::kmsg::Ms(t.elapsed())
     );
     Ok(())
 }

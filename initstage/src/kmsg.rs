@@ -110,14 +110,36 @@ pub fn set_verbose(on: bool) {
     });
 }
 
+/// A duration shown as milliseconds with one decimal (`12.3`), in integer arithmetic:
+/// initstage then links no float formatting (7.6 KB of its size budget).
+#[derive(Debug, Clone, Copy)]
+pub struct Ms(pub std::time::Duration);
+
+impl std::fmt::Display for Ms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let us = self.0.as_micros();
+        write!(f, "{}.{}", us / 1000, us % 1000 / 100)
+    }
+}
+
+/// A duration shown as seconds with three decimals (`1.234`), in integer arithmetic.
+#[derive(Debug, Clone, Copy)]
+pub struct Secs(pub std::time::Duration);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{:03}", self.0.as_secs(), self.0.subsec_millis())
+    }
+}
+
 /// Runs one boot step and logs its outcome with its duration: one line a step.
 pub fn step<T, E: std::fmt::Display>(name: &str, f: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
     let t = Instant::now();
     let r = f();
-    let ms = t.elapsed().as_secs_f64() * 1000.0;
+    let ms = Ms(t.elapsed());
     match &r {
-        Ok(_) => log::info!("{name}: ok ({ms:.1} ms)"),
-        Err(e) => log::error!("{name}: {e} ({ms:.1} ms)"),
+        Ok(_) => log::info!("{name}: ok ({ms} ms)"),
+        Err(e) => log::error!("{name}: {e} ({ms} ms)"),
     }
     r
 }

@@ -3,7 +3,7 @@
 //! | module | what it is for |
 //! |---|---|
 //! | [`cmdline`] | kernel command line → [`cmdline::Config`] (pure) |
-//! | [`modules`] | `modules=` with dependencies from modules.dep; finit_module |
+//! | [`modules`] | `modules=` with dependencies from modules.dep; finit_module, compressed ones decoded in user space when the kernel cannot |
 //! | [`blkid`] | the few libblkid functions used, declared by hand |
 //! | [`probe`] | partitions by filesystem LABEL, waiting for them |
 //! | [`promote`] | the promotion / rollback / trial state machine (pure, returns a plan) |

@@ -117,14 +117,17 @@ fn spawn_cleaner(old_root: &std::fs::File, trash: Option<&Path>) {
 }
 
 /// Seconds since boot on the clock the kernel log's timestamps use (CLOCK_MONOTONIC).
-fn uptime() -> f64 {
+fn uptime() -> std::time::Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes one timespec into `ts`, which outlives the call.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    std::time::Duration::new(
+        u64::try_from(ts.tv_sec).unwrap_or(0),
+        u32::try_from(ts.tv_nsec).unwrap_or(0),
+    )
 }
 
 /// Runs PID 1 mode. `argv` is what the kernel passed (arguments it did not recognise).
@@ -142,9 +145,9 @@ pub fn run(argv: Vec<String>) -> ! {
     let devkmsg = kmsg::unlimit();
     kmsg::open_kmsg();
     log::info!(
-        "initstage {} started ({:.3} s after boot; API filesystems mounted)",
+        "initstage {} started ({} s after boot; API filesystems mounted)",
         env!("CARGO_PKG_VERSION"),
-        entered
+        kmsg::Secs(entered)
     );
     let line = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     let (cfg, warnings) = cmdline::parse(&line);

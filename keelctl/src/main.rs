@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use keel_build::initramfs::Spec;
 use keel_proto::message::Request;
 use keelctl::client::Client;
 use keelctl::Endpoint;
@@ -122,6 +123,10 @@ enum Cmd {
         /// Extra file, SRC:PATH-IN-INITRAMFS (repeatable).
         #[arg(long = "file")]
         files: Vec<String>,
+        /// Pack .ko.gz/.ko.xz/.ko.zst modules as they are (for a kernel that decompresses
+        /// modules itself); by default they are unpacked to .ko.
+        #[arg(long)]
+        keep_compressed: bool,
         /// Output (gzip-compressed cpio newc).
         #[arg(long, short = 'o')]
         out: PathBuf,
@@ -213,12 +218,17 @@ fn run(a: Args) -> anyhow::Result<()> {
             modules,
             keys,
             files,
+            keep_compressed,
             out,
         } => cmd::initramfs::run(
-            init.clone(),
-            kernel_modules.clone(),
-            modules.clone(),
-            keys.clone(),
+            Spec {
+                init: init.clone(),
+                kernel_modules: kernel_modules.clone(),
+                modules: modules.clone(),
+                keys: keys.clone(),
+                files: Vec::new(),
+                keep_compressed: *keep_compressed,
+            },
             files,
             out,
         ),

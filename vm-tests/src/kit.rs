@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use keel_proto::manifest::{public_key_to_pem, SigningKey};
@@ -114,17 +114,7 @@ pub fn kit() -> &'static Kit {
             }
         }
         let initramfs = work.join(format!("initramfs-{}.cpio.gz", std::process::id()));
-        run(Command::new(bins.join("keelctl"))
-            .arg("initramfs")
-            .arg("--init")
-            .arg(bins.join("initstage"))
-            .arg("--kernel-modules")
-            .arg(&modules)
-            .args(["--modules", MODULES])
-            .arg("--keys")
-            .arg(&trusted)
-            .arg("-o")
-            .arg(&initramfs));
+        pack(&bins, &modules, &trusted, &initramfs, &[]);
         Kit {
             kernel,
             modules,
@@ -135,4 +125,93 @@ pub fn kit() -> &'static Kit {
             work,
         }
     })
+}
+
+/// A copy of the kit's `lib/modules/<version>` with the modules [`MODULES`] needs recompressed
+/// by the real tools, the i-th one in `tools[i % tools.len()]` (`xz` as the kernel's
+/// modules_install runs it, `gzip`, `zstd`), and its modules.dep naming the new files. Returns
+/// the new directory (named for the version, as `keelctl initramfs` wants).
+pub fn recompressed_modules(dir: &Path, tools: &[&str]) -> PathBuf {
+    use keel_proto::moddep::{parse_builtin, resolve, ModuleDeps};
+    let k = kit();
+    let version = k.modules.file_name().unwrap();
+    let out = dir.join("lib/modules").join(version);
+    let _ = fs::remove_dir_all(&out);
+    fs::create_dir_all(&out).unwrap();
+    let dep_text = fs::read_to_string(k.modules.join("modules.dep")).unwrap();
+    let builtin_text = fs::read_to_string(k.modules.join("modules.builtin")).unwrap_or_default();
+    let wanted: Vec<String> = MODULES.split(',').map(str::to_string).collect();
+    let (order, missing) = resolve(
+        &wanted,
+        &ModuleDeps::parse(&dep_text),
+        &parse_builtin(&builtin_text),
+        &Default::default(),
+    );
+    assert!(missing.is_empty(), "{missing:?}");
+    let mut renamed = std::collections::HashMap::new();
+    for (i, rel) in order.iter().enumerate() {
+        let (tool, suffix, args): (&str, &str, &[&str]) = match tools[i % tools.len()] {
+            "xz" => ("xz", "xz", &["-c", "--check=crc32", "--lzma2=dict=1MiB"]),
+            "gzip" => ("gzip", "gz", &["-c", "-9", "-n"]),
+            "zstd" => ("zstd", "zst", &["-c", "-q", "-19"]),
+            t => panic!("no such tool {t}"),
+        };
+        let src = fs::File::open(k.modules.join(rel)).unwrap();
+        let dst = out.join(format!("{rel}.{suffix}"));
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        let st = Command::new(tool)
+            .args(args)
+            .stdin(src)
+            .stdout(fs::File::create(&dst).unwrap())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{tool} {rel}");
+        renamed.insert(rel.clone(), format!("{rel}.{suffix}"));
+    }
+    let name = |p: &str| renamed.get(p).cloned().unwrap_or_else(|| p.to_string());
+    let mut dep = String::new();
+    for line in dep_text.lines() {
+        let Some((m, deps)) = line.split_once(':') else {
+            continue;
+        };
+        if !renamed.contains_key(m) {
+            continue;
+        }
+        dep.push_str(&name(m));
+        dep.push(':');
+        for d in deps.split_whitespace() {
+            dep.push(' ');
+            dep.push_str(&name(d));
+        }
+        dep.push('\n');
+    }
+    fs::write(out.join("modules.dep"), dep).unwrap();
+    fs::write(out.join("modules.builtin"), builtin_text).unwrap();
+    out
+}
+
+/// `keelctl initramfs` over another modules tree (`extra` are more flags); returns the archive
+/// and keelctl's output.
+pub fn initramfs_with(modules: &Path, out: &Path, extra: &[&str]) -> (PathBuf, String) {
+    let k = kit();
+    let o = pack(&k.bins, modules, &k.trusted, out, extra);
+    (
+        out.to_path_buf(),
+        String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr),
+    )
+}
+
+fn pack(bins: &Path, modules: &Path, trusted: &Path, out: &Path, extra: &[&str]) -> Output {
+    run(Command::new(bins.join("keelctl"))
+        .arg("initramfs")
+        .arg("--init")
+        .arg(bins.join("initstage"))
+        .arg("--kernel-modules")
+        .arg(modules)
+        .args(["--modules", MODULES])
+        .arg("--keys")
+        .arg(trusted)
+        .args(extra)
+        .arg("-o")
+        .arg(out))
 }

@@ -5,32 +5,18 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use keel_build::initramfs::{build, Spec};
+use keel_unpack::Format;
 
 use super::out;
 
-/// Builds the archive; `files` are `SRC:PATH-IN-INITRAMFS`.
-pub fn run(
-    init: PathBuf,
-    kernel_modules: Option<PathBuf>,
-    modules: Vec<String>,
-    keys: Option<PathBuf>,
-    files: &[String],
-    out: &PathBuf,
-) -> anyhow::Result<()> {
-    let mut extra = Vec::new();
+/// Builds the archive of `spec` with `files` (`SRC:PATH-IN-INITRAMFS`) added.
+pub fn run(mut spec: Spec, files: &[String], out: &PathBuf) -> anyhow::Result<()> {
     for f in files {
         let (src, dst) = f
             .split_once(':')
             .with_context(|| format!("--file {f:?}: expected SRC:PATH"))?;
-        extra.push((PathBuf::from(src), dst.to_string()));
+        spec.files.push((PathBuf::from(src), dst.to_string()));
     }
-    let spec = Spec {
-        init,
-        kernel_modules,
-        modules,
-        keys,
-        files: extra,
-    };
     let packed = build(&spec, out)?;
     let size = fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     out!(
@@ -48,5 +34,24 @@ pub fn run(
             format!("; built in: {}", packed.builtin.join(" "))
         }
     );
+    let unpacked: Vec<String> = Format::ALL
+        .iter()
+        .filter(|f| packed.unpacked[**f as usize] > 0)
+        .map(|f| format!("{} {f}", packed.unpacked[*f as usize]))
+        .collect();
+    if !unpacked.is_empty() {
+        out!(
+            "unpacked compressed modules to .ko: {}",
+            unpacked.join(", ")
+        );
+    }
+    if packed.kept_zstd > 0 {
+        eprintln!(
+            "warning: kept {} zstd module(s) compressed: initstage decodes gzip and xz in user \
+             space, not zstd, so only a kernel with zstd module decompression \
+             (CONFIG_MODULE_DECOMPRESS) loads them; leave out --keep-compressed to unpack them",
+            packed.kept_zstd
+        );
+    }
     Ok(())
 }
