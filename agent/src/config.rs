@@ -19,6 +19,14 @@
 //! max_session_secs = 300        # a remote connection is closed between requests after this
 //! # announce = "vsock://2:7448" # say "ready" to the host once listening
 //! # reboot_command = "systemctl reboot"  # default: sync, then reboot(2)
+//!
+//! # Remote execution and remote control by key; off when the table is absent.
+//! [exec]
+//! enabled = true
+//! authorized_keys = "/etc/keel/authorized.pem"  # PEM public keys that may exec and control
+//! allowed_cids = [2]            # vsock peers that may exec (2 = the host)
+//! trust_host_cid = false        # true: the host CID needs no key (as Kata's agent)
+//! max_processes = 16            # processes running at once
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -72,6 +80,36 @@ pub struct Config {
     pub announce: Option<String>,
     /// Run this (through `/bin/sh -c`) to reboot instead of sync + reboot(2).
     pub reboot_command: Option<String>,
+    /// Remote execution and control by key (`[exec]`); absent: off.
+    pub exec: Option<ExecConfig>,
+}
+
+/// The `[exec]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecConfig {
+    /// Whether `exec` is served at all (the keys still authorize remote control when off).
+    pub enabled: bool,
+    /// PEM public keys that may exec and control.
+    pub authorized_keys: PathBuf,
+    /// vsock CIDs that may exec.
+    pub allowed_cids: Vec<u32>,
+    /// A vsock peer with the host's CID (2) is authorized without a key.
+    pub trust_host_cid: bool,
+    /// Processes running at once; more are `busy`.
+    pub max_processes: usize,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            enabled: false,
+            authorized_keys: "/etc/keel/authorized.pem".into(),
+            allowed_cids: vec![2],
+            trust_host_cid: false,
+            max_processes: 16,
+        }
+    }
 }
 
 impl Default for Config {
@@ -93,6 +131,7 @@ impl Default for Config {
             max_session_secs: 300,
             announce: None,
             reboot_command: None,
+            exec: None,
         }
     }
 }
@@ -154,6 +193,9 @@ impl Config {
                     "announce {a:?} must be vsock://CID:PORT or tcp://HOST:PORT"
                 ));
             }
+        }
+        if self.exec.as_ref().is_some_and(|e| e.max_processes == 0) {
+            return bad("[exec] max_processes must be at least 1".into());
         }
         if self.unix.is_empty() && self.tcp.is_none() && self.vsock_port.is_none() {
             return bad("no listener: set unix, tcp or vsock_port".into());
@@ -218,8 +260,17 @@ mod tests {
             max_session_secs = 60
             announce = "tcp://127.0.0.1:2"
             reboot_command = "systemctl reboot"
+            [exec]
+            enabled = true
+            authorized_keys = "/a.pem"
+            allowed_cids = [2, 3]
+            trust_host_cid = true
+            max_processes = 4
         "#)
         .unwrap();
+        let e = c.exec.clone().unwrap();
+        assert!(e.enabled && e.trust_host_cid);
+        assert_eq!((e.allowed_cids, e.max_processes), (vec![2, 3], 4));
         assert_eq!(c.vsock_port, Some(9));
         assert_eq!(c.newimg_dir(), Path::new("/n"));
         assert_eq!(c.img_dir(), Path::new("/i"));
@@ -237,6 +288,10 @@ mod tests {
         assert!(e.contains("announce"), "{e}");
         let e = p("unix = \"\"").unwrap_err().to_string();
         assert!(e.contains("no listener"), "{e}");
+        let e = p("[exec]\nmax_processes = 0").unwrap_err().to_string();
+        assert!(e.contains("max_processes"), "{e}");
+        let e = p("[exec]\nenable = true").unwrap_err().to_string();
+        assert!(e.contains("enable"), "{e}");
         let e = p("idle_timeout_secs = \"soon\"").unwrap_err().to_string();
         assert!(e.contains("idle_timeout_secs"), "{e}");
     }

@@ -31,6 +31,14 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The authorized keys (`[exec] authorized_keys`) could not be loaded.
+    #[error("authorized keys {path}: {detail} (fix or remove the [exec] table in agent.toml)")]
+    AuthorizedKeys {
+        /// The PEM file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The trusted keys could not be loaded.
     #[error("trusted keys {path}: {detail}")]
     Keys {

@@ -10,6 +10,9 @@
 //! | [`shared`] | what every connection shares: settings, keys, the push lock |
 //! | [`session`] | one connection: hello, then each request authorized and dispatched |
 //! | [`authz`] | who may do what: the one check before every request |
+//! | [`auth`] | key authentication: the hello's challenge, the authorized keys, the `auth` check |
+//! | [`exec`] | one process: prepared (pure), started in its own group, its streams carried |
+//! | [`users`] | `/etc/passwd` lookups for `exec --user` |
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
 //! | [`verify`] | whether a manifest may be staged (pure) |
@@ -19,16 +22,18 @@
 //! | [`notify`] | sd_notify |
 //! | [`error`] | the daemon's start-up errors |
 //!
-//! Imports go one way: server → session → {authz, intake, control, status} → {stage,
-//! verify, conn}.
+//! Imports go one way: server → session → {authz, auth, exec, intake, control, status} →
+//! {stage, verify, users, conn}.
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod auth;
 pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod control;
 pub mod error;
+pub mod exec;
 pub mod intake;
 pub mod notify;
 pub mod server;
@@ -37,4 +42,5 @@ pub mod shared;
 pub mod stage;
 pub mod status;
 pub mod transport;
+pub mod users;
 pub mod verify;

@@ -114,14 +114,23 @@ fn main() -> anyhow::Result<()> {
             Vec::new()
         }
     };
+    // Fail closed: an [exec] table whose keys cannot be read stops the agent, saying which.
+    let authorized = match &c.exec {
+        Some(e) => keel_agent::auth::load_authorized(&e.authorized_keys)?,
+        None => Vec::new(),
+    };
     if a.check {
-        println!("config ok, {} trusted key(s)", keys.len());
+        println!(
+            "config ok, {} trusted key(s), {} authorized key(s)",
+            keys.len(),
+            authorized.len()
+        );
         return Ok(());
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(server::run(c, keys))?;
+    rt.block_on(server::run(c, keys, authorized))?;
     Ok(())
 }

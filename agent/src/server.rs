@@ -39,11 +39,15 @@ pub async fn bind(config: &Config) -> Result<Vec<Listener>, Error> {
 }
 
 /// Serves until SIGTERM or SIGINT.
-pub async fn run(config: Config, keys: Vec<VerifyingKey>) -> Result<(), Error> {
+pub async fn run(
+    config: Config,
+    keys: Vec<VerifyingKey>,
+    authorized: Vec<VerifyingKey>,
+) -> Result<(), Error> {
     let listeners = bind(&config).await?;
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
-    let shared = Arc::new(Shared::new(config, keys));
+    let shared = Arc::new(Shared::new(config, keys, authorized));
     let gate = Gate::new(
         shared.config.max_connections,
         shared.config.max_connections_per_peer,

@@ -11,9 +11,11 @@ use keel_proto::message::{ErrorCode, Request, Response};
 use keel_proto::wire::{MAX_FRAME, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::authz;
+use crate::auth::{self, Challenge};
+use crate::authz::{self, Caller};
 use crate::conn::{Conn, ReadError};
 use crate::control;
+use crate::exec;
 use crate::intake;
 use crate::shared::Shared;
 use crate::status;
@@ -54,12 +56,33 @@ fn summary(r: &Response) -> String {
         Response::Status(_) => "ok".into(),
         Response::Hello { .. } => "ok".into(),
         Response::Send { offset } => format!("send from {offset}"),
+        Response::Authenticated { key } => format!("authenticated as {key}"),
+        Response::Started { pid } => format!("started pid {pid}"),
+        Response::Exited(st) => match (st.code, st.signal) {
+            (Some(c), _) => format!("exited {c}"),
+            (None, Some(s)) if st.timed_out => format!("killed by signal {s} at its timeout"),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "ended".into(),
+        },
     }
+}
+
+/// What a session knows of its caller beyond the peer.
+#[derive(Debug, Default)]
+pub struct Session {
+    /// This session's challenge (none if the kernel gave no random bytes).
+    pub challenge: Option<Challenge>,
+    /// The fingerprint of the key the session authenticated with.
+    pub key: Option<String>,
 }
 
 /// Serves one connection to its end.
 pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<Shared>) {
     let mut io = Conn { s, idle: sh.idle };
+    let mut session = Session {
+        challenge: Challenge::new(),
+        key: None,
+    };
     // Hello first.
     let t0 = Instant::now();
     match io.request().await {
@@ -80,6 +103,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<
                 protocol: PROTOCOL_VERSION,
                 agent: env!("CARGO_PKG_VERSION").to_string(),
                 max_frame: u32::try_from(MAX_FRAME).expect("the frame limit fits a u32"),
+                challenge: session.challenge.as_ref().map(Challenge::hex),
             };
             if io.send(&r).await.is_err() {
                 return;
@@ -150,9 +174,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<
         };
         let t = Instant::now();
         let op = req.op();
-        let out = handle(&mut io, &peer, &sh, req).await;
+        let out = handle(&mut io, &peer, &sh, &mut session, req).await;
         tracing::info!(
             %peer,
+            who = session.key.as_deref().unwrap_or("-"),
             op,
             outcome = %summary(&out.response),
             bytes = out.bytes,
@@ -195,12 +220,48 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Conn<S>,
     peer: &Peer,
     sh: &Arc<Shared>,
+    session: &mut Session,
     req: Request,
 ) -> Outcome {
-    if let Err(r) = authz::authorize(&req, peer) {
+    let caller = Caller {
+        peer,
+        key: session.key.as_deref(),
+    };
+    if let Err(r) = authz::authorize(&req, caller, sh.config.exec.as_ref()) {
         return Outcome::reply(Response::from(r));
     }
     match req {
+        Request::Auth {
+            public_key,
+            signature,
+        } => {
+            let checked = auth::transport_allows(peer).and_then(|()| match &session.challenge {
+                Some(c) => auth::check(
+                    &public_key,
+                    &signature,
+                    c,
+                    b"",
+                    &sh.authorized,
+                    sh.config.exec.as_ref().map(|e| e.authorized_keys.as_path()),
+                ),
+                None => Err(crate::verify::Refusal::new(
+                    ErrorCode::Unavailable,
+                    "the kernel gave no random bytes for a challenge: no session can authenticate",
+                )),
+            });
+            Outcome::reply(match checked {
+                Ok(key) => {
+                    session.key = Some(key.clone());
+                    Response::Authenticated { key }
+                }
+                Err(r) => Response::from(r),
+            })
+        }
+        Request::Exec(spec) => exec::run(io, sh, spec).await,
+        // authorize refused these outside an exec already.
+        Request::CloseStdin | Request::Signal { .. } => {
+            Outcome::reply(Response::error(ErrorCode::BadRequest, "out of order"))
+        }
         Request::Hello { .. } => Outcome::reply(Response::error(
             ErrorCode::BadRequest,
             "hello was already exchanged",

@@ -1,9 +1,10 @@
-//! What every connection shares: settings, keys, the push lock.
+//! What every connection shares: settings, keys, the push lock, the exec slots.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_proto::manifest::VerifyingKey;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::Config;
 
@@ -18,16 +19,26 @@ pub struct Shared {
     pub push: Mutex<()>,
     /// Idle-read timeout.
     pub idle: Duration,
+    /// Keys from `[exec] authorized_keys` (empty without the table).
+    pub authorized: Vec<VerifyingKey>,
+    /// One permit per process that may run at once.
+    pub exec_slots: Arc<Semaphore>,
+    /// `[exec] max_processes`.
+    pub exec_slots_max: usize,
 }
 
 impl Shared {
-    /// The shared state for `config` and `keys`.
-    pub fn new(config: Config, keys: Vec<VerifyingKey>) -> Shared {
+    /// The shared state for `config`, the trusted `keys` and the `authorized` keys.
+    pub fn new(config: Config, keys: Vec<VerifyingKey>, authorized: Vec<VerifyingKey>) -> Shared {
+        let max = config.exec.as_ref().map_or(1, |e| e.max_processes);
         Shared {
             idle: Duration::from_secs(config.idle_timeout_secs),
             config,
             keys,
             push: Mutex::new(()),
+            authorized,
+            exec_slots: Arc::new(Semaphore::new(max)),
+            exec_slots_max: max,
         }
     }
 }

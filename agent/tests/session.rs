@@ -3,236 +3,9 @@
 //! that does not need a real block device, in milliseconds. (`tests/tests/agent.rs` runs the
 //! same refusals against a real agent on ext4 over TCP and the Unix socket.)
 
-use std::fs;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use keel_agent::config::Config;
-use keel_agent::session;
-use keel_agent::shared::Shared;
-use keel_agent::transport::Peer;
-use keel_proto::bootstate::{BootState, ImageRecord, Trial};
-use keel_proto::hex;
-use keel_proto::manifest::{Manifest, SignedManifest, SigningKey, MANIFEST_FORMAT};
-use keel_proto::message::{
-    data_header, message_frame, parse_response, ErrorCode, Request, Response,
-};
-use keel_proto::report::BootReport;
-use keel_proto::wire::{frame_len, MAX_FRAME, PROTOCOL_VERSION};
-use keel_sys::durable::no_hook;
-use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-
-const IMAGE: &str = "root-squashfs.img";
-
-fn key() -> SigningKey {
-    SigningKey::from_bytes(&[7; 32])
-}
-
-fn record(version: u64) -> ImageRecord {
-    ImageRecord {
-        name: "demo".into(),
-        version,
-        sha256: "11".repeat(32),
-        size: 4096,
-    }
-}
-
-/// A device: newimg, img with a boot state, a boot report, booted at `booted`.
-struct Dev {
-    root: PathBuf,
-    sh: Arc<Shared>,
-}
-
-impl Dev {
-    fn new(tag: &str, booted: u64, idle_secs: u64) -> Dev {
-        Dev::configured(tag, booted, |c| c.idle_timeout_secs = idle_secs)
-    }
-
-    fn configured(tag: &str, booted: u64, f: impl FnOnce(&mut Config)) -> Dev {
-        let root = std::env::temp_dir().join(format!("keel-session-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        for d in ["newimg", "img"] {
-            fs::create_dir_all(root.join(d)).unwrap();
-        }
-        let report = BootReport {
-            initstage_version: "test".into(),
-            image_file: IMAGE.into(),
-            booted: record(booted),
-            image_fstype: "squashfs".into(),
-            trial: Some(Trial { tries: 3, used: 1 }),
-            tries_left: Some(2),
-            boot_count: 7,
-            partitions: vec![],
-            upper: "partition".into(),
-            actions: vec![],
-            run_dir: "/run/keel".into(),
-        };
-        fs::write(root.join("boot.json"), report.to_json()).unwrap();
-        let st = BootState {
-            current: Some(record(booted)),
-            trial: Some(Trial { tries: 3, used: 1 }),
-            rejected: vec![digest(&data(1, 99))],
-            ..BootState::default()
-        };
-        keel_sys::state::save(&root.join("img"), &st, no_hook).unwrap();
-        let mut config = Config {
-            unix: String::new(),
-            newimg_dir: Some(root.join("newimg")),
-            img_dir: Some(root.join("img")),
-            boot_report: Some(root.join("boot.json")),
-            ..Config::default()
-        };
-        f(&mut config);
-        let sh = Arc::new(Shared::new(config, vec![key().verifying_key()]));
-        Dev { root, sh }
-    }
-
-    fn newimg(&self) -> PathBuf {
-        self.root.join("newimg")
-    }
-
-    /// The staged slot's bytes and manifest, for byte-identity checks.
-    fn slot(&self) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
-        let n = self.newimg();
-        (
-            fs::read(n.join(IMAGE)).ok(),
-            fs::read(n.join(format!("{IMAGE}.manifest"))).ok(),
-        )
-    }
-
-    fn partial_exists(&self) -> bool {
-        self.newimg().join(format!("{IMAGE}.partial")).exists()
-    }
-
-    /// A connected, greeted client, served as `peer`.
-    async fn client(&self, peer: Peer) -> Client {
-        let mut c = self.raw(peer);
-        c.send(&Request::Hello {
-            protocol: PROTOCOL_VERSION,
-            client: "test".into(),
-        })
-        .await;
-        assert!(matches!(c.recv().await, Response::Hello { .. }));
-        c
-    }
-
-    /// A connection without the hello.
-    fn raw(&self, peer: Peer) -> Client {
-        let (a, b) = tokio::io::duplex(1 << 20);
-        tokio::spawn(session::serve(b, peer, self.sh.clone()));
-        Client { s: a }
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.root);
-    }
-}
-
-fn tcp() -> Peer {
-    Peer::Tcp("127.0.0.1:40000".parse().unwrap())
-}
-
-fn local_root() -> Peer {
-    Peer::Unix {
-        uid: Some(0),
-        pid: Some(1),
-    }
-}
-
-struct Client {
-    s: DuplexStream,
-}
-
-impl Client {
-    async fn send(&mut self, r: &Request) {
-        self.s.write_all(&message_frame(r).unwrap()).await.unwrap();
-    }
-
-    async fn data(&mut self, bytes: &[u8]) {
-        for c in bytes.chunks(64 << 10) {
-            self.s
-                .write_all(&data_header(c.len()).unwrap())
-                .await
-                .unwrap();
-            self.s.write_all(c).await.unwrap();
-        }
-    }
-
-    async fn end(&mut self) {
-        self.s.write_all(&data_header(0).unwrap()).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> Response {
-        let read = async {
-            let mut h = [0u8; 4];
-            self.s.read_exact(&mut h).await.unwrap();
-            let mut body = vec![0u8; frame_len(h).unwrap()];
-            self.s.read_exact(&mut body).await.unwrap();
-            parse_response(&body).unwrap()
-        };
-        tokio::time::timeout(Duration::from_secs(10), read)
-            .await
-            .expect("a response within 10 s")
-    }
-
-    /// Whether the agent closed the connection.
-    async fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(
-            tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b)).await,
-            Ok(Ok(0)) | Ok(Err(_))
-        )
-    }
-
-    /// Offers `m`; expects `Send` and returns its offset.
-    async fn offer(&mut self, m: &SignedManifest, resume: bool) -> Response {
-        self.send(&Request::Push {
-            manifest: m.clone(),
-            resume,
-        })
-        .await;
-        self.recv().await
-    }
-}
-
-fn data(mib_quarter: usize, seed: u8) -> Vec<u8> {
-    (0..mib_quarter * (256 << 10))
-        .map(|i: usize| {
-            i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ (i >> 12).to_le_bytes()[0]
-        })
-        .collect()
-}
-
-fn digest(b: &[u8]) -> String {
-    hex::encode(&Sha256::digest(b))
-}
-
-fn manifest(b: &[u8], version: u64, name: &str) -> Manifest {
-    Manifest {
-        format: MANIFEST_FORMAT,
-        name: name.into(),
-        version,
-        size: b.len() as u64,
-        sha256: digest(b),
-        created: 0,
-        min_version: None,
-    }
-}
-
-fn signed(b: &[u8], version: u64) -> SignedManifest {
-    manifest(b, version, "demo").sign(&key())
-}
-
-fn code(r: Response) -> (ErrorCode, String) {
-    match r {
-        Response::Error { code, message } => (code, message),
-        other => panic!("expected an error, got {other:?}"),
-    }
-}
+use common::*;
 
 async fn push_all(c: &mut Client, b: &[u8], m: &SignedManifest) -> Response {
     match c.offer(m, false).await {
@@ -415,7 +188,7 @@ async fn protocol_violations_are_named() {
 }
 
 #[tokio::test]
-async fn control_is_for_local_root_only() {
+async fn control_is_for_local_root_or_an_authorized_key() {
     let d = Dev::new("control", 1, 30);
     for peer in [
         tcp(),
@@ -429,7 +202,7 @@ async fn control_is_for_local_root_only() {
         for req in [Request::MarkGood, Request::Reboot] {
             c.send(&req).await;
             let (got, msg) = code(c.recv().await);
-            assert_eq!(got, ErrorCode::NotPermitted, "{msg}");
+            assert_eq!(got, ErrorCode::NotAuthorized, "{msg}");
         }
     }
     let state = || keel_sys::state::load(&d.root.join("img")).unwrap().unwrap();

@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel_proto::endpoint::Endpoint;
-use keel_proto::manifest::SignedManifest;
+use keel_proto::exec::{b64, sign_auth};
+use keel_proto::manifest::{SignedManifest, SigningKey};
 use keel_proto::message::{
     data_header, message_frame, parse_response, ErrorCode, Request, Response,
 };
@@ -25,6 +26,8 @@ pub struct Client {
     peer: String,
     /// The agent's version, from its hello.
     pub agent: String,
+    /// The hello's challenge, for [`Client::authenticate`].
+    challenge: Option<Vec<u8>>,
 }
 
 /// Reads one frame body (blocking).
@@ -82,13 +85,18 @@ impl Client {
             s,
             peer,
             agent: String::new(),
+            challenge: None,
         };
         match c.call(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: format!("keelctl {}", env!("CARGO_PKG_VERSION")),
         })? {
-            Response::Hello { agent, .. } => {
+            Response::Hello {
+                agent, challenge, ..
+            } => {
                 c.agent = agent;
+                c.challenge =
+                    challenge.and_then(|h| keel_proto::hex::decode::<32>(&h).map(|b| b.to_vec()));
                 Ok(c)
             }
             other => Err(c.unexpected(&other)),
@@ -148,6 +156,36 @@ impl Client {
             Response::Error { code, message } => Err(Error::Refused { code, message }),
             r => Ok(r),
         }
+    }
+
+    /// Authenticates the session with `key`; returns its fingerprint as the agent names it.
+    pub fn authenticate(&mut self, key: &SigningKey) -> Result<String> {
+        let Some(challenge) = self.challenge.clone() else {
+            return Err(Error::Protocol {
+                peer: self.peer.clone(),
+                detail: "the agent's hello carries no challenge: it is too old for key \
+                         authentication"
+                    .into(),
+            });
+        };
+        let req = Request::Auth {
+            public_key: b64(key.verifying_key().as_bytes()),
+            signature: b64(&sign_auth(key, &challenge, b"")),
+        };
+        match self.expect(&req)? {
+            Response::Authenticated { key } => Ok(key),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// The connection itself, for an exchange that is not request and response (an exec).
+    pub fn into_stream(self) -> (Stream, String) {
+        (self.s, self.peer)
+    }
+
+    /// The peer's name, for messages.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
     /// The raw stream (tests write malformed frames through it).

@@ -2,7 +2,8 @@
 //! hybrid vsock. One file per command under `cmd/`; the client is the `keelctl` library.
 //!
 //! Exit codes: 0 done (or stdout closed by its reader), 1 the command failed (the message
-//! says why), 2 bad usage (clap).
+//! says why), 2 bad usage (clap); `exec` exits with the remote process's code (see
+//! `cmd/exec.rs`).
 
 mod cmd;
 mod progress;
@@ -10,6 +11,7 @@ mod progress;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keel_build::initramfs::Spec;
 use keel_proto::message::Request;
@@ -31,7 +33,11 @@ struct Args {
     endpoint: String,
     /// Seconds any single read or write may take.
     #[arg(long, default_value_t = 30, global = true)]
-    timeout: u64,
+    io_timeout: u64,
+    /// Private key (PEM) that authenticates this session to the agent, for exec and remote
+    /// control; the agent must list its public half in [exec] authorized_keys.
+    #[arg(long, env = "KEEL_KEY", global = true)]
+    key: Option<PathBuf>,
     /// Seconds to keep retrying the connection (the agent or guest may not listen yet).
     #[arg(long, default_value_t = 10, global = true)]
     wait: u64,
@@ -100,12 +106,36 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Ends the booted image's trial (root on the device's Unix socket).
+    /// Ends the booted image's trial (root on the device's Unix socket, or --key).
     MarkGood,
-    /// Reboots the device (root on the device's Unix socket).
+    /// Reboots the device (root on the device's Unix socket, or --key).
     Reboot,
-    /// Drops the staged image and any partial upload (root on the device's Unix socket).
+    /// Drops the staged image and any partial upload (root on the device's Unix socket, or
+    /// --key).
     Unstage,
+    /// Runs CMD in the guest: its stdout and stderr on ours, stdin forwarded (with -i, or
+    /// when stdin is not a terminal), Ctrl-C and SIGTERM forwarded; exits with its code
+    /// (128+N for signal N, 127 if it could not start, 255 if refused).
+    Exec {
+        /// Forward stdin even from a terminal.
+        #[arg(short = 'i', long)]
+        interactive: bool,
+        /// Environment variable for the process, K=V (repeatable).
+        #[arg(long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        /// Working directory in the guest.
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Run as this guest user (name or uid).
+        #[arg(long)]
+        user: Option<String>,
+        /// Kill the process group after this many seconds.
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// The command and its arguments.
+        #[arg(required = true, last = true, value_name = "CMD")]
+        argv: Vec<String>,
+    },
     /// Builds an initramfs: initstage as /init, kernel modules with their dependencies, keys.
     Initramfs {
         /// The static initstage binary.
@@ -164,11 +194,19 @@ fn endpoint(a: &Args) -> anyhow::Result<Endpoint> {
 
 fn connect(a: &Args) -> anyhow::Result<Client> {
     let ep = endpoint(a)?;
-    Ok(Client::connect(
+    let mut c = Client::connect(
         &ep,
         Duration::from_secs(a.wait),
-        Duration::from_secs(a.timeout),
-    )?)
+        Duration::from_secs(a.io_timeout),
+    )?;
+    if let Some(k) = &a.key {
+        let pem = std::fs::read_to_string(k).with_context(|| format!("--key {}", k.display()))?;
+        let key = keel_proto::manifest::signing_key_from_pem(&pem)
+            .with_context(|| format!("--key {}", k.display()))?;
+        c.authenticate(&key)
+            .with_context(|| format!("authenticate with --key {}", k.display()))?;
+    }
+    Ok(c)
 }
 
 fn run(a: Args) -> anyhow::Result<()> {
@@ -206,12 +244,42 @@ fn run(a: Args) -> anyhow::Result<()> {
             manifest,
             *retries,
             Duration::from_secs(a.wait),
-            Duration::from_secs(a.timeout),
+            Duration::from_secs(a.io_timeout),
         ),
         Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
         Cmd::Unstage => cmd::control::run(connect(&a)?, &Request::Unstage),
+        Cmd::Exec {
+            interactive,
+            env,
+            cwd,
+            user,
+            timeout,
+            argv,
+        } => {
+            let mut vars = Vec::new();
+            for kv in env {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--env {kv:?}: expected K=V"))?;
+                vars.push((k.to_string(), v.to_string()));
+            }
+            let spec = keel_proto::exec::ExecSpec {
+                argv: argv.clone(),
+                env: vars,
+                cwd: cwd.clone(),
+                user: user.clone(),
+                timeout_secs: *timeout,
+            };
+            match connect(&a) {
+                Ok(c) => cmd::exec::run(c, spec, *interactive),
+                Err(e) => {
+                    eprintln!("keelctl: {e:#}");
+                    std::process::exit(255)
+                }
+            }
+        }
         Cmd::Initramfs {
             init,
             kernel_modules,

@@ -21,6 +21,22 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A second handle on the same connection (for a writer thread).
+    pub fn try_clone(&self) -> std::io::Result<Stream> {
+        match self {
+            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Unix(s) => s.try_clone().map(Stream::Unix),
+        }
+    }
+
+    /// Sets the read timeout alone (an exec's output may pause for as long as it likes).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
     /// Sets the read and write timeouts.
     pub fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {

@@ -10,6 +10,7 @@
 //! | [`layout`] | file names on the partitions, derived from the image name |
 //! | [`wire`] | length-prefixed frames with a size limit: the one encoder and header check |
 //! | [`message`] | the typed requests and responses carried in frames |
+//! | [`exec`] | remote processes and key authentication: stream frame kinds, the signed challenge, key fingerprints |
 //! | [`moddep`] | `modules.dep`: which kernel modules to load or pack, in order |
 //!
 //! Everything here is pure: callers read and write the bytes.
@@ -18,6 +19,7 @@
 
 pub mod bootstate;
 pub mod endpoint;
+pub mod exec;
 pub mod hex;
 pub mod layout;
 pub mod manifest;

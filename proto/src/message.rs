@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bootstate::{Event, ImageRecord, Trial};
+use crate::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
 use crate::manifest::SignedManifest;
 use crate::wire::{FrameError, KIND_DATA, KIND_MESSAGE};
 
@@ -37,8 +38,27 @@ pub enum Request {
     MarkGood,
     /// Syncs and reboots the machine (Unix socket, root only).
     Reboot,
-    /// Removes the staged image and any partial upload (Unix socket, root only).
+    /// Removes the staged image and any partial upload (local root, or an authorized key).
     Unstage,
+    /// Authenticates the session as `public_key` (base64 of its 32 raw bytes): `signature`
+    /// (base64) is its ed25519 signature over [`crate::exec::auth_message`] of the hello's
+    /// challenge. Answered `authenticated` or `error` (`not-authorized`).
+    Auth {
+        /// The client's public key, base64 of the 32 raw bytes.
+        public_key: String,
+        /// The signature, base64 of 64 bytes.
+        signature: String,
+    },
+    /// Runs a process; answered `started`, then its streams, then `exited` (see
+    /// [`crate::exec`]).
+    Exec(ExecSpec),
+    /// The process's stdin reached its end (during an exec).
+    CloseStdin,
+    /// Sends a signal to the process's group (during an exec).
+    Signal {
+        /// The signal number (`SIGINT` = 2, ...).
+        signal: i32,
+    },
 }
 
 impl Request {
@@ -51,6 +71,10 @@ impl Request {
             Request::MarkGood => "mark-good",
             Request::Reboot => "reboot",
             Request::Unstage => "unstage",
+            Request::Auth { .. } => "auth",
+            Request::Exec(_) => "exec",
+            Request::CloseStdin => "close-stdin",
+            Request::Signal { .. } => "signal",
         }
     }
 }
@@ -67,7 +91,23 @@ pub enum Response {
         agent: String,
         /// Largest frame the agent accepts.
         max_frame: u32,
+        /// Hex of a fresh random challenge for [`Request::Auth`] (absent from agents older
+        /// than key authentication).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        challenge: Option<String>,
     },
+    /// The session now acts as this key.
+    Authenticated {
+        /// Its fingerprint ([`crate::exec::fingerprint`]).
+        key: String,
+    },
+    /// The process of an exec runs.
+    Started {
+        /// Its process id in the guest.
+        pid: u32,
+    },
+    /// The process of an exec ended; its output has all been sent.
+    Exited(ExitStatus),
     /// Answer to `Status`.
     Status(Box<StatusReport>),
     /// The manifest is accepted: send the image from `offset` (0 unless resuming).
@@ -152,8 +192,13 @@ pub enum ErrorCode {
     HashMismatch,
     /// The peer is not allowed to do this (control needs the Unix socket as root).
     NotPermitted,
+    /// The request needs an authorized key (or local root), and the session has none, or
+    /// the key offered is not in `authorized_keys`, or its signature is wrong.
+    NotAuthorized,
     /// The request is valid but the state does not allow it (e.g. no trial to end).
     InvalidState,
+    /// The process of an exec could not be started (no such program or directory).
+    ExecFailed,
     /// The peer was silent longer than the idle timeout.
     Timeout,
     /// A read, write or sync failed on the agent's side.
@@ -225,8 +270,8 @@ pub enum MessageError {
     /// The kind byte is unknown.
     #[error("unknown frame kind 0x{0:02x}")]
     Kind(u8),
-    /// A data frame arrived where a message was expected.
-    #[error("image data arrived where a message was expected")]
+    /// A data or stream frame arrived where a message was expected.
+    #[error("data arrived where a message was expected")]
     UnexpectedData,
     /// The JSON did not parse as the expected message.
     #[error("malformed message: {0}")]
@@ -240,6 +285,9 @@ pub enum Body<'a> {
     Message(&'a [u8]),
     /// Image bytes.
     Data(&'a [u8]),
+    /// Bytes of a process stream: its kind ([`KIND_STDIN`], [`KIND_STDOUT`],
+    /// [`KIND_STDERR`]) and the bytes.
+    Stream(u8, &'a [u8]),
 }
 
 /// Splits a frame body into its kind and payload.
@@ -248,6 +296,9 @@ pub fn split_body(body: &[u8]) -> Result<Body<'_>, MessageError> {
         None => Err(MessageError::Empty),
         Some((&KIND_MESSAGE, rest)) => Ok(Body::Message(rest)),
         Some((&KIND_DATA, rest)) => Ok(Body::Data(rest)),
+        Some((&k, rest)) if k == KIND_STDIN || k == KIND_STDOUT || k == KIND_STDERR => {
+            Ok(Body::Stream(k, rest))
+        }
         Some((&k, _)) => Err(MessageError::Kind(k)),
     }
 }
@@ -258,7 +309,7 @@ pub fn parse_request(body: &[u8]) -> Result<Request, MessageError> {
         Body::Message(json) => {
             serde_json::from_slice(json).map_err(|e| MessageError::Json(e.to_string()))
         }
-        Body::Data(_) => Err(MessageError::UnexpectedData),
+        Body::Data(_) | Body::Stream(..) => Err(MessageError::UnexpectedData),
     }
 }
 
@@ -268,7 +319,7 @@ pub fn parse_response(body: &[u8]) -> Result<Response, MessageError> {
         Body::Message(json) => {
             serde_json::from_slice(json).map_err(|e| MessageError::Json(e.to_string()))
         }
-        Body::Data(_) => Err(MessageError::UnexpectedData),
+        Body::Data(_) | Body::Stream(..) => Err(MessageError::UnexpectedData),
     }
 }
 
@@ -316,6 +367,38 @@ mod tests {
         round_trip(Request::Status);
         round_trip(Request::MarkGood);
         round_trip(Request::Reboot);
+        round_trip(Request::Exec(ExecSpec {
+            argv: vec!["uname".into(), "-a".into()],
+            env: vec![("A".into(), "b".into())],
+            timeout_secs: Some(5),
+            ..ExecSpec::default()
+        }));
+        round_trip(Request::Signal { signal: 2 });
+        round_trip(Request::CloseStdin);
+    }
+
+    #[test]
+    fn exec_wire_names() {
+        let j = serde_json::to_string(&Request::Exec(ExecSpec {
+            argv: vec!["true".into()],
+            ..ExecSpec::default()
+        }))
+        .unwrap();
+        assert_eq!(j, r#"{"op":"exec","argv":["true"]}"#);
+        let j = serde_json::to_string(&Response::Exited(ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: false,
+        }))
+        .unwrap();
+        assert_eq!(
+            j,
+            r#"{"op":"exited","code":0,"signal":null,"timed_out":false}"#
+        );
+        assert_eq!(
+            split_body(&[KIND_STDOUT, b'x']),
+            Ok(Body::Stream(KIND_STDOUT, b"x"))
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! | module | what it is for |
 //! |---|---|
 //! | [`durable`] | crash-safe writes (exclusive temp file, fsync, rename, fsync dir) and bounded reads of regular files only |
+//! | [`random`] | random bytes from the kernel (auth challenges) |
 //! | [`state`] | the one loader and writer of `keel-state.json` |
 //! | [`vsock`] | AF_VSOCK through four libc calls |
 //!
@@ -13,5 +14,6 @@
 #![warn(missing_docs)]
 
 pub mod durable;
+pub mod random;
 pub mod state;
 pub mod vsock;

@@ -8,6 +8,8 @@
 #![allow(missing_docs)]
 #![allow(clippy::undocumented_unsafe_blocks)]
 
+pub mod agent;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -5,218 +5,18 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_proto::bootstate::{BootState, ImageRecord, Trial};
-use keel_proto::manifest::{public_key_to_pem, SignedManifest, SigningKey};
+use keel_proto::manifest::{SignedManifest, SigningKey};
 use keel_proto::message::{data_header, message_frame, ErrorCode, Request, Response};
-use keel_proto::report::BootReport;
 use keel_proto::wire::MAX_FRAME;
+use keel_tests::agent::*;
 use keel_tests::*;
 use keelctl::client::{self, Client, Pushed};
 use keelctl::error::Error as ClientError;
 use keelctl::Endpoint;
-
-const T: Duration = Duration::from_secs(20);
-
-/// A running agent and where it listens.
-struct Agent {
-    child: Child,
-    tcp: Endpoint,
-    unix: Endpoint,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn client(&self, ep: &Endpoint) -> Client {
-        Client::connect(ep, Duration::from_secs(5), T).unwrap()
-    }
-
-    /// Opens a TCP connection and asks to push `m`: the connection and the agent's answer.
-    fn begin_push(&self, m: &SignedManifest, resume: bool) -> (Client, Response) {
-        let mut cl = self.client(&self.tcp);
-        let r = cl
-            .call(&Request::Push {
-                manifest: m.clone(),
-                resume,
-            })
-            .unwrap();
-        (cl, r)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// The world an agent sees: newimg mounted, img and the boot report in plain directories.
-struct World {
-    newimg: PathBuf,
-    img: PathBuf,
-    etc: PathBuf,
-}
-
-fn record(name: &str, version: u64, sha: &str, size: u64) -> ImageRecord {
-    ImageRecord {
-        name: name.into(),
-        version,
-        sha256: sha.into(),
-        size,
-    }
-}
-
-fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
-    let img = sb.fresh("img");
-    let etc = sb.fresh("etc");
-    fs::create_dir_all(&img).unwrap();
-    fs::create_dir_all(&etc).unwrap();
-    let rec = record("demo", booted, &"11".repeat(32), 4096);
-    let report = BootReport {
-        initstage_version: "test".into(),
-        image_file: "root-squashfs.img".into(),
-        booted: rec.clone(),
-        image_fstype: "squashfs".into(),
-        trial: Some(Trial { tries: 3, used: 1 }),
-        tries_left: Some(2),
-        boot_count: 7,
-        partitions: vec![],
-        upper: "partition".into(),
-        actions: vec!["promoted".into()],
-        run_dir: "/run/keel".into(),
-    };
-    fs::write(etc.join("boot.json"), report.to_json()).unwrap();
-    let mut st = BootState {
-        current: Some(rec),
-        trial: Some(Trial { tries: 3, used: 1 }),
-        ..BootState::default()
-    };
-    st.boot_count = 7;
-    write_state(&img, &st);
-    fs::write(
-        etc.join("trusted.pem"),
-        public_key_to_pem(&test_key().verifying_key()),
-    )
-    .unwrap();
-    World {
-        newimg: newimg.to_path_buf(),
-        img,
-        etc,
-    }
-}
-
-fn start(w: &World, extra: &str) -> Agent {
-    start_env(w, extra, &[])
-}
-
-fn start_env(w: &World, extra: &str, env: &[(&str, &Path)]) -> Agent {
-    let sock = w.etc.join("agent.sock");
-    let cfg = w.etc.join("agent.toml");
-    fs::write(
-        &cfg,
-        format!(
-            "unix = {:?}\ntcp = \"127.0.0.1:0\"\ntrusted_keys = {:?}\nnewimg_dir = {:?}\nimg_dir = {:?}\nboot_report = {:?}\n{extra}\n",
-            sock,
-            w.etc.join("trusted.pem"),
-            w.newimg,
-            w.img,
-            w.etc.join("boot.json"),
-        ),
-    )
-    .unwrap();
-    let log = w.etc.join(format!(
-        "agent-{}.log",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let child = Command::new(bin("keel-agent"))
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "info")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // The ready line names the TCP port the kernel picked.
-    let t0 = Instant::now();
-    let tcp = loop {
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if let Some(i) = text.find("tcp://127.0.0.1:") {
-            let rest = &text[i + 6..];
-            let end = rest.find([' ', '\n', '"']).unwrap_or(rest.len());
-            break rest[..end].to_string();
-        }
-        assert!(t0.elapsed() < T, "agent did not start:\n{text}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Agent {
-        child,
-        tcp: Endpoint::Tcp(tcp),
-        unix: Endpoint::Unix(sock),
-        log,
-    }
-}
-
-/// A file of `mib` MiB of pseudo-random bytes.
-fn image(sb: &mut Sandbox, mib: usize, seed: u64) -> PathBuf {
-    let p = sb.fresh("image");
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(mib << 20);
-    while v.len() < mib << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    fs::write(&p, v).unwrap();
-    p
-}
-
-/// Staged image bytes and manifest, for byte-identity checks.
-fn slot(w: &World) -> (Option<String>, Option<Vec<u8>>) {
-    let img = w.newimg.join("root-squashfs.img");
-    let m = fs::read(w.newimg.join("root-squashfs.img.manifest")).ok();
-    (img.exists().then(|| sha256_file(&img)), m)
-}
-
-fn push(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
-    client::push(ep, m, img, 0, T, T, &mut |_, _| {})
-}
-
-fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
-    match r {
-        Err(ClientError::Refused { code, message }) => (code, message),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
-fn keelctl(args: &[&str]) -> std::process::Output {
-    Command::new(bin("keelctl")).args(args).output().unwrap()
-}
-
-fn with_newimg<T>(name: &str, size_mb: u64, f: impl FnOnce(&mut Sandbox, &Path) -> T) -> T {
-    let mut sb = Sandbox::new(name);
-    let disk = sb.disk(&[Part::new("newimg", size_mb)]);
-    let mut sb2 = sb.files();
-    let r = sb.with_partition(&disk, 1, |d| f(&mut sb2, d));
-    sb.finish();
-    r
-}
 
 #[test]
 fn good_push_over_tcp_then_unix_socket() {
@@ -577,21 +377,6 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
     });
 }
 
-fn status(a: &Agent) -> keel_proto::message::StatusReport {
-    match a.client(&a.unix).expect(&Request::Status).unwrap() {
-        Response::Status(s) => *s,
-        other => panic!("{other:?}"),
-    }
-}
-
-fn wait_for(mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < T, "condition not met in time");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// keelctl resumes by itself when the connection drops: a proxy cuts the first connection
 /// after 3 MiB.
 #[test]
@@ -672,7 +457,7 @@ fn relay(down: TcpStream, up: TcpStream, limit: Option<u64>) {
 }
 
 #[test]
-fn control_is_for_local_root_only() {
+fn control_is_for_local_root_or_a_key() {
     if !privileged() {
         return;
     }
@@ -685,7 +470,7 @@ fn control_is_for_local_root_only() {
         );
         for req in [Request::MarkGood, Request::Reboot] {
             let (c, msg) = error_of(a.client(&a.tcp).call(&req).unwrap());
-            assert_eq!(c, ErrorCode::NotPermitted, "{msg}");
+            assert_eq!(c, ErrorCode::NotAuthorized, "{msg}");
             assert!(msg.contains("root on the local Unix socket"), "{msg}");
         }
         assert!(read_state(&w.img).trial.is_some());
@@ -712,7 +497,7 @@ fn control_is_for_local_root_only() {
         let te = a.tcp.to_string();
         let out = keelctl(&["-e", &te, "reboot"]);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not-permitted"));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not-authorized"));
         let out = keelctl(&["-e", &ue, "reboot"]);
         assert!(
             out.status.success(),
@@ -1034,7 +819,7 @@ fn large_images_resume_replace_the_staged_one_and_unstage() {
         // unstage: refused over TCP, done for root on the Unix socket.
         let out = keelctl(&["-e", &a.tcp.to_string(), "unstage"]);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not-permitted"));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("not-authorized"));
         let out = keelctl(&["-e", &a.unix.to_string(), "unstage"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(

@@ -1,0 +1,91 @@
+//! `keelctl exec`: runs a command in the guest with its output on ours, stdin forwarded,
+//! signals forwarded, and its exit code as ours.
+//!
+//! Exit codes: the remote code; 128 + N when the process died of signal N; 127 when it could
+//! not be started (no such program or directory); 255 when the agent refused the exec or the
+//! connection failed.
+
+use std::io::IsTerminal;
+
+use keel_proto::exec::ExecSpec;
+use keel_proto::message::ErrorCode;
+use keelctl::client::Client;
+use keelctl::error::Error;
+use keelctl::exec::{start, Signaller};
+
+/// The signals forwarded to the remote process group.
+const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Blocks the forwarded signals in this thread (so in every thread spawned after it) and
+/// sends each one that arrives to the process through `s`, from a thread of its own. A
+/// signal keelctl was started with ignored (`nohup`, a background job) stays ignored.
+fn forward_signals(s: Signaller) {
+    // SAFETY: sigset_t and sigaction are plain data, initialised (zeroed, sigemptyset)
+    // before use; every pointer passed is to a live local or null where the call allows it.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        for sig in FORWARDED {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &raw mut old);
+            if old.sa_sigaction != libc::SIG_IGN {
+                libc::sigaddset(&raw mut set, sig);
+            }
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        set
+    };
+    std::thread::spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is an initialised sigset_t owned by this thread; sigwait writes one
+        // int into `sig`.
+        if unsafe { libc::sigwait(&raw const set, &raw mut sig) } == 0 && s.signal(sig).is_err() {
+            return;
+        }
+    });
+}
+
+/// Runs `spec` over `client` and exits with the process's code. `interactive` forwards stdin
+/// even from a terminal (it is forwarded anyway when stdin is not one).
+pub fn run(client: Client, spec: ExecSpec, interactive: bool) -> ! {
+    let timeout = spec.timeout_secs;
+    let code = match start(client, spec) {
+        Ok(running) => {
+            let s = running.signaller();
+            forward_signals(s.clone());
+            if interactive || !std::io::stdin().is_terminal() {
+                running.feed_stdin(Box::new(std::io::stdin()));
+            } else if s.close_stdin().is_err() {
+                eprintln!("keelctl: the connection closed before the process started");
+            }
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            match running.wait(&mut out, &mut err) {
+                Ok(st) => {
+                    if st.timed_out {
+                        eprintln!(
+                            "keelctl: the process ran out of its --timeout ({} s) and was killed",
+                            timeout.unwrap_or(0)
+                        );
+                    }
+                    st.shell_code()
+                }
+                Err(e) => {
+                    eprintln!("keelctl: {e}");
+                    255
+                }
+            }
+        }
+        Err(Error::Refused {
+            code: ErrorCode::ExecFailed,
+            message,
+        }) => {
+            eprintln!("keelctl: {message}");
+            127
+        }
+        Err(e) => {
+            eprintln!("keelctl: {e}");
+            255
+        }
+    };
+    std::process::exit(code)
+}

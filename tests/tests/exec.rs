@@ -1,0 +1,174 @@
+//! `keelctl exec` against a real keel-agent over its Unix socket: the real binaries, real
+//! processes, stdin from a pipe, a signal to keelctl forwarded, exit codes through. (The
+//! streams in detail, and every refusal, are `agent/tests/exec.rs`, in memory; vsock is
+//! QEMU's.)
+
+use std::fs;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keel_proto::manifest::{public_key_to_pem, SigningKey};
+use keel_tests::agent::*;
+use keel_tests::*;
+use sha2::Digest;
+
+fn exec_world(sb: &mut Sandbox, name: &str) -> (World, SigningKey) {
+    let newimg = sb.fresh(name);
+    fs::create_dir_all(&newimg).unwrap();
+    let w = world(sb, &newimg, 1);
+    let host = SigningKey::from_bytes(&[43; 32]);
+    fs::write(
+        w.etc.join("authorized.pem"),
+        public_key_to_pem(&host.verifying_key()),
+    )
+    .unwrap();
+    (w, host)
+}
+
+fn exec_config(w: &World) -> String {
+    format!(
+        "[exec]\nenabled = true\nauthorized_keys = {:?}\n",
+        w.etc.join("authorized.pem")
+    )
+}
+
+#[test]
+fn keelctl_exec_through_the_real_binaries() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("exec-real");
+    let (w, host) = exec_world(&mut sb, "newimg");
+    let a = start(&w, &exec_config(&w));
+    let ue = a.unix.to_string();
+    // stdout and stderr apart, the exit code through.
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "exec",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(out.stdout, b"out\n");
+    assert_eq!(out.stderr, b"err\n");
+    // stdin from a pipe, 8 MiB, through sha256sum.
+    let data: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut c = Command::new(bin("keelctl"))
+        .args([
+            "-e",
+            &ue,
+            "exec",
+            "--env",
+            "GREETING=hi",
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING; sha256sum",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let feed = std::thread::spawn(move || stdin.write_all(&data).map(|()| data));
+    let out = c.wait_with_output().unwrap();
+    let data = feed.join().unwrap().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text,
+        format!(
+            "hi\n{}  -\n",
+            keel_proto::hex::encode(&sha2::Sha256::digest(&data))
+        )
+    );
+    // SIGINT to keelctl reaches the remote process: it dies of it and keelctl says 130.
+    let c = Command::new(bin("keelctl"))
+        .args([
+            "-e",
+            &ue,
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 30",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut c = c;
+    let mut line = [0u8; 8];
+    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut line).unwrap();
+    assert_eq!(&line, b"started\n");
+    let t = Instant::now();
+    let pid = rustix::process::Pid::from_raw(i32::try_from(c.id()).unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let st = c.wait().unwrap();
+    assert_eq!(st.code(), Some(130));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // --timeout kills it and says so; a missing program is 127.
+    let out = keelctl(&["-e", &ue, "exec", "--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(out.status.code(), Some(137));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ran out of its --timeout (1 s)"));
+    let out = keelctl(&["-e", &ue, "exec", "--", "no-such-program-keel"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such program"));
+    // A key: accepted on the Unix socket; an unknown one refused with its fingerprint and
+    // exit 255; over plain TCP refused for want of encryption.
+    let keyfile = w.etc.join("host.pem");
+    fs::write(&keyfile, keel_proto::manifest::signing_key_to_pem(&host)).unwrap();
+    let other = w.etc.join("other.pem");
+    fs::write(
+        &other,
+        keel_proto::manifest::signing_key_to_pem(&test_key()),
+    )
+    .unwrap();
+    let k = keyfile.to_str().unwrap();
+    let out = keelctl(&["-e", &ue, "--key", k, "exec", "--", "true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "--key",
+        other.to_str().unwrap(),
+        "exec",
+        "--",
+        "true",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(255),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SHA256:") && err.contains("authorized.pem"),
+        "{err}"
+    );
+    let te = a.tcp.to_string();
+    let out = keelctl(&["-e", &te, "--key", k, "mark-good"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("plain TCP"));
+    assert!(read_state(&w.img).trial.is_some());
+    // Each exec is one log line naming the peer and the outcome.
+    let log = a.log();
+    assert!(
+        log.contains("op=\"exec\"") || log.contains("op=exec"),
+        "{log}"
+    );
+    assert!(log.contains("exited 7"), "{log}");
+    drop(a);
+    sb.finish();
+}
