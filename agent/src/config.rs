@@ -27,6 +27,7 @@
 //! allowed_cids = [2]            # vsock peers that may exec (2 = the host)
 //! trust_host_cid = false        # true: the host CID needs no key (as Kata's agent)
 //! max_processes = 16            # processes running at once
+//! max_file_bytes = 4294967296   # largest file keelctl cp moves
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -98,6 +99,8 @@ pub struct ExecConfig {
     pub trust_host_cid: bool,
     /// Processes running at once; more are `busy`.
     pub max_processes: usize,
+    /// Largest file `cp` moves in either direction.
+    pub max_file_bytes: u64,
 }
 
 impl Default for ExecConfig {
@@ -108,6 +111,7 @@ impl Default for ExecConfig {
             allowed_cids: vec![2],
             trust_host_cid: false,
             max_processes: 16,
+            max_file_bytes: 4 << 30,
         }
     }
 }

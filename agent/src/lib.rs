@@ -12,6 +12,7 @@
 //! | [`authz`] | who may do what: the one check before every request |
 //! | [`auth`] | key authentication: the hello's challenge, the authorized keys, the `auth` check |
 //! | [`exec`] | one process: prepared (pure), started in its own group, its streams carried |
+//! | [`files`] | `cp` both ways: crash-safe writes, regular files only, size-capped |
 //! | [`users`] | `/etc/passwd` lookups for `exec --user` |
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
@@ -22,7 +23,7 @@
 //! | [`notify`] | sd_notify |
 //! | [`error`] | the daemon's start-up errors |
 //!
-//! Imports go one way: server → session → {authz, auth, exec, intake, control, status} →
+//! Imports go one way: server → session → {authz, auth, exec, files, intake, control, status} →
 //! {stage, verify, users, conn}.
 #![warn(missing_docs)]
 
@@ -34,6 +35,7 @@ pub mod conn;
 pub mod control;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod intake;
 pub mod notify;
 pub mod server;

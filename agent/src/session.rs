@@ -16,6 +16,7 @@ use crate::authz::{self, Caller};
 use crate::conn::{Conn, ReadError};
 use crate::control;
 use crate::exec;
+use crate::files;
 use crate::intake;
 use crate::shared::Shared;
 use crate::status;
@@ -58,6 +59,7 @@ fn summary(r: &Response) -> String {
         Response::Send { offset } => format!("send from {offset}"),
         Response::Authenticated { key } => format!("authenticated as {key}"),
         Response::Started { pid } => format!("started pid {pid}"),
+        Response::Sending { size, .. } => format!("sending {size} bytes"),
         Response::Exited(st) => match (st.code, st.signal) {
             (Some(c), _) => format!("exited {c}"),
             (None, Some(s)) if st.timed_out => format!("killed by signal {s} at its timeout"),
@@ -258,6 +260,8 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             })
         }
         Request::Exec(spec) => exec::run(io, sh, spec).await,
+        Request::CopyIn { path, mode, size } => files::copy_in(io, sh, &path, mode, size).await,
+        Request::CopyOut { path } => files::copy_out(io, sh, &path).await,
         // authorize refused these outside an exec already.
         Request::CloseStdin | Request::Signal { .. } => {
             Outcome::reply(Response::error(ErrorCode::BadRequest, "out of order"))

@@ -183,6 +183,25 @@ impl Client {
         (self.s, self.peer)
     }
 
+    /// Writes raw bytes (a frame the caller built).
+    pub fn send_raw(&mut self, b: &[u8]) -> Result<()> {
+        self.s.write_all(b).map_err(self.net("send"))
+    }
+
+    /// The error for a reply that does not fit: a refusal as [`Error::Refused`], anything
+    /// else as a protocol error.
+    pub fn unexpected_reply(&self, r: &Response) -> Error {
+        self.unexpected(r)
+    }
+
+    /// A protocol error with this peer.
+    pub fn protocol(&self, detail: &str) -> Error {
+        Error::Protocol {
+            peer: self.peer.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
     /// The peer's name, for messages.
     pub fn peer(&self) -> &str {
         &self.peer

@@ -6,6 +6,7 @@
 //! | [`stream`] | opening an endpoint: TCP, Unix socket, vsock, hybrid vsock (`CONNECT`/`OK`) |
 //! | [`client`] | hello, requests, frames, and a push that resumes after a cut |
 //! | [`exec`] | an exec: its streams both ways, signals, the exit status |
+//! | [`files`] | `cp` both ways, streamed, written locally by temp file and rename |
 //! | [`error`] | the client's errors, each naming the peer or path |
 //!
 //! The commands themselves are one file each under `src/cmd/` of the `keelctl` binary.
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod error;
 pub mod exec;
+pub mod files;
 pub mod stream;
 
 pub use keel_proto::endpoint::Endpoint;

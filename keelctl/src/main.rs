@@ -113,6 +113,14 @@ enum Cmd {
     /// Drops the staged image and any partial upload (root on the device's Unix socket, or
     /// --key).
     Unstage,
+    /// Copies a file into or out of the guest: `keelctl cp app.tar :/srv/app.tar`, `keelctl
+    /// cp :/var/log/app.log .` (needs --key, or root on the Unix socket).
+    Cp {
+        /// Source (`:PATH` for a guest path).
+        src: String,
+        /// Destination (`:PATH` for a guest path).
+        dst: String,
+    },
     /// Runs CMD in the guest: its stdout and stderr on ours, stdin forwarded (with -i, or
     /// when stdin is not a terminal), Ctrl-C and SIGTERM forwarded; exits with its code
     /// (128+N for signal N, 127 if it could not start, 255 if refused).
@@ -250,6 +258,10 @@ fn run(a: Args) -> anyhow::Result<()> {
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
         Cmd::Unstage => cmd::control::run(connect(&a)?, &Request::Unstage),
+        Cmd::Cp { src, dst } => {
+            let copy = cmd::cp::parse(src, dst)?;
+            cmd::cp::run(connect(&a)?, copy)
+        }
         Cmd::Exec {
             interactive,
             env,

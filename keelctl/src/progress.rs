@@ -1,4 +1,5 @@
-//! Push progress: a bar with rate and ETA on a terminal, a line per 10 % otherwise.
+//! Transfer progress (push, cp): a bar with rate and ETA on a terminal, a line per 10 %
+//! otherwise.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -10,20 +11,27 @@ pub struct Progress {
     first: Option<u64>,
     last_draw: Option<Instant>,
     last_decile: u64,
-    version: u64,
+    label: String,
+    verb: &'static str,
     drew: bool,
 }
 
 impl Progress {
     /// A progress display for pushing `version`.
     pub fn new(version: u64) -> Progress {
+        Progress::labelled(format!("v{version}"), "pushed")
+    }
+
+    /// A progress display for `label`; the lines off a terminal say `verb` (`copied`).
+    pub fn labelled(label: String, verb: &'static str) -> Progress {
         Progress {
             tty: std::io::stderr().is_terminal(),
             start: Instant::now(),
             first: None,
             last_draw: None,
             last_decile: 0,
-            version,
+            label,
+            verb,
             drew: false,
         }
     }
@@ -55,8 +63,8 @@ impl Progress {
             };
             let filled = (pct / 4) as usize;
             eprint!(
-                "\rv{} [{}{}] {:3}% {:7.1} MiB/s ETA {:>5}",
-                self.version,
+                "\r{} [{}{}] {:3}% {:7.1} MiB/s ETA {:>5}",
+                self.label,
                 "#".repeat(filled),
                 "-".repeat(25 - filled.min(25)),
                 pct,
@@ -70,7 +78,8 @@ impl Progress {
                 self.last_decile = decile;
                 self.drew = true;
                 eprintln!(
-                    "pushed {pct}% ({done} of {total} bytes, {:.1} MiB/s)",
+                    "{} {pct}% ({done} of {total} bytes, {:.1} MiB/s)",
+                    self.verb,
                     mib(rate)
                 );
             }

@@ -52,6 +52,23 @@ pub enum Request {
     /// Runs a process; answered `started`, then its streams, then `exited` (see
     /// [`crate::exec`]).
     Exec(ExecSpec),
+    /// Writes the guest file `path` (`keelctl cp SRC :PATH`): answered `send`, then exactly
+    /// `size` bytes in data frames and an empty data frame, then `done` once the file is in
+    /// place (temporary file, fsync, rename).
+    CopyIn {
+        /// Absolute guest path.
+        path: String,
+        /// Permission bits.
+        mode: u32,
+        /// Bytes that follow.
+        size: u64,
+    },
+    /// Reads the guest file `path` (`keelctl cp :PATH DST`): answered `sending`, then its
+    /// bytes in data frames, an empty data frame, then `done`.
+    CopyOut {
+        /// Absolute guest path.
+        path: String,
+    },
     /// The process's stdin reached its end (during an exec).
     CloseStdin,
     /// Sends a signal to the process's group (during an exec).
@@ -73,6 +90,8 @@ impl Request {
             Request::Unstage => "unstage",
             Request::Auth { .. } => "auth",
             Request::Exec(_) => "exec",
+            Request::CopyIn { .. } => "copy-in",
+            Request::CopyOut { .. } => "copy-out",
             Request::CloseStdin => "close-stdin",
             Request::Signal { .. } => "signal",
         }
@@ -108,6 +127,13 @@ pub enum Response {
     },
     /// The process of an exec ended; its output has all been sent.
     Exited(ExitStatus),
+    /// A file follows (answer to `copy-out`).
+    Sending {
+        /// Its size.
+        size: u64,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// Answer to `Status`.
     Status(Box<StatusReport>),
     /// The manifest is accepted: send the image from `offset` (0 unless resuming).
@@ -199,6 +225,8 @@ pub enum ErrorCode {
     InvalidState,
     /// The process of an exec could not be started (no such program or directory).
     ExecFailed,
+    /// The path does not exist (a file to copy out, a directory to copy into).
+    NotFound,
     /// The peer was silent longer than the idle timeout.
     Timeout,
     /// A read, write or sync failed on the agent's side.

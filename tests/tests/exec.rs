@@ -162,6 +162,73 @@ fn keelctl_exec_through_the_real_binaries() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("plain TCP"));
     assert!(read_state(&w.img).trial.is_some());
+    // cp both ways, 16 MiB, hashes and mode kept.
+    let src = w.etc.join("blob.bin");
+    let blob: Vec<u8> = (0..16u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 23) as u8)
+        .collect();
+    fs::write(&src, &blob).unwrap();
+    fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    let guest_dir = w.etc.join("guest");
+    fs::create_dir_all(&guest_dir).unwrap();
+    let gd = format!(":{}/", guest_dir.display());
+    let out = keelctl(&["-e", &ue, "cp", src.to_str().unwrap(), &gd]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_file(&guest_dir.join("blob.bin")), sha256_file(&src));
+    let back = w.etc.join("back");
+    fs::create_dir_all(&back).unwrap();
+    let gs = format!(":{}/blob.bin", guest_dir.display());
+    let out = keelctl(&["-e", &ue, "cp", &gs, back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_file(&back.join("blob.bin")), sha256_file(&src));
+    let mode = fs::metadata(back.join("blob.bin")).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o640
+    );
+    // A full disk: a 4 MiB tmpfs in this test's mount namespace. Refused before a byte, with
+    // the numbers; nothing left behind. A missing guest file is named.
+    let small = w.etc.join("small");
+    fs::create_dir_all(&small).unwrap();
+    rustix::mount::mount(
+        "tmpfs",
+        &small,
+        "tmpfs",
+        rustix::mount::MountFlags::empty(),
+        c"size=4m",
+    )
+    .unwrap();
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "cp",
+        src.to_str().unwrap(),
+        &format!(":{}/", small.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-space") && err.contains("needs 16777216 bytes"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(&small).unwrap().count(), 0);
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "cp",
+        &format!(":{}/nope", guest_dir.display()),
+        back.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+    assert_eq!(fs::read_dir(&back).unwrap().count(), 1);
     // Each exec is one log line naming the peer and the outcome.
     let log = a.log();
     assert!(

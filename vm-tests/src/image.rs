@@ -72,6 +72,10 @@ vsock_port = 7447
 trusted_keys = "/etc/keel/trusted.pem"
 idle_timeout_secs = 20
 announce = "vsock://2:7448"
+
+[exec]
+enabled = true
+authorized_keys = "/etc/keel/authorized.pem"
 "#;
 
 /// The host port the guest agent announces readiness to (over vsock).
@@ -91,6 +95,7 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
         k.bins.join("keelctl"),
         "/bin/busybox".into(),
         k.trusted.clone(),
+        k.authorized.clone(),
     ] {
         h.update(fs::read(&f).unwrap_or_default());
     }
@@ -129,6 +134,7 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     fs::write(&init, init_script(version, good)).unwrap();
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();
     fs::copy(&k.trusted, root.join("etc/keel/trusted.pem")).unwrap();
+    fs::copy(&k.authorized, root.join("etc/keel/authorized.pem")).unwrap();
     fs::write(root.join("etc/keel/agent.toml"), AGENT_TOML).unwrap();
     fs::write(root.join("etc/keel-version"), format!("{version}\n")).unwrap();
     let tmp = out.with_extension("tmp");

@@ -19,6 +19,10 @@ pub struct Kit {
     pub initramfs: PathBuf,
     pub key: SigningKey,
     pub trusted: PathBuf,
+    /// The host's exec key (PEM, for `keelctl --key`) and its public half, which the images
+    /// list in `/etc/keel/authorized.pem`.
+    pub host_key: PathBuf,
+    pub authorized: PathBuf,
     pub bins: PathBuf,
     pub work: PathBuf,
 }
@@ -107,6 +111,11 @@ pub fn kit() -> &'static Kit {
         let key = SigningKey::from_bytes(&[7u8; 32]);
         let trusted = work.join("trusted.pem");
         fs::write(&trusted, public_key_to_pem(&key.verifying_key())).unwrap();
+        let host = SigningKey::from_bytes(&[11u8; 32]);
+        let host_key = work.join("host.pem");
+        fs::write(&host_key, keel_proto::manifest::signing_key_to_pem(&host)).unwrap();
+        let authorized = work.join("authorized.pem");
+        fs::write(&authorized, public_key_to_pem(&host.verifying_key())).unwrap();
         for e in fs::read_dir(&work).unwrap().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.starts_with("initramfs-") || n.starts_with("script-initramfs-") {
@@ -121,6 +130,8 @@ pub fn kit() -> &'static Kit {
             initramfs,
             key,
             trusted,
+            host_key,
+            authorized,
             bins,
             work,
         }

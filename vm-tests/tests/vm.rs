@@ -220,10 +220,11 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
 /// through hybrid vsock): the agent's ready announce reaches the host, the push stages v2,
 /// the guest reboots into it. No AF_VSOCK socket is opened on the host.
 #[test]
-fn update_over_vsock_with_ready_announce() {
+fn update_over_vsock_with_ready_announce_then_exec_and_remote_mark_good() {
     let d = scenario_dir("vsock");
     let v1 = image(1, true, Fs::Squashfs);
-    let v2 = image(2, true, Fs::Squashfs);
+    // v2 does not mark itself good: the host does, by key, over hybrid vsock.
+    let v2 = image(2, false, Fs::Squashfs);
     sign(&v2, 2);
     let disk = Disk::new(&d, &v1, "root-squashfs.img");
     let dev = VsockDevice::start(&d);
@@ -265,15 +266,80 @@ fn update_over_vsock_with_ready_announce() {
     vm.wait_for("KEEL staged: rebooting");
     vm.wait_exit();
     let mut vm = Vm::start(&disk, "v2", &boot);
-    vm.wait_for("KEEL marked-good version=2");
-    let st: serde_json::Value = serde_json::from_str(&ok(&keelctl(&[
-        "-e", &ep, "--wait", "20", "status", "--json",
-    ])))
-    .unwrap();
+    vm.wait_for("KEEL ready version=2");
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&ok(&keelctl(&[
+            "-e", &ep, "--wait", "20", "status", "--json",
+        ])))
+        .unwrap()
+    };
+    let st = status();
     assert_eq!(st["booted"]["version"], 2);
     assert_eq!(st["old"]["version"], 1);
+    assert!(!st["trial"].is_null(), "{st}");
+    exec_over_hybrid_vsock(&d, &ep);
+    // The host ends the trial: without a key refused, with the authorized key done.
+    let out = keelctl(&["-e", &ep, "--wait", "20", "mark-good"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-authorized"));
+    let key = kit().host_key.to_str().unwrap().to_string();
+    let out = ok(&keelctl(&["-e", &ep, "--key", &key, "mark-good"]));
+    assert!(out.contains("version 2 marked good"), "{out}");
+    assert!(status()["trial"].is_null());
     vm.kill();
     let _ = fs::remove_dir_all(&d);
+}
+
+/// `keelctl exec` into the guest over hybrid vsock with the kit's host key: `uname -a`, 100 MiB
+/// piped through the guest's `sha256sum`, an exit code and a missing key.
+fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
+    let key = kit().host_key.to_str().unwrap().to_string();
+    let exec = |args: &[&str]| {
+        let mut a = vec!["-e", ep, "--wait", "20", "--key", &key, "exec", "--"];
+        a.extend_from_slice(args);
+        keelctl(&a)
+    };
+    let out = exec(&["uname", "-a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Linux "));
+    let out = exec(&["sh", "-c", "echo to-stderr >&2; exit 5"]);
+    assert_eq!(out.status.code(), Some(5));
+    assert_eq!(out.stderr, b"to-stderr\n");
+    let big = d.join("100m.bin");
+    {
+        let mut f = std::io::BufWriter::new(fs::File::create(&big).unwrap());
+        let mut x: u64 = 1;
+        for _ in 0..(100 << 20) / 8 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            std::io::Write::write_all(&mut f, &x.to_le_bytes()).unwrap();
+        }
+    }
+    let t = std::time::Instant::now();
+    let out = std::process::Command::new(kit().bins.join("keelctl"))
+        .args(["-e", ep, "--key", &key, "exec", "--", "sha256sum"])
+        .stdin(fs::File::open(&big).unwrap())
+        .output()
+        .unwrap();
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(line, format!("{}  -\n", sha256_file(&big)));
+    eprintln!(
+        "100 MiB through the guest's sha256sum over hybrid vsock: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = fs::remove_file(&big);
+    // Without --key: refused, nothing runs.
+    let out = keelctl(&["-e", ep, "exec", "--", "true"]);
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
 }
 
 /// Scenario 5: a correctly signed image that does not mount (a truncated squashfs) is

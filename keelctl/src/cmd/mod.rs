@@ -1,6 +1,7 @@
 //! One file per `keelctl` command; what they share lives here.
 
 pub mod control;
+pub mod cp;
 pub mod exec;
 pub mod initramfs;
 pub mod keygen;
