@@ -115,7 +115,7 @@ pub fn authorize(
             }
             needs_principal(req.op())
         }
-        Request::CloseStdin | Request::Signal { .. } => Err(Refusal::new(
+        Request::CloseStdin | Request::Signal { .. } | Request::Resize(_) => Err(Refusal::new(
             ErrorCode::BadRequest,
             format!("{} outside an exec", req.op()),
         )),

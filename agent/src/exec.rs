@@ -7,6 +7,7 @@
 //! that does not read its stdin stops the client's. Every branch of the loop is cancel-safe
 //! (plain `read`/`write` calls, whole frames decoded from a buffer).
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use keel_proto::wire::{encode_header, Decoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conn::Conn;
+use crate::pty;
 use crate::session::Outcome;
 use crate::shared::Shared;
 use crate::users::{lookup, User};
@@ -109,6 +111,11 @@ pub fn prepare(spec: &ExecSpec, agent_uid: u32, passwd: &str) -> Result<Prepared
     })
 }
 
+/// A process's output, or its stdin: pipes, or the pty master.
+type Reader = Box<dyn AsyncRead + Unpin + Send>;
+/// See [`Reader`].
+type Writer = Box<dyn AsyncWrite + Unpin + Send>;
+
 /// Sends `sig` to process group `pgid`.
 fn kill_group(pgid: u32, sig: i32) {
     let Ok(pgid) = libc::pid_t::try_from(pgid) else {
@@ -179,11 +186,49 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         .env_clear()
         .envs(p.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&p.cwd)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
         .kill_on_drop(true);
+    let pty = match spec.tty {
+        None => {
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0);
+            None
+        }
+        Some(ws) => match pty::open(ws) {
+            Ok((master, slave)) => {
+                let dup = |f: &OwnedFd| f.try_clone().map(Stdio::from);
+                match (dup(&slave), dup(&slave)) {
+                    (Ok(a), Ok(b)) => {
+                        cmd.stdin(Stdio::from(slave)).stdout(a).stderr(b);
+                    }
+                    _ => {
+                        return Outcome::reply(Response::error(
+                            ErrorCode::Io,
+                            "exec: dup of the pty",
+                        ))
+                    }
+                }
+                // SAFETY: between fork and exec: setsid and ioctl are async-signal-safe and
+                // touch only the child's own descriptors.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                Some(master)
+            }
+            Err(e) => {
+                return Outcome::reply(Response::error(
+                    ErrorCode::Io,
+                    format!("exec: openpty: {e}"),
+                ))
+            }
+        },
+    };
     // SAFETY: the closure runs in the child between fork and exec and calls only
     // async-signal-safe functions (signal, sigemptyset, sigprocmask) on its own stack data.
     unsafe {
@@ -206,7 +251,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         // std drops the supplementary groups when root switches uid.
         cmd.uid(uid).gid(gid);
     }
-    let mut child = match cmd.spawn() {
+    let spawned = cmd.spawn();
+    // The parent's copies of the pty slave go now: the master reads EOF (EIO) once the
+    // process and its children have closed theirs.
+    drop(cmd);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let what = if e.kind() == std::io::ErrorKind::NotFound {
@@ -231,8 +280,30 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     }
     let idle = io.idle;
     let (mut rd, mut wr) = tokio::io::split(&mut io.s);
-    let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
-    let mut stdin = child.stdin.take();
+    let (mut out, mut err, mut stdin): (Option<Reader>, Option<Reader>, Option<Writer>) = match &pty
+    {
+        None => (
+            child.stdout.take().map(|o| Box::new(o) as Reader),
+            child.stderr.take().map(|e| Box::new(e) as Reader),
+            child.stdin.take().map(|i| Box::new(i) as Writer),
+        ),
+        Some(m) => match (m.try_clone(), m.try_clone()) {
+            (Ok(r), Ok(w)) => (
+                Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(r))) as Reader),
+                None,
+                Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(w))) as Writer),
+            ),
+            _ => {
+                kill_group(pid, libc::SIGKILL);
+                let _ = child.wait().await;
+                return Outcome::reply(Response::error(
+                    ErrorCode::Io,
+                    "exec: dup of the pty master",
+                ));
+            }
+        },
+    };
+    let tty = pty.as_ref().map(|m| m.as_raw_fd());
     let (mut obuf, mut ebuf, mut cbuf) = (
         vec![0u8; OUT_CHUNK],
         vec![0u8; OUT_CHUNK],
@@ -288,7 +359,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(n) => n,
                 };
                 decoder.push(&cbuf[..n]);
-                if let Err(r) = take_frames(&mut decoder, &mut pending, &mut closing, stdin.is_some(), pid) {
+                if let Err(r) = take_frames(&mut decoder, &mut pending, &mut closing, stdin.is_some(), pid, tty) {
                     abort = Some(Response::from(r));
                     break;
                 }
@@ -347,6 +418,7 @@ fn take_frames(
     closing: &mut bool,
     stdin_open: bool,
     pgid: u32,
+    tty: Option<std::os::fd::RawFd>,
 ) -> Result<(), Refusal> {
     let bad = |m: String| Refusal::new(ErrorCode::BadRequest, format!("during an exec: {m}"));
     while let Some(body) = d.next_frame().map_err(|e| bad(e.to_string()))? {
@@ -360,7 +432,13 @@ fn take_frames(
                 }
             }
             Body::Message(_) => match parse_request(&body).map_err(|e| bad(e.to_string()))? {
+                // A terminal has no end of its own: its EOF character ends a read.
+                Request::CloseStdin if tty.is_some() => pending.push(0x04),
                 Request::CloseStdin => *closing = true,
+                Request::Resize(ws) => match tty {
+                    Some(fd) => pty::resize(fd, ws),
+                    None => return Err(bad("resize without a tty".into())),
+                },
                 Request::Signal { signal } if (1..=64).contains(&signal) => {
                     kill_group(pgid, signal);
                 }

@@ -13,6 +13,7 @@
 //! | [`auth`] | key authentication: the hello's challenge, the authorized keys, the `auth` check |
 //! | [`exec`] | one process: prepared (pure), started in its own group, its streams carried |
 //! | [`files`] | `cp` both ways: crash-safe writes, regular files only, size-capped |
+//! | [`pty`] | pseudo-terminals for `exec` with a tty |
 //! | [`users`] | `/etc/passwd` lookups for `exec --user` |
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
@@ -38,6 +39,7 @@ pub mod exec;
 pub mod files;
 pub mod intake;
 pub mod notify;
+pub mod pty;
 pub mod server;
 pub mod session;
 pub mod shared;

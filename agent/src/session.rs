@@ -263,7 +263,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Request::CopyIn { path, mode, size } => files::copy_in(io, sh, &path, mode, size).await,
         Request::CopyOut { path } => files::copy_out(io, sh, &path).await,
         // authorize refused these outside an exec already.
-        Request::CloseStdin | Request::Signal { .. } => {
+        Request::CloseStdin | Request::Signal { .. } | Request::Resize(_) => {
             Outcome::reply(Response::error(ErrorCode::BadRequest, "out of order"))
         }
         Request::Hello { .. } => Outcome::reply(Response::error(

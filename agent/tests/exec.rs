@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use common::*;
 use keel_agent::config::ExecConfig;
-use keel_proto::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDOUT};
+use keel_proto::exec::{ExecSpec, ExitStatus, WinSize, KIND_STDERR, KIND_STDOUT};
 use keel_proto::message::{split_body, Body};
 
 fn exec_dev(tag: &str, f: impl FnOnce(&mut ExecConfig)) -> Dev {
@@ -197,6 +197,50 @@ async fn processes_start_with_default_signal_dispositions() {
         let mask = u64::from_str_radix(line[field.len()..].trim(), 16).unwrap();
         assert_eq!(mask & 0x7fff_ffff, 0, "{line}");
     }
+}
+
+/// With a tty the process runs on a pseudo-terminal of the size asked: `tty` names it, `stty`
+/// reads the size, a resize reaches it, input is a terminal's (echoed, line by line), and
+/// close-stdin is the EOF character.
+#[tokio::test]
+async fn a_tty_is_a_terminal_of_the_size_asked_and_resized() {
+    let d = exec_dev("tty", |_| {});
+    let mut c = d.client(local_root()).await;
+    let mut spec = sh("tty; stty size; read line; stty size; echo got:$line; cat; exit 4");
+    spec.tty = Some(WinSize {
+        rows: 33,
+        cols: 101,
+    });
+    start(&mut c, spec).await.unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("33 101") {
+        let body = c.frame().await;
+        match split_body(&body).unwrap() {
+            Body::Stream(KIND_STDOUT, b) => out.extend_from_slice(b),
+            other => panic!("{other:?} after {:?}", String::from_utf8_lossy(&out)),
+        }
+    }
+    c.send(&Request::Resize(WinSize {
+        rows: 40,
+        cols: 120,
+    }))
+    .await;
+    c.stdin(b"hello\n").await;
+    c.send(&Request::CloseStdin).await;
+    let r = collect(&mut c).await;
+    out.extend_from_slice(&r.out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("/dev/pts/"), "{text}");
+    assert!(text.contains("40 120"), "{text}");
+    assert!(text.contains("got:hello"), "{text}");
+    assert!(r.err.is_empty(), "a tty has one stream");
+    assert_eq!(r.status.unwrap().code, Some(4), "{text}");
+    // A resize without a tty is a protocol error.
+    start(&mut c, argv(&["sleep", "5"])).await.unwrap();
+    c.send(&Request::Resize(WinSize { rows: 1, cols: 1 })).await;
+    let (code, msg) = collect(&mut c).await.error.unwrap();
+    assert_eq!(code, ErrorCode::BadRequest);
+    assert!(msg.contains("without a tty"), "{msg}");
 }
 
 #[tokio::test]

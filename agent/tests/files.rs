@@ -20,7 +20,9 @@ fn files_dev(tag: &str, max: u64) -> Dev {
 }
 
 fn bytes(n: usize) -> Vec<u8> {
-    (0..n).map(|i| ((i * 7 + i / 4093) & 0xff).to_le_bytes()[0]).collect()
+    (0..n)
+        .map(|i| ((i * 7 + i / 4093) & 0xff).to_le_bytes()[0])
+        .collect()
 }
 
 fn leftovers(dir: &std::path::Path) -> Vec<String> {

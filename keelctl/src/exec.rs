@@ -8,7 +8,7 @@
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 
-use keel_proto::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
+use keel_proto::exec::{ExecSpec, ExitStatus, WinSize, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
 use keel_proto::message::{message_frame, parse_response, split_body, Body, Request, Response};
 use keel_proto::wire::encode_header;
 
@@ -43,6 +43,11 @@ impl Signaller {
     /// Sends `signal` to the process's group.
     pub fn signal(&self, signal: i32) -> std::io::Result<()> {
         self.frame(&message_frame(&Request::Signal { signal }).map_err(std::io::Error::other)?)
+    }
+
+    /// Tells the process its terminal has a new size.
+    pub fn resize(&self, ws: WinSize) -> std::io::Result<()> {
+        self.frame(&message_frame(&Request::Resize(ws)).map_err(std::io::Error::other)?)
     }
 
     /// Tells the process its stdin has ended.

@@ -121,13 +121,17 @@ enum Cmd {
         /// Destination (`:PATH` for a guest path).
         dst: String,
     },
-    /// Runs CMD in the guest: its stdout and stderr on ours, stdin forwarded (with -i, or
-    /// when stdin is not a terminal), Ctrl-C and SIGTERM forwarded; exits with its code
+    /// Runs CMD in the guest: its stdout and stderr on ours, stdin forwarded (with -i or -t,
+    /// or when stdin is not a terminal), Ctrl-C and SIGTERM forwarded; exits with its code
     /// (128+N for signal N, 127 if it could not start, 255 if refused).
     Exec {
         /// Forward stdin even from a terminal.
         #[arg(short = 'i', long)]
         interactive: bool,
+        /// Run on a pseudo-terminal (the local terminal in raw mode, its size and resizes
+        /// forwarded; stdout and stderr are then one stream).
+        #[arg(short = 't', long)]
+        tty: bool,
         /// Environment variable for the process, K=V (repeatable).
         #[arg(long = "env", value_name = "K=V")]
         env: Vec<String>,
@@ -264,6 +268,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         }
         Cmd::Exec {
             interactive,
+            tty,
             env,
             cwd,
             user,
@@ -277,12 +282,20 @@ fn run(a: Args) -> anyhow::Result<()> {
                     .with_context(|| format!("--env {kv:?}: expected K=V"))?;
                 vars.push((k.to_string(), v.to_string()));
             }
+            if *tty && !vars.iter().any(|(k, _)| k == "TERM") {
+                let term = std::env::var("TERM").unwrap_or_else(|_| "xterm".into());
+                vars.push(("TERM".into(), term));
+            }
             let spec = keel_proto::exec::ExecSpec {
                 argv: argv.clone(),
                 env: vars,
                 cwd: cwd.clone(),
                 user: user.clone(),
                 timeout_secs: *timeout,
+                tty: tty.then(|| {
+                    cmd::exec::term_size()
+                        .unwrap_or(keel_proto::exec::WinSize { rows: 24, cols: 80 })
+                }),
             };
             match connect(&a) {
                 Ok(c) => cmd::exec::run(c, spec, *interactive),

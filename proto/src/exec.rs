@@ -45,6 +45,20 @@ pub struct ExecSpec {
     /// Kill the process group after this many seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_secs: Option<u64>,
+    /// Run on a pseudo-terminal of this size: stdin, stdout and stderr are its slave, the
+    /// output one stream ([`KIND_STDOUT`]), the process a session leader with it as its
+    /// controlling terminal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<WinSize>,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 /// How a process ended.

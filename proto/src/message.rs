@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bootstate::{Event, ImageRecord, Trial};
-use crate::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
+use crate::exec::{ExecSpec, ExitStatus, WinSize, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
 use crate::manifest::SignedManifest;
 use crate::wire::{FrameError, KIND_DATA, KIND_MESSAGE};
 
@@ -69,8 +69,11 @@ pub enum Request {
         /// Absolute guest path.
         path: String,
     },
-    /// The process's stdin reached its end (during an exec).
+    /// The process's stdin reached its end (during an exec; on a terminal, an EOF
+    /// character).
     CloseStdin,
+    /// The terminal of an exec with a tty changed size.
+    Resize(WinSize),
     /// Sends a signal to the process's group (during an exec).
     Signal {
         /// The signal number (`SIGINT` = 2, ...).
@@ -93,6 +96,7 @@ impl Request {
             Request::CopyIn { .. } => "copy-in",
             Request::CopyOut { .. } => "copy-out",
             Request::CloseStdin => "close-stdin",
+            Request::Resize(_) => "resize",
             Request::Signal { .. } => "signal",
         }
     }

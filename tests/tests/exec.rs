@@ -113,6 +113,23 @@ fn keelctl_exec_through_the_real_binaries() {
     let st = c.wait().unwrap();
     assert_eq!(st.code(), Some(130));
     assert!(t.elapsed() < Duration::from_secs(10));
+    // -t: a pty in the guest (24x80 when keelctl's own output is not a terminal).
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "exec",
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        "tty; stty size; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("/dev/pts/") && text.contains("24 80\r\n"),
+        "{text:?}"
+    );
     // --timeout kills it and says so; a missing program is 127.
     let out = keelctl(&["-e", &ue, "exec", "--timeout", "1", "--", "sleep", "30"]);
     assert_eq!(out.status.code(), Some(137));
@@ -165,7 +182,7 @@ fn keelctl_exec_through_the_real_binaries() {
     // cp both ways, 16 MiB, hashes and mode kept.
     let src = w.etc.join("blob.bin");
     let blob: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_246_822_519) >> 23) as u8)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 24) as u8)
         .collect();
     fs::write(&src, &blob).unwrap();
     fs::set_permissions(&src, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();

@@ -7,7 +7,7 @@
 
 use std::io::IsTerminal;
 
-use keel_proto::exec::ExecSpec;
+use keel_proto::exec::{ExecSpec, WinSize};
 use keel_proto::message::ErrorCode;
 use keelctl::client::Client;
 use keelctl::error::Error;
@@ -16,15 +16,64 @@ use keelctl::exec::{start, Signaller};
 /// The signals forwarded to the remote process group.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
 
+/// The local terminal's size (of stdout, else stdin), if either is a terminal.
+pub fn term_size() -> Option<WinSize> {
+    for fd in [1, 0] {
+        // SAFETY: winsize is plain data; TIOCGWINSZ writes one into the live local.
+        let mut w: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `fd` is one of our standard descriptors.
+        if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &raw mut w) } == 0 && w.ws_row > 0 {
+            return Some(WinSize {
+                rows: w.ws_row,
+                cols: w.ws_col,
+            });
+        }
+    }
+    None
+}
+
+/// The local terminal in raw mode until dropped (keys go to the remote pty as they are
+/// typed, Ctrl-C included).
+struct RawMode(libc::termios);
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        // SAFETY: termios is plain data filled by tcgetattr before use; fd 0 is our stdin.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &raw mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            libc::cfmakeraw(&raw mut t);
+            if libc::tcsetattr(0, libc::TCSANOW, &raw const t) != 0 {
+                return None;
+            }
+            Some(RawMode(saved))
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the termios tcgetattr gave us on fd 0.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &raw const self.0) };
+    }
+}
+
 /// Blocks the forwarded signals in this thread (so in every thread spawned after it) and
 /// sends each one that arrives to the process through `s`, from a thread of its own. A
-/// signal keelctl was started with ignored (`nohup`, a background job) stays ignored.
-fn forward_signals(s: Signaller) {
+/// signal keelctl was started with ignored (`nohup`, a background job) stays ignored. With
+/// `tty`, SIGWINCH sends the terminal's new size instead.
+fn forward_signals(s: Signaller, tty: bool) {
     // SAFETY: sigset_t and sigaction are plain data, initialised (zeroed, sigemptyset)
     // before use; every pointer passed is to a live local or null where the call allows it.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&raw mut set);
+        if tty {
+            libc::sigaddset(&raw mut set, libc::SIGWINCH);
+        }
         for sig in FORWARDED {
             let mut old: libc::sigaction = std::mem::zeroed();
             libc::sigaction(sig, std::ptr::null(), &raw mut old);
@@ -39,7 +88,15 @@ fn forward_signals(s: Signaller) {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` is an initialised sigset_t owned by this thread; sigwait writes one
         // int into `sig`.
-        if unsafe { libc::sigwait(&raw const set, &raw mut sig) } == 0 && s.signal(sig).is_err() {
+        if unsafe { libc::sigwait(&raw const set, &raw mut sig) } != 0 {
+            continue;
+        }
+        let sent = if sig == libc::SIGWINCH {
+            term_size().map_or(Ok(()), |ws| s.resize(ws))
+        } else {
+            s.signal(sig)
+        };
+        if sent.is_err() {
             return;
         }
     });
@@ -49,17 +106,23 @@ fn forward_signals(s: Signaller) {
 /// even from a terminal (it is forwarded anyway when stdin is not one).
 pub fn run(client: Client, spec: ExecSpec, interactive: bool) -> ! {
     let timeout = spec.timeout_secs;
+    let tty = spec.tty.is_some();
     let code = match start(client, spec) {
         Ok(running) => {
             let s = running.signaller();
-            forward_signals(s.clone());
-            if interactive || !std::io::stdin().is_terminal() {
+            forward_signals(s.clone(), tty);
+            let raw = (tty && std::io::stdin().is_terminal())
+                .then(RawMode::enter)
+                .flatten();
+            if tty || interactive || !std::io::stdin().is_terminal() {
                 running.feed_stdin(Box::new(std::io::stdin()));
             } else if s.close_stdin().is_err() {
                 eprintln!("keelctl: the connection closed before the process started");
             }
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            match running.wait(&mut out, &mut err) {
+            let r = running.wait(&mut out, &mut err);
+            drop(raw);
+            match r {
                 Ok(st) => {
                     if st.timed_out {
                         eprintln!(
