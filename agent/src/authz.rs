@@ -6,7 +6,7 @@
 //! |---|---|
 //! | hello, status, push, auth | anyone who can connect (a push is admitted only if signed by a trusted key; `auth` checks its own key) |
 //! | mark-good, reboot, unstage | root on the local Unix socket, or a session authenticated with a key from `[exec] authorized_keys` (or the host CID with `trust_host_cid`) |
-//! | exec, copy-in, copy-out | the same principals, with `[exec] enabled`; a vsock peer also needs its CID in `allowed_cids` |
+//! | exec, attach, ps, kill, copy-in, copy-out | the same principals, with `[exec] enabled`; a vsock peer also needs its CID in `allowed_cids` |
 //! | close-stdin, signal | only inside an exec (the exec loop takes them; outside one they are out of order) |
 
 use std::fmt;
@@ -93,7 +93,12 @@ pub fn authorize(
             Ok(None)
         }
         Request::MarkGood | Request::Reboot | Request::Unstage => needs_principal(req.op()),
-        Request::Exec(_) | Request::CopyIn { .. } | Request::CopyOut { .. } => {
+        Request::Exec(_)
+        | Request::CopyIn { .. }
+        | Request::CopyOut { .. }
+        | Request::Attach { .. }
+        | Request::Ps
+        | Request::Kill { .. } => {
             let Some(e) = exec.filter(|e| e.enabled) else {
                 return Err(Refusal::new(
                     ErrorCode::Unavailable,

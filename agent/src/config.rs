@@ -28,6 +28,7 @@
 //! trust_host_cid = false        # true: the host CID needs no key (as Kata's agent)
 //! max_processes = 16            # processes running at once
 //! max_file_bytes = 4294967296   # largest file keelctl cp moves
+//! grace_secs = 60               # a process that lost its client waits this long for attach
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -101,6 +102,9 @@ pub struct ExecConfig {
     pub max_processes: usize,
     /// Largest file `cp` moves in either direction.
     pub max_file_bytes: u64,
+    /// Seconds a process whose client was lost keeps running for a re-attach before it is
+    /// killed with its group (detached processes are not).
+    pub grace_secs: u64,
 }
 
 impl Default for ExecConfig {
@@ -112,6 +116,7 @@ impl Default for ExecConfig {
             trust_host_cid: false,
             max_processes: 16,
             max_file_bytes: 4 << 30,
+            grace_secs: 60,
         }
     }
 }

@@ -1,11 +1,14 @@
 //! One exec: [`prepare`] turns the request into what to start (pure: argv, environment,
-//! directory, user), [`run`] starts it in its own process group and carries its streams until
-//! it ends.
+//! directory, user), [`start`] spawns it in its own process group (a session, with a tty),
+//! registers it in [`crate::procs`] and runs its pump: a task of its own that carries output
+//! into the process's ring and input from whichever client is attached
+//! ([`crate::attach`]), until the process ends.
 //!
-//! The loop never buffers more than a frame of output per stream and [`STDIN_PENDING`] of
-//! input: a client that does not read stops the process's writes (its pipe fills), a process
-//! that does not read its stdin stops the client's. Every branch of the loop is cancel-safe
-//! (plain `read`/`write` calls, whole frames decoded from a buffer).
+//! The pump holds at most the ring's bound of output and [`STDIN_PENDING`] of input: with a
+//! client attached a full ring stops the process's writes (its pipe fills); a process that
+//! does not read its stdin stops the client's. A process whose client is lost is killed
+//! with its group after `[exec] grace_secs` unless it was started detached. Every branch of
+//! the pump is cancel-safe (plain `read`/`write` calls, channel receives).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -13,14 +16,12 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_proto::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
-use keel_proto::message::{parse_request, split_body, Body, ErrorCode, Request, Response};
-use keel_proto::wire::{encode_header, Decoder};
+use keel_proto::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDOUT};
+use keel_proto::message::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::conn::Conn;
+use crate::procs::{Input, Proc, Ring, State, RING_BYTES};
 use crate::pty;
-use crate::session::Outcome;
 use crate::shared::Shared;
 use crate::users::{lookup, User};
 use crate::verify::Refusal;
@@ -134,35 +135,21 @@ fn status_of(st: std::process::ExitStatus, timed_out: bool) -> ExitStatus {
     }
 }
 
-/// Writes one stream frame.
-async fn send_stream<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    kind: u8,
-    data: &[u8],
-    idle: Duration,
-) -> std::io::Result<()> {
-    let h = encode_header(kind, data.len()).map_err(std::io::Error::other)?;
-    let mut f = Vec::with_capacity(h.len() + data.len());
-    f.extend_from_slice(&h);
-    f.extend_from_slice(data);
-    match tokio::time::timeout(idle, w.write_all(&f)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client does not read the output",
-        )),
-    }
+/// What the pump reads and writes: the pipes, or the pty master.
+struct Streams {
+    out: Option<Reader>,
+    err: Option<Reader>,
+    stdin: Option<Writer>,
+    /// The pty master, for resizes.
+    tty: Option<OwnedFd>,
 }
 
-/// Runs `spec` with the connection's streams until the process ends; the outcome's reply is
-/// `exited` (or the error that stopped it before it started).
-pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
-    sh: &Arc<Shared>,
-    spec: ExecSpec,
-) -> Outcome {
-    let Ok(_slot) = sh.exec_slots.clone().try_acquire_owned() else {
-        return Outcome::reply(Response::error(
+/// Starts `spec` for `owner` (a principal's name): checks it, spawns the process in its own
+/// group (or session, with a tty), registers it and starts its pump. The caller attaches to
+/// the returned process, or (detached) just reports it.
+pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Arc<Proc>, Refusal> {
+    let Ok(slot) = sh.exec_slots.clone().try_acquire_owned() else {
+        return Err(Refusal::new(
             ErrorCode::Busy,
             format!(
                 "{} processes are running (max_processes): try again when one ends",
@@ -171,12 +158,9 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         ));
     };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let p = match prepare(&spec, rustix::process::getuid().as_raw(), &passwd) {
-        Ok(p) => p,
-        Err(r) => return Outcome::reply(Response::from(r)),
-    };
+    let p = prepare(&spec, rustix::process::getuid().as_raw(), &passwd)?;
     if !p.cwd.is_dir() {
-        return Outcome::reply(Response::error(
+        return Err(Refusal::new(
             ErrorCode::ExecFailed,
             format!("exec: no such directory: {}", p.cwd.display()),
         ));
@@ -202,12 +186,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                     (Ok(a), Ok(b)) => {
                         cmd.stdin(Stdio::from(slave)).stdout(a).stderr(b);
                     }
-                    _ => {
-                        return Outcome::reply(Response::error(
-                            ErrorCode::Io,
-                            "exec: dup of the pty",
-                        ))
-                    }
+                    _ => return Err(Refusal::new(ErrorCode::Io, "exec: dup of the pty")),
                 }
                 // SAFETY: between fork and exec: setsid and ioctl are async-signal-safe and
                 // touch only the child's own descriptors.
@@ -221,12 +200,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
                 Some(master)
             }
-            Err(e) => {
-                return Outcome::reply(Response::error(
-                    ErrorCode::Io,
-                    format!("exec: openpty: {e}"),
-                ))
-            }
+            Err(e) => return Err(Refusal::new(ErrorCode::Io, format!("exec: openpty: {e}"))),
         },
     };
     // SAFETY: the closure runs in the child between fork and exec and calls only
@@ -263,65 +237,107 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             } else {
                 format!("{}: {e}", p.argv[0])
             };
-            return Outcome::reply(Response::error(
-                ErrorCode::ExecFailed,
-                format!("exec: {what}"),
-            ));
+            return Err(Refusal::new(ErrorCode::ExecFailed, format!("exec: {what}")));
         }
     };
     let pid = child.id().unwrap_or(0);
-    if io.send(&Response::Started { pid }).await.is_err() {
-        kill_group(pid, libc::SIGKILL);
-        let _ = child.wait().await;
-        return Outcome {
-            close: true,
-            ..Outcome::reply(Response::error(ErrorCode::Io, "the client left"))
-        };
-    }
-    let idle = io.idle;
-    let (mut rd, mut wr) = tokio::io::split(&mut io.s);
-    let (mut out, mut err, mut stdin): (Option<Reader>, Option<Reader>, Option<Writer>) = match &pty
-    {
-        None => (
-            child.stdout.take().map(|o| Box::new(o) as Reader),
-            child.stderr.take().map(|e| Box::new(e) as Reader),
-            child.stdin.take().map(|i| Box::new(i) as Writer),
-        ),
+    let streams = match pty {
+        None => Streams {
+            out: child.stdout.take().map(|o| Box::new(o) as Reader),
+            err: child.stderr.take().map(|e| Box::new(e) as Reader),
+            stdin: child.stdin.take().map(|i| Box::new(i) as Writer),
+            tty: None,
+        },
         Some(m) => match (m.try_clone(), m.try_clone()) {
-            (Ok(r), Ok(w)) => (
-                Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(r))) as Reader),
-                None,
-                Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(w))) as Writer),
-            ),
+            (Ok(r), Ok(w)) => Streams {
+                out: Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(r))) as Reader),
+                err: None,
+                stdin: Some(Box::new(tokio::fs::File::from_std(std::fs::File::from(w))) as Writer),
+                tty: Some(m),
+            },
             _ => {
                 kill_group(pid, libc::SIGKILL);
                 let _ = child.wait().await;
-                return Outcome::reply(Response::error(
-                    ErrorCode::Io,
-                    "exec: dup of the pty master",
-                ));
+                return Err(Refusal::new(ErrorCode::Io, "exec: dup of the pty master"));
             }
         },
     };
-    let tty = pty.as_ref().map(|m| m.as_raw_fd());
-    let (mut obuf, mut ebuf, mut cbuf) = (
-        vec![0u8; OUT_CHUNK],
-        vec![0u8; OUT_CHUNK],
-        vec![0u8; 64 << 10],
-    );
+    let (input, input_rx) = tokio::sync::mpsc::channel(16);
+    let proc = Arc::new(Proc {
+        id: sh.procs.next_id(),
+        pid,
+        argv: p.argv.clone(),
+        started: std::time::SystemTime::now(),
+        detached: spec.detach,
+        owner,
+        tty: spec.tty.is_some(),
+        input,
+        state: std::sync::Mutex::new(State {
+            ring: Ring::new(RING_BYTES),
+            exit: None,
+            attached: !spec.detach,
+            lost_at: None,
+        }),
+        changed: tokio::sync::watch::channel(0).0,
+        room: tokio::sync::Notify::new(),
+    });
+    sh.procs.insert(proc.clone());
+    let grace = Duration::from_secs(sh.config.exec.as_ref().map_or(60, |e| e.grace_secs));
+    let pumped = proc.clone();
+    tokio::spawn(async move {
+        let st = pump(&pumped, child, streams, input_rx, spec.timeout_secs, grace).await;
+        pumped.lock().exit = Some(st);
+        pumped.bump();
+        drop(slot);
+    });
+    Ok(proc)
+}
+
+/// Puts a chunk of output in the process's ring, waiting for room while a client is attached
+/// (that client's pace is the process's).
+async fn deliver(proc: &Proc, kind: u8, data: Vec<u8>) {
+    loop {
+        let room = proc.room.notified();
+        {
+            let mut st = proc.lock();
+            if !st.attached || st.ring.has_room(data.len()) {
+                st.ring.push(kind, data);
+                drop(st);
+                proc.bump();
+                return;
+            }
+        }
+        room.await;
+    }
+}
+
+/// Carries the process's streams until it ends: output into its ring, input from its
+/// clients, the timeout, and the grace period once its client is lost (unless detached).
+async fn pump(
+    proc: &Proc,
+    mut child: tokio::process::Child,
+    s: Streams,
+    mut input: tokio::sync::mpsc::Receiver<Input>,
+    timeout_secs: Option<u64>,
+    grace: Duration,
+) -> ExitStatus {
+    let pid = proc.pid;
+    let Streams {
+        mut out,
+        mut err,
+        mut stdin,
+        tty,
+    } = s;
+    let (mut obuf, mut ebuf) = (vec![0u8; OUT_CHUNK], vec![0u8; OUT_CHUNK]);
     let mut pending: Vec<u8> = Vec::new();
     let mut closing = false;
-    let mut decoder = Decoder::default();
     let mut exited: Option<std::process::ExitStatus> = None;
     let mut timed_out = false;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    let timeout_at = spec.timeout_secs.map_or(far, |s| {
+    let timeout_at = timeout_secs.map_or(far, |s| {
         tokio::time::Instant::now() + Duration::from_secs(s)
     });
     let mut drain_until = far;
-    let mut bytes = 0u64;
-    // Why the loop stopped early: the client left or broke the protocol.
-    let mut abort: Option<Response> = None;
     loop {
         if closing && pending.is_empty() {
             stdin = None;
@@ -329,40 +345,34 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         if exited.is_some() && out.is_none() && err.is_none() {
             break;
         }
+        // Made before the state is read: a client that leaves or returns after this wakes it.
+        let woken = proc.room.notified();
+        tokio::pin!(woken);
+        // A lost client: the process is killed once the grace period has passed.
+        let lost_deadline = match proc.lock().lost_at {
+            Some(t) if !proc.detached && exited.is_none() => {
+                tokio::time::Instant::from_std(t + grace)
+            }
+            _ => far,
+        };
         tokio::select! {
             r = async { out.as_mut().expect("guarded").read(&mut obuf).await }, if out.is_some() => match r {
                 Ok(0) | Err(_) => out = None,
-                Ok(n) => {
-                    bytes += n as u64;
-                    if send_stream(&mut wr, KIND_STDOUT, &obuf[..n], idle).await.is_err() {
-                        abort = Some(Response::error(ErrorCode::Io, "the client stopped reading"));
-                        break;
-                    }
-                }
+                Ok(n) => deliver(proc, KIND_STDOUT, obuf[..n].to_vec()).await,
             },
             r = async { err.as_mut().expect("guarded").read(&mut ebuf).await }, if err.is_some() => match r {
                 Ok(0) | Err(_) => err = None,
-                Ok(n) => {
-                    bytes += n as u64;
-                    if send_stream(&mut wr, KIND_STDERR, &ebuf[..n], idle).await.is_err() {
-                        abort = Some(Response::error(ErrorCode::Io, "the client stopped reading"));
-                        break;
-                    }
-                }
+                Ok(n) => deliver(proc, KIND_STDERR, ebuf[..n].to_vec()).await,
             },
-            r = rd.read(&mut cbuf), if abort.is_none() && pending.len() < STDIN_PENDING => {
-                let n = match r {
-                    Ok(0) | Err(_) => {
-                        abort = Some(Response::error(ErrorCode::Io, "the client left"));
-                        break;
-                    }
-                    Ok(n) => n,
-                };
-                decoder.push(&cbuf[..n]);
-                if let Err(r) = take_frames(&mut decoder, &mut pending, &mut closing, stdin.is_some(), pid, tty) {
-                    abort = Some(Response::from(r));
-                    break;
-                }
+            i = input.recv(), if pending.len() < STDIN_PENDING => match i {
+                Some(Input::Stdin(b)) => if stdin.is_some() && !closing { pending.extend_from_slice(&b) },
+                // A terminal has no end of its own: its EOF character ends a read.
+                Some(Input::Close) if tty.is_some() => pending.push(0x04),
+                Some(Input::Close) => closing = true,
+                Some(Input::Signal(sig)) => kill_group(pid, sig),
+                Some(Input::Resize(ws)) => if let Some(m) = &tty { pty::resize(m.as_raw_fd(), ws) },
+                // Every sender is gone: nothing more will come.
+                None => closing = true,
             },
             r = async { stdin.as_mut().expect("guarded").write(&pending).await }, if stdin.is_some() && !pending.is_empty() => match r {
                 Ok(n) => { pending.drain(..n); }
@@ -380,21 +390,17 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 kill_group(pid, libc::SIGKILL);
                 timed_out = true;
             },
+            _ = tokio::time::sleep_until(lost_deadline), if lost_deadline != far => {
+                tracing::info!(id = proc.id, pid, "no client re-attached within the grace period: killing its process group");
+                kill_group(pid, libc::SIGKILL);
+                proc.lock().lost_at = None;
+            },
+            // A client took output, left or came back: look at the grace deadline again.
+            _ = &mut woken => {},
             _ = tokio::time::sleep_until(drain_until), if exited.is_some() => break,
         }
     }
     drop(stdin);
-    if let Some(r) = abort {
-        // No client to report to: the process group goes (re-attach is not built yet).
-        kill_group(pid, libc::SIGKILL);
-        let _ = child.wait().await;
-        return Outcome {
-            response: r,
-            bytes,
-            close: true,
-            reboot: false,
-        };
-    }
     let st = match exited {
         Some(st) => st,
         None => child
@@ -402,62 +408,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             .await
             .unwrap_or_else(|_| std::os::unix::process::ExitStatusExt::from_raw(255 << 8)),
     };
-    Outcome {
-        response: Response::Exited(status_of(st, timed_out)),
-        bytes,
-        close: false,
-        reboot: false,
-    }
-}
-
-/// Takes every whole frame the client sent: stdin bytes into `pending`, `close-stdin`, and
-/// signals (sent to the process group at once). Anything else is a protocol error.
-fn take_frames(
-    d: &mut Decoder,
-    pending: &mut Vec<u8>,
-    closing: &mut bool,
-    stdin_open: bool,
-    pgid: u32,
-    tty: Option<std::os::fd::RawFd>,
-) -> Result<(), Refusal> {
-    let bad = |m: String| Refusal::new(ErrorCode::BadRequest, format!("during an exec: {m}"));
-    while let Some(body) = d.next_frame().map_err(|e| bad(e.to_string()))? {
-        match split_body(&body).map_err(|e| bad(e.to_string()))? {
-            Body::Stream(KIND_STDIN, data) => {
-                if *closing {
-                    return Err(bad("stdin data after close-stdin".into()));
-                }
-                if stdin_open {
-                    pending.extend_from_slice(data);
-                }
-            }
-            Body::Message(_) => match parse_request(&body).map_err(|e| bad(e.to_string()))? {
-                // A terminal has no end of its own: its EOF character ends a read.
-                Request::CloseStdin if tty.is_some() => pending.push(0x04),
-                Request::CloseStdin => *closing = true,
-                Request::Resize(ws) => match tty {
-                    Some(fd) => pty::resize(fd, ws),
-                    None => return Err(bad("resize without a tty".into())),
-                },
-                Request::Signal { signal } if (1..=64).contains(&signal) => {
-                    kill_group(pgid, signal);
-                }
-                Request::Signal { signal } => {
-                    return Err(bad(format!(
-                        "signal {signal} is not a signal number (1-64)"
-                    )))
-                }
-                other => {
-                    return Err(bad(format!(
-                        "{} (only stdin data, close-stdin and signal until the process exits)",
-                        other.op()
-                    )))
-                }
-            },
-            _ => return Err(bad("a frame kind the client does not send".into())),
-        }
-    }
-    Ok(())
+    status_of(st, timed_out)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 //! | [`session`] | one connection: hello, then each request authorized and dispatched |
 //! | [`authz`] | who may do what: the one check before every request |
 //! | [`auth`] | key authentication: the hello's challenge, the authorized keys, the `auth` check |
-//! | [`exec`] | one process: prepared (pure), started in its own group, its streams carried |
+//! | [`exec`] | one process: prepared (pure), started in its own group, pumped by a task of its own |
+//! | [`procs`] | the processes started: registry, bounded output ring for attach and replay |
+//! | [`attach`] | a client watching a process: its output out, the client's input in |
 //! | [`files`] | `cp` both ways: crash-safe writes, regular files only, size-capped |
 //! | [`pty`] | pseudo-terminals for `exec` with a tty |
 //! | [`users`] | `/etc/passwd` lookups for `exec --user` |
@@ -24,11 +26,12 @@
 //! | [`notify`] | sd_notify |
 //! | [`error`] | the daemon's start-up errors |
 //!
-//! Imports go one way: server → session → {authz, auth, exec, files, intake, control, status} →
-//! {stage, verify, users, conn}.
+//! Imports go one way: server → session → {authz, auth, exec, attach, files, intake, control, status} →
+//! {procs, stage, verify, users, conn}.
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod attach;
 pub mod auth;
 pub mod authz;
 pub mod config;
@@ -39,6 +42,7 @@ pub mod exec;
 pub mod files;
 pub mod intake;
 pub mod notify;
+pub mod procs;
 pub mod pty;
 pub mod server;
 pub mod session;

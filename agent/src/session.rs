@@ -11,6 +11,7 @@ use keel_proto::message::{ErrorCode, Request, Response};
 use keel_proto::wire::{MAX_FRAME, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use crate::attach;
 use crate::auth::{self, Challenge};
 use crate::authz::{self, Caller};
 use crate::conn::{Conn, ReadError};
@@ -58,7 +59,9 @@ fn summary(r: &Response) -> String {
         Response::Hello { .. } => "ok".into(),
         Response::Send { offset } => format!("send from {offset}"),
         Response::Authenticated { key } => format!("authenticated as {key}"),
-        Response::Started { pid } => format!("started pid {pid}"),
+        Response::Started { pid, id } => format!("process {id}, pid {pid}"),
+        Response::Dropped { bytes } => format!("{bytes} bytes dropped"),
+        Response::Processes { processes } => format!("{} processes", processes.len()),
         Response::Sending { size, .. } => format!("sending {size} bytes"),
         Response::Exited(st) => match (st.code, st.signal) {
             (Some(c), _) => format!("exited {c}"),
@@ -229,9 +232,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         peer,
         key: session.key.as_deref(),
     };
-    if let Err(r) = authz::authorize(&req, caller, sh.config.exec.as_ref()) {
-        return Outcome::reply(Response::from(r));
-    }
+    let who = match authz::authorize(&req, caller, sh.config.exec.as_ref()) {
+        Ok(w) => w.map(|p| p.to_string()).unwrap_or_default(),
+        Err(r) => return Outcome::reply(Response::from(r)),
+    };
     match req {
         Request::Auth {
             public_key,
@@ -259,7 +263,46 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 Err(r) => Response::from(r),
             })
         }
-        Request::Exec(spec) => exec::run(io, sh, spec).await,
+        Request::Exec(spec) => {
+            let detach = spec.detach;
+            match exec::start(sh, spec, who).await {
+                Err(r) => Outcome::reply(Response::from(r)),
+                Ok(p) if detach => Outcome::reply(Response::Started {
+                    pid: p.pid,
+                    id: p.id,
+                }),
+                Ok(p) => attach::serve(io, sh, p).await,
+            }
+        }
+        Request::Attach { id } => match sh.procs.get(id) {
+            None => Outcome::reply(Response::error(
+                ErrorCode::NotFound,
+                format!("no process {id} (keelctl ps lists them)"),
+            )),
+            Some(p) => match attach::claim(&p) {
+                Err(r) => Outcome::reply(Response::from(r)),
+                Ok(()) => attach::serve(io, sh, p).await,
+            },
+        },
+        Request::Ps => Outcome::reply(Response::Processes {
+            processes: sh.procs.list(),
+        }),
+        Request::Kill { id, signal } => Outcome::reply(match sh.procs.get(id) {
+            _ if !(1..=64).contains(&signal) => Response::error(
+                ErrorCode::BadRequest,
+                format!("signal {signal} is not a signal number (1-64)"),
+            ),
+            None => Response::error(ErrorCode::NotFound, format!("no process {id}")),
+            Some(p) if p.lock().exit.is_some() => {
+                Response::error(ErrorCode::InvalidState, format!("process {id} has ended"))
+            }
+            Some(p) => {
+                attach::signal(&p, signal);
+                Response::Done {
+                    message: format!("sent signal {signal} to process {id} (pid {})", p.pid),
+                }
+            }
+        }),
         Request::CopyIn { path, mode, size } => files::copy_in(io, sh, &path, mode, size).await,
         Request::CopyOut { path } => files::copy_out(io, sh, &path).await,
         // authorize refused these outside an exec already.

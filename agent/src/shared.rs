@@ -25,6 +25,8 @@ pub struct Shared {
     pub exec_slots: Arc<Semaphore>,
     /// `[exec] max_processes`.
     pub exec_slots_max: usize,
+    /// The processes `exec` started.
+    pub procs: crate::procs::Registry,
 }
 
 impl Shared {
@@ -39,6 +41,7 @@ impl Shared {
             authorized,
             exec_slots: Arc::new(Semaphore::new(max)),
             exec_slots_max: max,
+            procs: crate::procs::Registry::default(),
         }
     }
 }

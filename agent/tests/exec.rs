@@ -49,7 +49,7 @@ struct Ran {
 async fn start(c: &mut Client, spec: ExecSpec) -> Result<u32, (ErrorCode, String)> {
     c.send(&Request::Exec(spec)).await;
     match c.recv().await {
-        Response::Started { pid } => Ok(pid),
+        Response::Started { pid, .. } => Ok(pid),
         Response::Error { code, message } => Err((code, message)),
         other => panic!("started expected, got {other:?}"),
     }
@@ -243,9 +243,15 @@ async fn a_tty_is_a_terminal_of_the_size_asked_and_resized() {
     assert!(msg.contains("without a tty"), "{msg}");
 }
 
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+/// A lost client leaves its process running for the grace period (here 1 s), then the
+/// process group is killed.
 #[tokio::test]
-async fn a_client_that_leaves_takes_the_process_group_with_it() {
-    let d = exec_dev("leave", |_| {});
+async fn a_process_whose_client_is_lost_dies_after_the_grace_period() {
+    let d = exec_dev("leave", |e| e.grace_secs = 1);
     let mut c = d.client(local_root()).await;
     start(&mut c, sh("sleep 60 & echo $!; wait")).await.unwrap();
     let body = c.frame().await;
@@ -253,20 +259,100 @@ async fn a_client_that_leaves_takes_the_process_group_with_it() {
         panic!("pid line")
     };
     let pid: u32 = String::from_utf8_lossy(pid).trim().parse().unwrap();
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    assert!(alive(pid));
     drop(c);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alive(pid), "killed before the grace period ended");
     let t = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_default()
-            .contains(") Z ")
-    {
+    while alive(pid) {
         assert!(
             t.elapsed().as_secs() < 10,
             "the background sleep {pid} survived its client"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A client that comes back gets what the process wrote meanwhile, then the rest and the
+/// exit; a detached process runs without any client, shows in ps, takes kill; one client
+/// at a time; an unknown id is named.
+#[tokio::test]
+async fn attach_replays_detach_runs_on_ps_lists_kill_signals() {
+    let d = exec_dev("attach", |_| {});
+    let mut c = d.client(local_root()).await;
+    c.send(&Request::Exec(sh(
+        "echo one; sleep 1; echo two; read x; echo got:$x; exit 6",
+    )))
+    .await;
+    let Response::Started { id, .. } = c.recv().await else {
+        panic!("started")
+    };
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut c = d.client(local_root()).await;
+    c.send(&Request::Attach { id }).await;
+    assert!(matches!(c.recv().await, Response::Started { id: i, .. } if i == id));
+    // A second client cannot take it.
+    let mut other = d.client(local_root()).await;
+    other.send(&Request::Attach { id }).await;
+    let Response::Error { code, .. } = other.recv().await else {
+        panic!("busy")
+    };
+    assert_eq!(code, ErrorCode::Busy);
+    c.stdin(b"back\n").await;
+    let r = collect(&mut c).await;
+    assert_eq!(String::from_utf8_lossy(&r.out), "one\ntwo\ngot:back\n");
+    assert_eq!(r.status.unwrap().code, Some(6));
+    // Delivered: forgotten.
+    c.send(&Request::Attach { id }).await;
+    let Response::Error { code, message } = c.recv().await else {
+        panic!("not found")
+    };
+    assert_eq!(code, ErrorCode::NotFound, "{message}");
+    // Detached: more output than the ring holds while nobody watches.
+    let mut spec = sh("head -c 3000000 /dev/zero; echo done; sleep 30");
+    spec.detach = true;
+    c.send(&Request::Exec(spec)).await;
+    let Response::Started { id, pid } = c.recv().await else {
+        panic!("started")
+    };
+    c.send(&Request::Ps).await;
+    let Response::Processes { processes } = c.recv().await else {
+        panic!("processes")
+    };
+    let p = processes.iter().find(|p| p.id == id).expect("in ps");
+    assert!(
+        p.detached && !p.attached && p.exit.is_none() && p.pid == pid,
+        "{p:?}"
+    );
+    assert_eq!(p.argv[0], "sh");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.send(&Request::Attach { id }).await;
+    assert!(matches!(c.recv().await, Response::Started { .. }));
+    let Response::Dropped { bytes } = c.recv().await else {
+        panic!("dropped notice")
+    };
+    assert!(bytes > 1_000_000, "{bytes}");
+    // What is left ends with "done"; kill from another connection ends it.
+    let mut k = d.client(local_root()).await;
+    k.send(&Request::Kill { id, signal: 15 }).await;
+    assert!(matches!(k.recv().await, Response::Done { .. }));
+    let r = collect(&mut c).await;
+    assert!(r.out.ends_with(b"done\n"));
+    assert!(
+        r.out.len() as u64 + bytes == 3_000_005,
+        "{} + {bytes}",
+        r.out.len()
+    );
+    assert_eq!(r.status.unwrap().signal, Some(15));
+    k.send(&Request::Kill { id: 999, signal: 9 }).await;
+    assert!(matches!(
+        k.recv().await,
+        Response::Error {
+            code: ErrorCode::NotFound,
+            ..
+        }
+    ));
 }
 
 #[tokio::test]

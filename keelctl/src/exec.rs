@@ -24,6 +24,8 @@ pub struct Running {
     peer: String,
     /// Its pid in the guest.
     pub pid: u32,
+    /// Its id for `attach` and `kill`.
+    pub id: u64,
 }
 
 /// Sends signals and stdin frames to a running process; cheap to clone.
@@ -65,9 +67,27 @@ impl Signaller {
 }
 
 /// Sends the exec of `spec` over `client`'s session and waits for `started`.
-pub fn start(mut client: Client, spec: ExecSpec) -> Result<Running> {
-    let pid = match client.expect(&Request::Exec(spec))? {
-        Response::Started { pid } => pid,
+pub fn start(client: Client, spec: ExecSpec) -> Result<Running> {
+    begin(client, &Request::Exec(spec))
+}
+
+/// Attaches to the process `id` (started earlier, detached or with its client lost).
+pub fn attach(client: Client, id: u64) -> Result<Running> {
+    begin(client, &Request::Attach { id })
+}
+
+/// Starts a detached process: its id and pid.
+pub fn start_detached(mut client: Client, mut spec: ExecSpec) -> Result<(u64, u32)> {
+    spec.detach = true;
+    match client.expect(&Request::Exec(spec))? {
+        Response::Started { pid, id } => Ok((id, pid)),
+        other => Err(client.unexpected_reply(&other)),
+    }
+}
+
+fn begin(mut client: Client, req: &Request) -> Result<Running> {
+    let (pid, id) = match client.expect(req)? {
+        Response::Started { pid, id } => (pid, id),
         other => {
             return Err(Error::Protocol {
                 peer: client.peer().to_string(),
@@ -89,6 +109,7 @@ pub fn start(mut client: Client, spec: ExecSpec) -> Result<Running> {
         writer: Arc::new(Mutex::new(writer)),
         peer,
         pid,
+        id,
     })
 }
 
@@ -122,8 +143,14 @@ impl Running {
     }
 
     /// Writes the process's output to `stdout` and `stderr` as it arrives; returns how it
-    /// ended.
-    pub fn wait(mut self, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<ExitStatus> {
+    /// ended. `dropped(n)` is told when `n` bytes of output were lost while no client was
+    /// attached.
+    pub fn wait(
+        mut self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+        dropped: &mut dyn FnMut(u64),
+    ) -> Result<ExitStatus> {
         loop {
             let body = read_frame(&mut self.reader, &self.peer)?;
             let local = |source| Error::Io {
@@ -142,6 +169,7 @@ impl Running {
                     .map_err(local)?,
                 Ok(Body::Message(_)) => match parse_response(&body) {
                     Ok(Response::Exited(st)) => return Ok(st),
+                    Ok(Response::Dropped { bytes }) => dropped(bytes),
                     Ok(Response::Error { code, message }) => {
                         return Err(Error::Refused { code, message })
                     }

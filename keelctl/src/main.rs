@@ -121,6 +121,26 @@ enum Cmd {
         /// Destination (`:PATH` for a guest path).
         dst: String,
     },
+    /// Lists the processes exec started (id, pid, state, command).
+    Ps {
+        /// Print them as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Watches a process again (after --detach or a lost connection): what it wrote
+    /// meanwhile first, then the rest; exits with its code.
+    Attach {
+        /// Its id (keelctl ps).
+        id: u64,
+    },
+    /// Sends a signal to a process's group.
+    Kill {
+        /// Its id (keelctl ps).
+        id: u64,
+        /// The signal: a name (TERM, SIGKILL, ...) or a number.
+        #[arg(long, short = 's', default_value = "TERM")]
+        signal: String,
+    },
     /// Runs CMD in the guest: its stdout and stderr on ours, stdin forwarded (with -i or -t,
     /// or when stdin is not a terminal), Ctrl-C and SIGTERM forwarded; exits with its code
     /// (128+N for signal N, 127 if it could not start, 255 if refused).
@@ -144,6 +164,9 @@ enum Cmd {
         /// Kill the process group after this many seconds.
         #[arg(long, value_name = "SECS")]
         timeout: Option<u64>,
+        /// Print the process's id and return; it runs on without a client (see attach, kill).
+        #[arg(long, conflicts_with_all = ["interactive", "tty"])]
+        detach: bool,
         /// The command and its arguments.
         #[arg(required = true, last = true, value_name = "CMD")]
         argv: Vec<String>,
@@ -266,9 +289,19 @@ fn run(a: Args) -> anyhow::Result<()> {
             let copy = cmd::cp::parse(src, dst)?;
             cmd::cp::run(connect(&a)?, copy)
         }
+        Cmd::Ps { json } => cmd::ps::run(connect(&a)?, *json),
+        Cmd::Attach { id } => match connect(&a) {
+            Ok(c) => cmd::exec::attach_run(c, *id),
+            Err(e) => {
+                eprintln!("keelctl: {e:#}");
+                std::process::exit(255)
+            }
+        },
+        Cmd::Kill { id, signal } => cmd::ps::kill(connect(&a)?, *id, signal),
         Cmd::Exec {
             interactive,
             tty,
+            detach,
             env,
             cwd,
             user,
@@ -292,13 +325,14 @@ fn run(a: Args) -> anyhow::Result<()> {
                 cwd: cwd.clone(),
                 user: user.clone(),
                 timeout_secs: *timeout,
+                detach: false,
                 tty: tty.then(|| {
                     cmd::exec::term_size()
                         .unwrap_or(keel_proto::exec::WinSize { rows: 24, cols: 80 })
                 }),
             };
             match connect(&a) {
-                Ok(c) => cmd::exec::run(c, spec, *interactive),
+                Ok(c) => cmd::exec::run(c, spec, *interactive, *detach),
                 Err(e) => {
                     eprintln!("keelctl: {e:#}");
                     std::process::exit(255)

@@ -50,6 +50,33 @@ pub struct ExecSpec {
     /// controlling terminal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tty: Option<WinSize>,
+    /// Answer `started` and return: the process runs on without a client (no grace period);
+    /// `attach` watches it later.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detach: bool,
+}
+
+/// One process, as `ps` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcInfo {
+    /// Its id for `attach` and `kill`.
+    pub id: u64,
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// What runs.
+    pub argv: Vec<String>,
+    /// When it started (Unix seconds).
+    pub started: u64,
+    /// A client is attached.
+    pub attached: bool,
+    /// Started detached.
+    pub detached: bool,
+    /// Output bytes buffered for the next client.
+    pub buffered: u64,
+    /// How it ended, if it has.
+    pub exit: Option<ExitStatus>,
+    /// Who started it.
+    pub owner: String,
 }
 
 /// A terminal's size.

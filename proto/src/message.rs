@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bootstate::{Event, ImageRecord, Trial};
-use crate::exec::{ExecSpec, ExitStatus, WinSize, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
+use crate::exec::{ExecSpec, ExitStatus, ProcInfo, WinSize, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
 use crate::manifest::SignedManifest;
 use crate::wire::{FrameError, KIND_DATA, KIND_MESSAGE};
 
@@ -69,6 +69,21 @@ pub enum Request {
         /// Absolute guest path.
         path: String,
     },
+    /// Watches a process started earlier: answered `started`, then its output from what is
+    /// buffered on (as in an exec), then `exited`.
+    Attach {
+        /// Its id.
+        id: u64,
+    },
+    /// Lists the processes (answered `processes`).
+    Ps,
+    /// Sends a signal to a process's group.
+    Kill {
+        /// Its id.
+        id: u64,
+        /// The signal number.
+        signal: i32,
+    },
     /// The process's stdin reached its end (during an exec; on a terminal, an EOF
     /// character).
     CloseStdin,
@@ -97,6 +112,9 @@ impl Request {
             Request::CopyOut { .. } => "copy-out",
             Request::CloseStdin => "close-stdin",
             Request::Resize(_) => "resize",
+            Request::Attach { .. } => "attach",
+            Request::Ps => "ps",
+            Request::Kill { .. } => "kill",
             Request::Signal { .. } => "signal",
         }
     }
@@ -124,10 +142,23 @@ pub enum Response {
         /// Its fingerprint ([`crate::exec::fingerprint`]).
         key: String,
     },
-    /// The process of an exec runs.
+    /// The process of an exec runs (or, for `attach`, is watched).
     Started {
         /// Its process id in the guest.
         pid: u32,
+        /// Its id for `attach`, `kill` and `ps`.
+        #[serde(default)]
+        id: u64,
+    },
+    /// Output was dropped while no client was attached (sent before the replay).
+    Dropped {
+        /// How many bytes.
+        bytes: u64,
+    },
+    /// Answer to `ps`.
+    Processes {
+        /// Every process the agent remembers.
+        processes: Vec<ProcInfo>,
     },
     /// The process of an exec ended; its output has all been sent.
     Exited(ExitStatus),

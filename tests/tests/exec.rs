@@ -246,6 +246,81 @@ fn keelctl_exec_through_the_real_binaries() {
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
     assert_eq!(fs::read_dir(&back).unwrap().count(), 1);
+    // --detach prints an id; ps lists it; attach replays what it wrote; kill ends it.
+    let out = keelctl(&[
+        "-e",
+        &ue,
+        "exec",
+        "--detach",
+        "--",
+        "sh",
+        "-c",
+        "echo hello; echo world; exec sleep 30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ps = keelctl(&["-e", &ue, "ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let entry = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"].as_u64().map(|v| v.to_string()).as_deref() == Some(id.as_str()))
+        .unwrap()
+        .clone();
+    assert_eq!(entry["detached"], true);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut watcher = Command::new(bin("keelctl"))
+        .args(["-e", &ue, "attach", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 12];
+    std::io::Read::read_exact(watcher.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"hello\nworld\n");
+    let out = keelctl(&["-e", &ue, "kill", &id, "--signal", "KILL"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(watcher.wait().unwrap().code(), Some(137));
+    // A keelctl killed mid-exec: the process goes on; attach gets the rest and its code.
+    let mut first_client = Command::new(bin("keelctl"))
+        .args([
+            "-e",
+            &ue,
+            "exec",
+            "--",
+            "sh",
+            "-c",
+            "echo a; sleep 2; echo b; exit 9",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line_a = [0u8; 2];
+    std::io::Read::read_exact(first_client.stdout.as_mut().unwrap(), &mut line_a).unwrap();
+    assert_eq!(&line_a, b"a\n");
+    first_client.kill().unwrap();
+    first_client.wait().unwrap();
+    let ps = keelctl(&["-e", &ue, "ps", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ps.stdout).unwrap();
+    let lost = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["argv"][2].as_str() == Some("echo a; sleep 2; echo b; exit 9"))
+        .unwrap()["id"]
+        .to_string();
+    let out = keelctl(&["-e", &ue, "attach", &lost]);
+    assert_eq!(out.status.code(), Some(9));
+    assert_eq!(out.stdout, b"b\n");
     // Each exec is one log line naming the peer and the outcome.
     let log = a.log();
     assert!(

@@ -11,7 +11,7 @@ use keel_proto::exec::{ExecSpec, WinSize};
 use keel_proto::message::ErrorCode;
 use keelctl::client::Client;
 use keelctl::error::Error;
-use keelctl::exec::{start, Signaller};
+use keelctl::exec::{attach, start, start_detached, Signaller};
 
 /// The signals forwarded to the remote process group.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
@@ -103,11 +103,47 @@ fn forward_signals(s: Signaller, tty: bool) {
 }
 
 /// Runs `spec` over `client` and exits with the process's code. `interactive` forwards stdin
-/// even from a terminal (it is forwarded anyway when stdin is not one).
-pub fn run(client: Client, spec: ExecSpec, interactive: bool) -> ! {
+/// even from a terminal (it is forwarded anyway when stdin is not one). With `detach` it
+/// prints the process's id and returns at once.
+pub fn run(client: Client, spec: ExecSpec, interactive: bool, detach: bool) -> ! {
+    if detach {
+        match start_detached(client, spec) {
+            Ok((id, pid)) => {
+                println!("{id}");
+                eprintln!("keelctl: process {id} (pid {pid}) runs detached: keelctl attach {id}, keelctl kill {id}");
+                std::process::exit(0)
+            }
+            Err(e) => exit_for(e),
+        }
+    }
     let timeout = spec.timeout_secs;
     let tty = spec.tty.is_some();
-    let code = match start(client, spec) {
+    follow(start(client, spec), timeout, tty, interactive)
+}
+
+/// `keelctl attach ID`: watches the process as `exec` does, from what it wrote meanwhile.
+pub fn attach_run(client: Client, id: u64) -> ! {
+    follow(attach(client, id), None, false, false)
+}
+
+fn exit_for(e: Error) -> ! {
+    eprintln!("keelctl: {e}");
+    std::process::exit(match e {
+        Error::Refused {
+            code: ErrorCode::ExecFailed,
+            ..
+        } => 127,
+        _ => 255,
+    })
+}
+
+fn follow(
+    started: keelctl::error::Result<keelctl::exec::Running>,
+    timeout: Option<u64>,
+    tty: bool,
+    interactive: bool,
+) -> ! {
+    let code = match started {
         Ok(running) => {
             let s = running.signaller();
             forward_signals(s.clone(), tty);
@@ -120,7 +156,9 @@ pub fn run(client: Client, spec: ExecSpec, interactive: bool) -> ! {
                 eprintln!("keelctl: the connection closed before the process started");
             }
             let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            let r = running.wait(&mut out, &mut err);
+            let r = running.wait(&mut out, &mut err, &mut |n| {
+                eprintln!("keelctl: {n} bytes of output were dropped while no client was attached")
+            });
             drop(raw);
             match r {
                 Ok(st) => {
@@ -138,17 +176,7 @@ pub fn run(client: Client, spec: ExecSpec, interactive: bool) -> ! {
                 }
             }
         }
-        Err(Error::Refused {
-            code: ErrorCode::ExecFailed,
-            message,
-        }) => {
-            eprintln!("keelctl: {message}");
-            127
-        }
-        Err(e) => {
-            eprintln!("keelctl: {e}");
-            255
-        }
+        Err(e) => exit_for(e),
     };
     std::process::exit(code)
 }

@@ -5,6 +5,7 @@ pub mod cp;
 pub mod exec;
 pub mod initramfs;
 pub mod keygen;
+pub mod ps;
 pub mod push;
 pub mod sign;
 pub mod status;
