@@ -200,7 +200,18 @@ pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Ar
                 }
                 Some(master)
             }
-            Err(e) => return Err(Refusal::new(ErrorCode::Io, format!("exec: openpty: {e}"))),
+            Err(e) => {
+                let hint = if std::path::Path::new("/dev/pts/ptmx").exists() {
+                    ""
+                } else {
+                    " (no devpts on /dev/pts: the guest's init must mount it, \
+                     `mount -t devpts devpts /dev/pts`)"
+                };
+                return Err(Refusal::new(
+                    ErrorCode::Io,
+                    format!("exec -t: openpty: {e}{hint}"),
+                ));
+            }
         },
     };
     // SAFETY: the closure runs in the child between fork and exec and calls only

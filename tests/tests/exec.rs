@@ -89,24 +89,11 @@ fn keelctl_exec_through_the_real_binaries() {
         )
     );
     // SIGINT to keelctl reaches the remote process: it dies of it and keelctl says 130.
-    let c = Command::new(bin("keelctl"))
-        .args([
-            "-e",
-            &ue,
-            "exec",
-            "--",
-            "sh",
-            "-c",
-            "echo started; exec sleep 30",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut c = c;
-    let mut line = [0u8; 8];
-    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut line).unwrap();
-    assert_eq!(&line, b"started\n");
+    let mut c = follow(
+        &ue,
+        &["exec", "--", "sh", "-c", "echo started; exec sleep 30"],
+    );
+    assert_eq!(first_bytes(&mut c, 8), b"started\n");
     let t = Instant::now();
     let pid = rustix::process::Pid::from_raw(i32::try_from(c.id()).unwrap()).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
@@ -274,14 +261,8 @@ fn keelctl_exec_through_the_real_binaries() {
         .clone();
     assert_eq!(entry["detached"], true);
     std::thread::sleep(Duration::from_millis(500));
-    let mut watcher = Command::new(bin("keelctl"))
-        .args(["-e", &ue, "attach", &id])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = [0u8; 12];
-    std::io::Read::read_exact(watcher.stdout.as_mut().unwrap(), &mut first).unwrap();
-    assert_eq!(&first, b"hello\nworld\n");
+    let mut watcher = follow(&ue, &["attach", &id]);
+    assert_eq!(first_bytes(&mut watcher, 12), b"hello\nworld\n");
     let out = keelctl(&["-e", &ue, "kill", &id, "--signal", "KILL"]);
     assert!(
         out.status.success(),
@@ -290,23 +271,11 @@ fn keelctl_exec_through_the_real_binaries() {
     );
     assert_eq!(watcher.wait().unwrap().code(), Some(137));
     // A keelctl killed mid-exec: the process goes on; attach gets the rest and its code.
-    let mut first_client = Command::new(bin("keelctl"))
-        .args([
-            "-e",
-            &ue,
-            "exec",
-            "--",
-            "sh",
-            "-c",
-            "echo a; sleep 2; echo b; exit 9",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line_a = [0u8; 2];
-    std::io::Read::read_exact(first_client.stdout.as_mut().unwrap(), &mut line_a).unwrap();
-    assert_eq!(&line_a, b"a\n");
+    let mut first_client = follow(
+        &ue,
+        &["exec", "--", "sh", "-c", "echo a; sleep 2; echo b; exit 9"],
+    );
+    assert_eq!(first_bytes(&mut first_client, 2), b"a\n");
     first_client.kill().unwrap();
     first_client.wait().unwrap();
     let ps = keelctl(&["-e", &ue, "ps", "--json"]);
@@ -330,4 +299,22 @@ fn keelctl_exec_through_the_real_binaries() {
     assert!(log.contains("exited 7"), "{log}");
     drop(a);
     sb.finish();
+}
+
+/// keelctl against `ep` with `args`, stdin empty, stdout to read.
+fn follow(ep: &str, args: &[&str]) -> std::process::Child {
+    Command::new(bin("keelctl"))
+        .args(["-e", ep])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The first `n` bytes a child writes to stdout.
+fn first_bytes(c: &mut std::process::Child, n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut b).unwrap();
+    b
 }

@@ -36,6 +36,7 @@ PATH=/bin:/sbin:/usr/bin:/usr/sbin; export PATH
 V={version}
 # initstage moved /dev, /proc, /sys and /run in; only /tmp is ours.
 mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
 echo "KEEL booted version=$V"
 echo "KEEL fstype=$(sed -n 's/.*"image_fstype": "\([a-z0-9]*\)".*/\1/p' /run/keel/boot.json)"
 echo "KEEL persisted=$(cat /etc/persisted 2>/dev/null || echo none)"

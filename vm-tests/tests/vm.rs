@@ -295,7 +295,10 @@ fn update_over_vsock_with_ready_announce_then_exec_and_remote_mark_good() {
 fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     let key = kit().host_key.to_str().unwrap().to_string();
     let exec = |args: &[&str]| {
-        let mut a = vec!["-e", ep, "--wait", "20", "--key", &key, "exec", "--"];
+        let mut a = vec!["-e", ep, "--wait", "20", "--key", &key, "exec"];
+        if args.first() != Some(&"-t") {
+            a.push("--");
+        }
         a.extend_from_slice(args);
         keelctl(&a)
     };
@@ -342,35 +345,10 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     fs::write(&part, &bytes[..24 << 20]).unwrap();
     let _ = fs::remove_file(&big);
     let t = std::time::Instant::now();
-    let out = keelctl(&[
-        "-e",
-        ep,
-        "--key",
-        &key,
-        "cp",
-        part.to_str().unwrap(),
-        ":/run/keel/newimg/cp.bin",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let cp = |from: &str, to: &str| ok(&keelctl(&["-e", ep, "--key", &key, "cp", from, to]));
+    cp(part.to_str().unwrap(), ":/run/keel/newimg/cp.bin");
     let back = d.join("back.bin");
-    let out = keelctl(&[
-        "-e",
-        ep,
-        "--key",
-        &key,
-        "cp",
-        ":/run/keel/newimg/cp.bin",
-        back.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cp(":/run/keel/newimg/cp.bin", back.to_str().unwrap());
     assert_eq!(sha256_file(&back), sha256_file(&part));
     let out = exec(&["sha256sum", "/run/keel/newimg/cp.bin"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&part)));
@@ -379,6 +357,44 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
         t.elapsed().as_secs_f64()
     );
     ok(&exec(&["rm", "/run/keel/newimg/cp.bin"]));
+    // A pty: tty names one in the guest.
+    let out = exec(&["-t", "--", "tty"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("/dev/pts/"),
+        "{out:?}"
+    );
+    // SIGINT to keelctl ends the guest's sleep (130); a keelctl killed mid-exec leaves the
+    // process for attach, which gets the rest and the code.
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(kit().bins.join("keelctl"))
+            .args(["-e", ep, "--key", &key])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut c = spawn(&["exec", "--", "sh", "-c", "echo up; exec sleep 60"]);
+    let mut up = [0u8; 3];
+    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut up).unwrap();
+    run(std::process::Command::new("kill").args(["-INT", &c.id().to_string()]));
+    assert_eq!(c.wait().unwrap().code(), Some(130));
+    let mut c = spawn(&["exec", "--", "sh", "-c", "echo a; sleep 3; echo b; exit 4"]);
+    let mut a = [0u8; 2];
+    std::io::Read::read_exact(c.stdout.as_mut().unwrap(), &mut a).unwrap();
+    c.kill().unwrap();
+    c.wait().unwrap();
+    let ps: serde_json::Value =
+        serde_json::from_str(&ok(&keelctl(&["-e", ep, "--key", &key, "ps", "--json"]))).unwrap();
+    let id = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["exit"].is_null() && p["argv"][0] == "sh")
+        .expect("the lost process in ps")["id"]
+        .to_string();
+    let out = keelctl(&["-e", ep, "--key", &key, "attach", &id]);
+    assert_eq!((out.status.code(), &out.stdout[..]), (Some(4), &b"b\n"[..]));
     // Without --key: refused, nothing runs.
     let out = keelctl(&["-e", ep, "exec", "--", "true"]);
     assert_eq!(out.status.code(), Some(255));

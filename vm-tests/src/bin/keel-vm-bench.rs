@@ -1,7 +1,8 @@
 //! The VM half of `make bench`: boot stage time (initstage vs a busybox-script initramfs),
-//! initramfs sizes, and the update round trip vs a plain boot. Prints Markdown.
+//! initramfs sizes, the update round trip vs a plain boot, and exec over hybrid vsock (round
+//! trip vs its floor, stdout and cp throughput, the agent's RSS). Prints Markdown.
 //!
-//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip ...]
+//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip|exec ...]
 //!
 //! RUNS per configuration (default 3); naming sections runs only those (all by default).
 //! With `KEEL_BENCH_STEPS=1` the boot-stage runs print their serial log from `Run /init` on
@@ -131,6 +132,9 @@ fn main() {
     }
     if want("roundtrip") {
         round_trip(runs, &v1, &dir);
+    }
+    if want("exec") {
+        exec_bench(runs, &v1, &dir);
     }
     let _ = fs::remove_dir_all(&dir);
 }
@@ -304,4 +308,133 @@ fn round_trip(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
         "\nThe update round trip is {:.2}× a plain boot.",
         stats(&update).0 / stats(&plain).0
     );
+}
+
+/// Milliseconds at the `per_mille`/1000 quantile of seconds `v`.
+fn quantile_ms(v: &[f64], per_mille: usize) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[(s.len() - 1) * per_mille / 1000] * 1e3
+}
+
+/// exec over hybrid vsock in one guest: the round trip of `true` against its floor (a status
+/// round trip over the same transport plus the guest's own fork/exec/wait of `true`), stdout
+/// and cp throughput, and the agent's RSS idle and with 16 clients streaming at once.
+fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
+    let d = dir.join("exec");
+    let disk = Disk::new(&d, v1, "root-squashfs.img");
+    let dev = VsockDevice::start(&d);
+    let boot = Boot {
+        vsock: Some(dev.vhost.clone()),
+        ..Boot::default()
+    };
+    let mut vm = Vm::start(&disk, "exec", &boot);
+    vm.wait_for("KEEL ready version=1");
+    let ep = dev.endpoint();
+    let key = kit().host_key.to_str().unwrap().to_string();
+    let bins = kit().bins.join("keelctl");
+    let timed = |args: &[&str]| -> f64 {
+        let t = Instant::now();
+        let out = std::process::Command::new(&bins)
+            .args(["-e", &ep, "--wait", "20", "--key", &key])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        t.elapsed().as_secs_f64()
+    };
+    let n = if runs <= 1 { 20 } else { 200 };
+    let exec: Vec<f64> = (0..n).map(|_| timed(&["exec", "--", "true"])).collect();
+    let status: Vec<f64> = (0..n).map(|_| timed(&["status"])).collect();
+    // The guest's own fork/exec/wait of `true`, 200 times, timed in the guest.
+    let out = std::process::Command::new(&bins)
+        .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+        .arg("s=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut it = t
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    let (s, e) = (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0));
+    let spawn_ms = (e - s) / 200.0 * 1e3;
+    let floor_p50 = quantile_ms(&status, 500) + spawn_ms;
+    let floor_p99 = quantile_ms(&status, 990) + spawn_ms;
+    // Throughput: 64 MiB of stdout; cp of 24 MiB into the guest's newimg and back.
+    let mib = 64.0;
+    let t_out = timed(&["exec", "--", "head", "-c", "67108864", "/dev/zero"]);
+    let blob = d.join("cp.bin");
+    fs::write(&blob, vec![7u8; 24 << 20]).unwrap();
+    let t_in = timed(&["cp", blob.to_str().unwrap(), ":/run/keel/newimg/cp.bin"]);
+    let back = d.join("back.bin");
+    let t_back = timed(&["cp", ":/run/keel/newimg/cp.bin", back.to_str().unwrap()]);
+    // RSS of the agent, idle and with 16 clients streaming at once.
+    let rss = || -> u64 {
+        let out = std::process::Command::new(&bins)
+            .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+            .arg("grep VmRSS /proc/$(pidof keel-agent)/status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .and_then(|k| k.parse().ok())
+            .unwrap_or(0)
+    };
+    let idle = rss();
+    let streams: Vec<std::process::Child> = (0..16)
+        .map(|_| {
+            std::process::Command::new(&bins)
+                .args([
+                    "-e",
+                    &ep,
+                    "--key",
+                    &key,
+                    "exec",
+                    "--",
+                    "sh",
+                    "-c",
+                    "yes | head -c 20000000",
+                ])
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let busy = rss();
+    for mut c in streams {
+        let _ = c.wait();
+    }
+    vm.kill();
+    println!("### exec over hybrid vsock (QEMU TCG guest, {n} runs each)\n");
+    println!("| what | p50 | p99 |");
+    println!("|---|---|---|");
+    println!(
+        "| `keelctl exec -- true` (connect, hello, auth, exec, exit) | {:.1} ms | {:.1} ms |",
+        quantile_ms(&exec, 500),
+        quantile_ms(&exec, 990)
+    );
+    println!(
+        "| floor: `keelctl status` round trip + the guest's own fork/exec/wait of `true` ({spawn_ms:.1} ms) | {floor_p50:.1} ms | {floor_p99:.1} ms |"
+    );
+    println!(
+        "\nexec is {:.2}× its floor at p50, {:.2}× at p99 (goal ≤ 1.5×). The ssh baseline (dropbear in the guest) is not measured yet.\n",
+        quantile_ms(&exec, 500) / floor_p50,
+        quantile_ms(&exec, 990) / floor_p99
+    );
+    println!("| transfer | MiB/s |");
+    println!("|---|---|");
+    println!("| exec stdout, 64 MiB of `head -c` | {:.1} |", mib / t_out);
+    println!("| cp into the guest, 24 MiB | {:.1} |", 24.0 / t_in);
+    println!("| cp out of the guest, 24 MiB | {:.1} |", 24.0 / t_back);
+    println!(
+        "\n(No raw-stream baseline over the same transport yet; whole keelctl runs, connect included.)\n"
+    );
+    println!("| agent RSS | KiB |");
+    println!("|---|---|");
+    println!("| idle (after the runs above) | {idle} |");
+    println!("| 16 clients streaming at once | {busy} |");
 }
