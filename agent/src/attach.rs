@@ -23,6 +23,9 @@ use crate::session::Outcome;
 use crate::shared::Shared;
 use crate::verify::Refusal;
 
+/// Largest output frame: small writes of a process go out merged up to this.
+pub const FRAME_OUT: usize = 256 << 10;
+
 /// Writes one stream frame within `idle`.
 async fn send_stream<W: AsyncWrite + Unpin>(
     w: &mut W,
@@ -119,7 +122,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // Everything buffered goes out first; then, if the process has ended, its end.
         let (chunk, exit) = {
             let mut st = proc.lock();
-            (st.ring.pop(), st.exit)
+            (st.ring.pop_merged(FRAME_OUT), st.exit)
         };
         if let Some((kind, data)) = chunk {
             proc.room.notify_waiters();

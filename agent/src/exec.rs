@@ -20,14 +20,14 @@ use keel_proto::exec::{ExecSpec, ExitStatus, KIND_STDERR, KIND_STDOUT};
 use keel_proto::message::ErrorCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::procs::{Input, Proc, Ring, State, RING_BYTES};
+use crate::procs::{Input, Proc, Ring, State, ATTACHED_BYTES, RING_BYTES};
 use crate::pty;
 use crate::shared::Shared;
 use crate::users::{lookup, User};
 use crate::verify::Refusal;
 
-/// Bytes of output per frame.
-pub const OUT_CHUNK: usize = 32 << 10;
+/// Bytes of output read at once (a pipe's default capacity).
+pub const OUT_CHUNK: usize = 64 << 10;
 /// Bytes of stdin held for a process that is not reading it; the client is not read beyond.
 pub const STDIN_PENDING: usize = 256 << 10;
 /// How long output is still read after the process exits (a background child may hold the
@@ -311,7 +311,7 @@ async fn deliver(proc: &Proc, kind: u8, data: Vec<u8>) {
         let room = proc.room.notified();
         {
             let mut st = proc.lock();
-            if !st.attached || st.ring.has_room(data.len()) {
+            if !st.attached || st.ring.has_room(data.len(), ATTACHED_BYTES) {
                 st.ring.push(kind, data);
                 drop(st);
                 proc.bump();

@@ -15,8 +15,11 @@ use std::time::{Instant, SystemTime};
 use keel_proto::exec::{ExitStatus, ProcInfo, WinSize};
 use tokio::sync::{mpsc, watch, Notify};
 
-/// Output kept per process.
+/// Output kept per process while no client is attached (for the next one's replay).
 pub const RING_BYTES: usize = 1 << 20;
+/// Output held for an attached client before the process is made to wait for it: the
+/// client is reading, so a little ahead is enough, and 16 busy processes stay small.
+pub const ATTACHED_BYTES: usize = 256 << 10;
 /// Ended processes remembered (for `ps` and a late attach) before the oldest is forgotten.
 pub const KEEP_ENDED: usize = 32;
 
@@ -41,9 +44,9 @@ impl Ring {
         }
     }
 
-    /// Whether `n` more bytes fit.
-    pub fn has_room(&self, n: usize) -> bool {
-        self.bytes + n <= self.cap || self.chunks.is_empty()
+    /// Whether `n` more bytes fit under `limit` (an empty ring takes any chunk).
+    pub fn has_room(&self, n: usize, limit: usize) -> bool {
+        self.bytes + n <= limit.min(self.cap) || self.chunks.is_empty()
     }
 
     /// Appends a chunk of stream `kind`; beyond the bound the oldest chunks go (counted).
@@ -63,6 +66,20 @@ impl Ring {
         let c = self.chunks.pop_front()?;
         self.bytes -= c.1.len();
         Some(c)
+    }
+
+    /// Takes the oldest chunk and, while they are of the same stream, the ones after it, up
+    /// to `max` bytes in all: one frame for what a process wrote in many small writes.
+    pub fn pop_merged(&mut self, max: usize) -> Option<(u8, Vec<u8>)> {
+        let (kind, mut data) = self.pop()?;
+        while let Some((k, next)) = self.chunks.front() {
+            if *k != kind || data.len() + next.len() > max {
+                break;
+            }
+            let (_, next) = self.pop().expect("a front chunk");
+            data.extend_from_slice(&next);
+        }
+        Some((kind, data))
     }
 
     /// Puts a chunk back in front (it could not be sent).
@@ -233,7 +250,7 @@ mod tests {
         let mut r = Ring::new(10);
         r.push(4, vec![1; 4]);
         r.push(5, vec![2; 4]);
-        assert!(r.has_room(2) && !r.has_room(3));
+        assert!(r.has_room(2, 10) && !r.has_room(3, 10) && !r.has_room(2, 9));
         r.push(4, vec![3; 4]);
         assert_eq!(r.len(), 8);
         assert_eq!(r.take_dropped(), 4);
@@ -243,9 +260,17 @@ mod tests {
         r.unpop(c);
         assert_eq!(r.pop(), Some((4, vec![3; 4])));
         assert!(r.is_empty());
+        // Merging: same stream only, up to the bound.
+        r.push(4, vec![1; 3]);
+        r.push(4, vec![2; 3]);
+        r.push(5, vec![3; 1]);
+        assert_eq!(r.pop_merged(5), Some((4, vec![1; 3])));
+        r.unpop((4, vec![1; 3]));
+        assert_eq!(r.pop_merged(100), Some((4, vec![1, 1, 1, 2, 2, 2])));
+        assert_eq!(r.pop_merged(100), Some((5, vec![3])));
         // A chunk larger than the ring is kept whole (the ring holds at least one).
         r.push(4, vec![0; 20]);
         assert_eq!(r.len(), 20);
-        assert!(!r.has_room(100));
+        assert!(!r.has_room(100, 1000));
     }
 }

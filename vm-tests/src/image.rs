@@ -73,10 +73,14 @@ vsock_port = 7447
 trusted_keys = "/etc/keel/trusted.pem"
 idle_timeout_secs = 20
 announce = "vsock://2:7448"
+# A host driving a microVM opens many sessions at once (the exec benchmark: 16).
+max_connections = 32
+max_connections_per_peer = 32
 
 [exec]
 enabled = true
 authorized_keys = "/etc/keel/authorized.pem"
+max_processes = 32
 "#;
 
 /// The host port the guest agent announces readiness to (over vsock).

@@ -364,6 +364,17 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     // Throughput: 64 MiB of stdout; cp of 24 MiB into the guest's newimg and back.
     let mib = 64.0;
     let t_out = timed(&["exec", "--", "head", "-c", "67108864", "/dev/zero"]);
+    // The same output made in the guest alone, into /dev/null: what the guest can produce.
+    let out = std::process::Command::new(&bins)
+        .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+        .arg("s=$(cut -d' ' -f1 /proc/uptime); head -c 67108864 /dev/zero > /dev/null; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
+        .output()
+        .unwrap();
+    let t = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut it = t
+        .split_whitespace()
+        .map(|x| x.parse::<f64>().unwrap_or(0.0));
+    let t_alone = -(it.next().unwrap_or(0.0) - it.next().unwrap_or(0.0));
     let blob = d.join("cp.bin");
     fs::write(&blob, vec![7u8; 24 << 20]).unwrap();
     let t_in = timed(&["cp", blob.to_str().unwrap(), ":/run/keel/newimg/cp.bin"]);
@@ -376,6 +387,7 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
             .arg("grep VmRSS /proc/$(pidof keel-agent)/status")
             .output()
             .unwrap();
+        assert!(out.status.success(), "rss: {out:?}");
         String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .nth(1)
@@ -428,10 +440,15 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     println!("| transfer | MiB/s |");
     println!("|---|---|");
     println!("| exec stdout, 64 MiB of `head -c` | {:.1} |", mib / t_out);
+    println!(
+        "| baseline: the same `head -c` into the guest's /dev/null | {:.1} |",
+        mib / t_alone.max(1e-3)
+    );
     println!("| cp into the guest, 24 MiB | {:.1} |", 24.0 / t_in);
     println!("| cp out of the guest, 24 MiB | {:.1} |", 24.0 / t_back);
     println!(
-        "\n(No raw-stream baseline over the same transport yet; whole keelctl runs, connect included.)\n"
+        "\nexec stdout is {:.2}× what the guest produces alone. (No raw-stream baseline over the same transport yet; whole keelctl runs, connect included.)\n",
+        t_alone / t_out
     );
     println!("| agent RSS | KiB |");
     println!("|---|---|");
