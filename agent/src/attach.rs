@@ -18,6 +18,7 @@ use keel_proto::wire::{encode_header, Decoder};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::conn::Conn;
+use crate::exec::kill_group;
 use crate::procs::{Input, Proc};
 use crate::session::Outcome;
 use crate::shared::Shared;
@@ -44,15 +45,6 @@ async fn send_stream<W: AsyncWrite + Unpin>(
             "the client does not read the output",
         )),
     }
-}
-
-/// Sends a signal to a process's group (pid = pgid).
-pub fn signal(proc: &Proc, sig: i32) {
-    let Ok(pgid) = libc::pid_t::try_from(proc.pid) else {
-        return;
-    };
-    // SAFETY: killpg takes two integers and touches no memory of ours.
-    unsafe { libc::killpg(pgid, sig) };
 }
 
 /// Claims `proc` for this client: refused if another one is attached.
@@ -163,7 +155,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                         }
                     }
                     Err(r) => {
-                        signal(&proc, libc::SIGKILL);
+                        kill_group(proc.pid, libc::SIGKILL);
                         proc.lock().attached = false;
                         return Outcome {
                             close: true,

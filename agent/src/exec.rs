@@ -117,8 +117,8 @@ type Reader = Box<dyn AsyncRead + Unpin + Send>;
 /// See [`Reader`].
 type Writer = Box<dyn AsyncWrite + Unpin + Send>;
 
-/// Sends `sig` to process group `pgid`.
-fn kill_group(pgid: u32, sig: i32) {
+/// Sends `sig` to process group `pgid` (a process's pid: each runs in a group of its own).
+pub fn kill_group(pgid: u32, sig: i32) {
     let Ok(pgid) = libc::pid_t::try_from(pgid) else {
         return;
     };

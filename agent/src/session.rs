@@ -297,7 +297,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 Response::error(ErrorCode::InvalidState, format!("process {id} has ended"))
             }
             Some(p) => {
-                attach::signal(&p, signal);
+                exec::kill_group(p.pid, signal);
                 Response::Done {
                     message: format!("sent signal {signal} to process {id} (pid {})", p.pid),
                 }
