@@ -141,7 +141,10 @@ impl Vm {
         let deadline = self.started + BOOT_TIMEOUT;
         loop {
             let log = self.log();
-            if let Some(l) = log.lines().find(|l| l.contains(marker)) {
+            // Whole lines only: the serial log is read while QEMU writes it, and a line seen
+            // half-written would match its marker with half its value.
+            let whole = &log[..log.rfind('\n').map_or(0, |i| i + 1)];
+            if let Some(l) = whole.lines().find(|l| l.contains(marker)) {
                 return l.trim().to_string();
             }
             if self.exited() {
