@@ -10,14 +10,14 @@
 //! takes the process with it.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use keel_proto::exec::KIND_STDIN;
 use keel_proto::message::{parse_request, split_body, Body, ErrorCode, Request, Response};
-use keel_proto::wire::{encode_header, Decoder};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use keel_proto::wire::Decoder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::conn::Conn;
+use crate::conn::{write_frame, Conn};
 use crate::exec::kill_group;
 use crate::procs::{Input, Proc};
 use crate::session::Outcome;
@@ -26,26 +26,6 @@ use crate::verify::Refusal;
 
 /// Largest output frame: small writes of a process go out merged up to this.
 pub const FRAME_OUT: usize = 256 << 10;
-
-/// Writes one stream frame within `idle`.
-async fn send_stream<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    kind: u8,
-    data: &[u8],
-    idle: Duration,
-) -> std::io::Result<()> {
-    let h = encode_header(kind, data.len()).map_err(std::io::Error::other)?;
-    let mut f = Vec::with_capacity(h.len() + data.len());
-    f.extend_from_slice(&h);
-    f.extend_from_slice(data);
-    match tokio::time::timeout(idle, w.write_all(&f)).await {
-        Ok(r) => r,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client does not read the output",
-        )),
-    }
-}
 
 /// Claims `proc` for this client: refused if another one is attached.
 pub fn claim(proc: &Proc) -> Result<(), Refusal> {
@@ -119,7 +99,7 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if let Some((kind, data)) = chunk {
             proc.room.notify_waiters();
             bytes += data.len() as u64;
-            if send_stream(&mut wr, kind, &data, idle).await.is_err() {
+            if write_frame(&mut wr, kind, &data, idle).await.is_err() {
                 // Not delivered: kept for the next client.
                 proc.lock().ring.unpop((kind, data));
                 lost(&proc);

@@ -114,3 +114,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         }
     }
 }
+
+/// Writes one frame of `kind` carrying `data` within `idle` (output streams, file data): the
+/// peer not reading for that long is an error.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    data: &[u8],
+    idle: Duration,
+) -> io::Result<()> {
+    let h = keel_proto::wire::encode_header(kind, data.len()).map_err(io::Error::other)?;
+    let mut f = Vec::with_capacity(h.len() + data.len());
+    f.extend_from_slice(&h);
+    f.extend_from_slice(data);
+    match tokio::time::timeout(idle, w.write_all(&f)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the peer does not read",
+        )),
+    }
+}

@@ -15,7 +15,7 @@ use keel_proto::wire::KIND_DATA;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::conn::Conn;
+use crate::conn::{write_frame, Conn};
 use crate::session::Outcome;
 use crate::shared::Shared;
 use crate::verify::Refusal;
@@ -57,12 +57,7 @@ pub fn temp_name(name: &str) -> String {
 }
 
 fn io_err(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
-    let code = if e.raw_os_error() == Some(libc::ENOSPC) {
-        ErrorCode::NoSpace
-    } else {
-        ErrorCode::Io
-    };
-    Refusal::new(code, format!("cp: {op} {}: {e}", path.display()))
+    crate::stage::io_refusal(&format!("cp: {op}"), path, e)
 }
 
 /// Checks the target before a byte: its directory exists, it is not a directory, a symlink
@@ -340,14 +335,9 @@ pub async fn copy_out<S: AsyncRead + AsyncWrite + Unpin>(
             }
             None => break,
         };
-        let h = data_header(chunk.len()).expect("chunks are under the frame limit");
-        let w = async {
-            io.s.write_all(&h).await?;
-            io.s.write_all(&chunk).await
-        };
-        if tokio::time::timeout(io.idle, w)
+        if write_frame(&mut io.s, KIND_DATA, &chunk, io.idle)
             .await
-            .map_or(true, |r| r.is_err())
+            .is_err()
         {
             return Outcome {
                 close: true,

@@ -53,7 +53,8 @@ pub struct Slot {
     names: Names,
 }
 
-fn io_refusal(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
+/// A failed file operation as a refusal: `no-space` for ENOSPC, `io` otherwise.
+pub fn io_refusal(op: &str, path: &Path, e: &std::io::Error) -> Refusal {
     let code = if e.raw_os_error() == Some(libc::ENOSPC) {
         ErrorCode::NoSpace
     } else {

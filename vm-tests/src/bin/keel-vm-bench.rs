@@ -347,34 +347,32 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     let n = if runs <= 1 { 20 } else { 200 };
     let exec: Vec<f64> = (0..n).map(|_| timed(&["exec", "--", "true"])).collect();
     let status: Vec<f64> = (0..n).map(|_| timed(&["status"])).collect();
-    // The guest's own fork/exec/wait of `true`, 200 times, timed in the guest.
-    let out = std::process::Command::new(&bins)
-        .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
-        .arg("s=$(cut -d' ' -f1 /proc/uptime); i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
-        .output()
-        .unwrap();
-    let t = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut it = t
-        .split_whitespace()
-        .map(|x| x.parse::<f64>().unwrap_or(0.0));
-    let (s, e) = (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0));
-    let spawn_ms = (e - s) / 200.0 * 1e3;
+    // Seconds `script` takes in the guest, timed there (between two /proc/uptime reads).
+    let in_guest = |script: &str| -> f64 {
+        let out = std::process::Command::new(&bins)
+            .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+            .arg(format!(
+                "s=$(cut -d' ' -f1 /proc/uptime); {script}; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e"
+            ))
+            .output()
+            .unwrap();
+        let t = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut it = t
+            .split_whitespace()
+            .map(|x| x.parse::<f64>().unwrap_or(0.0));
+        let (s, e) = (it.next().unwrap_or(0.0), it.next().unwrap_or(0.0));
+        e - s
+    };
+    // The guest's own fork/exec/wait of `true`, 200 times.
+    let spawn_ms =
+        in_guest("i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done") / 200.0 * 1e3;
     let floor_p50 = quantile_ms(&status, 500) + spawn_ms;
     let floor_p99 = quantile_ms(&status, 990) + spawn_ms;
     // Throughput: 64 MiB of stdout; cp of 24 MiB into the guest's newimg and back.
     let mib = 64.0;
     let t_out = timed(&["exec", "--", "head", "-c", "67108864", "/dev/zero"]);
     // The same output made in the guest alone, into /dev/null: what the guest can produce.
-    let out = std::process::Command::new(&bins)
-        .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
-        .arg("s=$(cut -d' ' -f1 /proc/uptime); head -c 67108864 /dev/zero > /dev/null; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e")
-        .output()
-        .unwrap();
-    let t = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut it = t
-        .split_whitespace()
-        .map(|x| x.parse::<f64>().unwrap_or(0.0));
-    let t_alone = -(it.next().unwrap_or(0.0) - it.next().unwrap_or(0.0));
+    let t_alone = in_guest("head -c 67108864 /dev/zero > /dev/null");
     let blob = d.join("cp.bin");
     fs::write(&blob, vec![7u8; 24 << 20]).unwrap();
     let t_in = timed(&["cp", blob.to_str().unwrap(), ":/run/keel/newimg/cp.bin"]);
