@@ -9,7 +9,6 @@ use keel_proto::manifest::VerifyingKey;
 use keel_proto::message::ErrorCode;
 
 use crate::error::Error;
-use crate::transport::Peer;
 use crate::verify::Refusal;
 
 /// A session's challenge: fresh random bytes from the kernel.
@@ -42,19 +41,6 @@ pub fn load_authorized(path: &Path) -> Result<Vec<VerifyingKey>, Error> {
         .ok_or_else(|| bad("no such file".into()))?;
     let pem = String::from_utf8(pem).map_err(|_| bad("not UTF-8 text".into()))?;
     keel_proto::manifest::public_keys_from_pem(&pem).map_err(|e| bad(e.to_string()))
-}
-
-/// Whether a transport may carry key authentication: the signature must not be replayable
-/// into another session and what follows must stay private. Plain TCP gives neither.
-pub fn transport_allows(peer: &Peer) -> Result<(), Refusal> {
-    match peer {
-        Peer::Tcp(_) => Err(Refusal::new(
-            ErrorCode::NotAuthorized,
-            "key authentication is refused on plain TCP: the session is not encrypted; use \
-             the Unix socket or vsock (hybrid vsock from the host)",
-        )),
-        Peer::Unix { .. } | Peer::Vsock { .. } => Ok(()),
-    }
 }
 
 /// Checks an `auth` request: `public_key` (base64 of 32 bytes) must be one of `authorized`
@@ -143,12 +129,5 @@ mod tests {
         assert_eq!(e.code, ErrorCode::BadRequest);
         let e = check(&k, "AAAA", &c, b"", &list, Some(path)).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn plain_tcp_cannot_carry_authentication() {
-        let e = transport_allows(&Peer::Tcp("127.0.0.1:1".parse().unwrap())).unwrap_err();
-        assert!(e.message.contains("plain TCP"));
-        assert!(transport_allows(&Peer::Vsock { cid: 2, port: 1 }).is_ok());
     }
 }

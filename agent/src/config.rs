@@ -3,10 +3,14 @@
 //! ```toml
 //! # Where to listen. The Unix socket is always on unless set to "".
 //! unix = "/run/keel/agent.sock"
-//! tcp = "0.0.0.0:7447"          # off by default
+//! tcp = "0.0.0.0:7447"          # off by default; TLS 1.3 with the identity below
 //! vsock_port = 7447             # off by default
 //!
 //! trusted_keys = "/etc/keel/trusted.pem"   # one or more PEM public keys
+//! identity = "/var/lib/keel/identity.pem"  # the agent's own key for TLS, made on first
+//!                                          # start (public half beside it as .pub); used
+//!                                          # only with tcp. Keep it on storage that
+//!                                          # survives a reboot, or clients see a new key.
 //! run_dir = "/run/keel"                    # initstage's mounts and boot.json
 //! # newimg_dir, img_dir, boot_report default to <run_dir>/newimg, <run_dir>/img,
 //! # <run_dir>/boot.json.
@@ -41,6 +45,8 @@ use crate::error::Error;
 pub const DEFAULT_CONFIG: &str = "/etc/keel/agent.toml";
 /// The default Unix socket.
 pub const DEFAULT_UNIX: &str = "/run/keel/agent.sock";
+/// The default identity key.
+pub const DEFAULT_IDENTITY: &str = "/var/lib/keel/identity.pem";
 /// The default TCP/vsock port.
 pub const DEFAULT_PORT: u16 = 7447;
 
@@ -56,6 +62,8 @@ pub struct Config {
     pub vsock_port: Option<u32>,
     /// PEM file of trusted public keys.
     pub trusted_keys: PathBuf,
+    /// The agent's own private key, for TLS on TCP (made when missing).
+    pub identity: PathBuf,
     /// initstage's run directory.
     pub run_dir: PathBuf,
     /// Where `newimg` is mounted.
@@ -128,6 +136,7 @@ impl Default for Config {
             tcp: None,
             vsock_port: None,
             trusted_keys: "/etc/keel/trusted.pem".into(),
+            identity: DEFAULT_IDENTITY.into(),
             run_dir: "/run/keel".into(),
             newimg_dir: None,
             img_dir: None,
@@ -257,6 +266,7 @@ mod tests {
             tcp = "127.0.0.1:1"
             vsock_port = 9
             trusted_keys = "/k.pem"
+            identity = "/i.pem"
             run_dir = "/r"
             newimg_dir = "/n"
             img_dir = "/i"

@@ -39,6 +39,14 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// The agent's own key (`identity`) could not be loaded or made.
+    #[error("agent identity {path}: {detail}")]
+    Identity {
+        /// The private key file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The trusted keys could not be loaded.
     #[error("trusted keys {path}: {detail}")]
     Keys {

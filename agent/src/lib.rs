@@ -5,6 +5,8 @@
 //! |---|---|
 //! | [`config`] | `/etc/keel/agent.toml` |
 //! | [`transport`] | listeners (TCP, Unix socket, vsock) and peers |
+//! | [`tls`] | TLS 1.3 on TCP, the agent proven by its raw public key |
+//! | [`identity`] | the agent's own key: made on first start, kept, `.pub` beside it |
 //! | [`admission`] | which connections are served: a local and a remote pool, a per-peer cap |
 //! | [`server`] | the daemon: bind, announce, accept under a limit, shut down |
 //! | [`shared`] | what every connection shares: settings, keys, the push lock |
@@ -26,7 +28,7 @@
 //! | [`notify`] | sd_notify |
 //! | [`error`] | the daemon's start-up errors |
 //!
-//! Imports go one way: server → session → {authz, auth, exec, attach, files, intake, control, status} →
+//! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
 //! {procs, stage, verify, users, conn}.
 #![warn(missing_docs)]
 
@@ -40,6 +42,7 @@ pub mod control;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod identity;
 pub mod intake;
 pub mod notify;
 pub mod procs;
@@ -49,6 +52,7 @@ pub mod session;
 pub mod shared;
 pub mod stage;
 pub mod status;
+pub mod tls;
 pub mod transport;
 pub mod users;
 pub mod verify;

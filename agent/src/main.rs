@@ -27,6 +27,9 @@ struct Args {
     /// Trusted public keys (PEM).
     #[arg(long)]
     keys: Option<PathBuf>,
+    /// The agent's own key for TLS on TCP (made when missing).
+    #[arg(long)]
+    identity: Option<PathBuf>,
     /// initstage's run directory.
     #[arg(long)]
     run_dir: Option<PathBuf>,
@@ -77,6 +80,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = a.keys {
         c.trusted_keys = v;
     }
+    if let Some(v) = a.identity {
+        c.identity = v;
+    }
     if let Some(v) = a.run_dir {
         c.run_dir = v;
     }
@@ -119,11 +125,38 @@ fn main() -> anyhow::Result<()> {
         Some(e) => keel_agent::auth::load_authorized(&e.authorized_keys)?,
         None => Vec::new(),
     };
+    // TCP is served over TLS only: its identity is made (first start) or loaded here.
+    let identity = match &c.tcp {
+        Some(_) => {
+            let id = keel_agent::identity::Identity::load_or_create(&c.identity)?;
+            tracing::info!(
+                path = %id.path.display(),
+                key = %id.fingerprint(),
+                "{} agent identity",
+                if id.created { "created" } else { "loaded" }
+            );
+            if let Some(fs) = keel_agent::identity::volatile(&id.path) {
+                tracing::warn!(
+                    path = %id.path.display(),
+                    "the agent identity is on {fs}: if it does not survive a reboot, clients \
+                     that remember this key will refuse the next one; set `identity` in \
+                     agent.toml to a path on persistent storage (on a keel-booted device: \
+                     /run/keel/img/keel-identity.pem)"
+                );
+            }
+            Some(id)
+        }
+        None => None,
+    };
     if a.check {
         println!(
-            "config ok, {} trusted key(s), {} authorized key(s)",
+            "config ok, {} trusted key(s), {} authorized key(s){}",
             keys.len(),
-            authorized.len()
+            authorized.len(),
+            identity
+                .as_ref()
+                .map(|i| format!(", identity {}", i.fingerprint()))
+                .unwrap_or_default()
         );
         return Ok(());
     }
@@ -131,6 +164,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    rt.block_on(server::run(c, keys, authorized))?;
+    rt.block_on(server::run(c, keys, authorized, identity))?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use keel_proto::exec::{TLS_BINDING_LABEL, TLS_BINDING_LEN};
 use keel_proto::manifest::VerifyingKey;
 use keel_proto::message::{message_frame, Announce, ErrorCode, Response};
 use keel_sys::vsock;
@@ -13,19 +14,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::admission::{Full, Gate};
 use crate::config::Config;
 use crate::error::Error;
+use crate::identity::Identity;
 use crate::shared::Shared;
 use crate::status::Facts;
 use crate::transport::{Conn, Listener, Peer};
-use crate::{notify, session};
+use crate::{notify, session, tls};
 
-/// Binds every configured listener.
-pub async fn bind(config: &Config) -> Result<Vec<Listener>, Error> {
+/// Binds every configured listener; TCP needs the agent's identity for its TLS.
+pub async fn bind(config: &Config, identity: Option<&Identity>) -> Result<Vec<Listener>, Error> {
     let mut ls = Vec::new();
     if !config.unix.is_empty() {
         ls.push(Listener::unix(std::path::Path::new(&config.unix))?);
     }
     if let Some(a) = &config.tcp {
-        ls.push(Listener::tcp(a).await?);
+        let id = identity.ok_or_else(|| Error::Identity {
+            path: config.identity.clone(),
+            detail: "TCP needs the agent's identity for TLS".into(),
+        })?;
+        ls.push(Listener::tcp(a, tls::acceptor(id)?).await?);
     }
     if let Some(p) = config.vsock_port {
         // A VM started without a vsock device must still be reachable over the others.
@@ -43,11 +49,14 @@ pub async fn run(
     config: Config,
     keys: Vec<VerifyingKey>,
     authorized: Vec<VerifyingKey>,
+    identity: Option<Identity>,
 ) -> Result<(), Error> {
-    let listeners = bind(&config).await?;
+    let listeners = bind(&config, identity.as_ref()).await?;
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
-    let shared = Arc::new(Shared::new(config, keys, authorized));
+    let mut shared = Shared::new(config, keys, authorized);
+    shared.identity = identity.as_ref().map(Identity::fingerprint);
+    let shared = Arc::new(shared);
     let gate = Gate::new(
         shared.config.max_connections,
         shared.config.max_connections_per_peer,
@@ -101,15 +110,35 @@ async fn accept_loop(l: Listener, sh: Arc<Shared>, gate: Gate) {
         let ticket = gate.admit(&peer);
         let sh = sh.clone();
         tokio::spawn(async move {
-            match ticket {
-                Ok(_ticket) => match conn {
-                    Conn::Tcp(s) => session::serve(s, peer, sh).await,
-                    Conn::Unix(s) => session::serve(s, peer, sh).await,
+            match conn {
+                Conn::Unix(s) => match ticket {
+                    Ok(_ticket) => session::serve(s, peer, sh, Vec::new()).await,
+                    Err(full) => refuse_busy(s, peer, full).await,
                 },
-                Err(full) => match conn {
-                    Conn::Tcp(s) => refuse_busy(s, peer, full).await,
-                    Conn::Unix(s) => refuse_busy(s, peer, full).await,
-                },
+                Conn::Tcp(s, tls) => {
+                    // The handshake comes first even for a refusal: the answer must reach
+                    // the client inside its TLS session to be read at all.
+                    let s = match tokio::time::timeout(sh.idle, tls.accept(s)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, op = "connect", outcome = %format!("refused: TLS handshake: {e}"), "request");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, op = "connect", outcome = "refused: TLS handshake timed out", "request");
+                            return;
+                        }
+                    };
+                    let binding = s
+                        .get_ref()
+                        .1
+                        .export_keying_material(vec![0u8; TLS_BINDING_LEN], TLS_BINDING_LABEL, None)
+                        .unwrap_or_default();
+                    match ticket {
+                        Ok(_ticket) => session::serve(s, peer, sh, binding).await,
+                        Err(full) => refuse_busy(s, peer, full).await,
+                    }
+                }
             }
         });
     }

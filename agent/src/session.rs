@@ -79,14 +79,24 @@ pub struct Session {
     pub challenge: Option<Challenge>,
     /// The fingerprint of the key the session authenticated with.
     pub key: Option<String>,
+    /// The transport's channel binding (TLS: exported keying material), which an `auth`
+    /// signature must cover; empty where there is none (Unix socket, vsock).
+    pub binding: Vec<u8>,
 }
 
-/// Serves one connection to its end.
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(s: S, peer: Peer, sh: Arc<Shared>) {
+/// Serves one connection to its end. `binding` is the transport's channel binding (see
+/// [`Session::binding`]).
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    s: S,
+    peer: Peer,
+    sh: Arc<Shared>,
+    binding: Vec<u8>,
+) {
     let mut io = Conn { s, idle: sh.idle };
     let mut session = Session {
         challenge: Challenge::new(),
         key: None,
+        binding,
     };
     // Hello first.
     let t0 = Instant::now();
@@ -241,12 +251,12 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
             public_key,
             signature,
         } => {
-            let checked = auth::transport_allows(peer).and_then(|()| match &session.challenge {
+            let checked = match &session.challenge {
                 Some(c) => auth::check(
                     &public_key,
                     &signature,
                     c,
-                    b"",
+                    &session.binding,
                     &sh.authorized,
                     sh.config.exec.as_ref().map(|e| e.authorized_keys.as_path()),
                 ),
@@ -254,7 +264,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                     ErrorCode::Unavailable,
                     "the kernel gave no random bytes for a challenge: no session can authenticate",
                 )),
-            });
+            };
             Outcome::reply(match checked {
                 Ok(key) => {
                     session.key = Some(key.clone());
@@ -316,9 +326,10 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         Request::Status => {
             let busy = sh.push.try_lock().is_err();
             let config = sh.config.clone();
-            let rep = tokio::task::spawn_blocking(move || status::report(&config, busy))
+            let mut rep = tokio::task::spawn_blocking(move || status::report(&config, busy))
                 .await
                 .expect("status task");
+            rep.identity = sh.identity.clone();
             Outcome::reply(Response::Status(Box::new(rep)))
         }
         Request::MarkGood => {

@@ -27,6 +27,8 @@ pub struct Shared {
     pub exec_slots_max: usize,
     /// The processes `exec` started.
     pub procs: crate::procs::Registry,
+    /// The fingerprint of the agent's TLS identity, when it serves TCP.
+    pub identity: Option<String>,
 }
 
 impl Shared {
@@ -42,6 +44,7 @@ impl Shared {
             exec_slots: Arc::new(Semaphore::new(max)),
             exec_slots_max: max,
             procs: crate::procs::Registry::default(),
+            identity: None,
         }
     }
 }

@@ -109,5 +109,6 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
             .map(|s| s.events.clone())
             .unwrap_or_default(),
         state_error: facts.state_error.clone(),
+        identity: None,
     }
 }

@@ -1,4 +1,4 @@
-//! The agent's listeners (TCP, Unix socket, vsock) and who is on the other end.
+//! The agent's listeners (TCP with TLS, Unix socket, vsock) and who is on the other end.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::error::Error;
 use keel_sys::vsock;
@@ -14,7 +15,7 @@ use keel_sys::vsock;
 /// Who is connected.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Peer {
-    /// A TCP client.
+    /// A TCP client (always over TLS).
     Tcp(SocketAddr),
     /// A local client; credentials from `SO_PEERCRED`.
     Unix {
@@ -53,35 +54,49 @@ impl fmt::Display for Peer {
 }
 
 /// An accepted connection.
-#[derive(Debug)]
 pub enum Conn {
-    /// TCP.
-    Tcp(TcpStream),
+    /// TCP, before its TLS handshake (which the connection's own task runs, so that a slow
+    /// client never holds up the accept loop).
+    Tcp(TcpStream, TlsAcceptor),
     /// Unix socket, or vsock (a stream socket all the same).
     Unix(UnixStream),
 }
 
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conn::Tcp(s, _) => f.debug_tuple("Tcp").field(s).finish(),
+            Conn::Unix(s) => f.debug_tuple("Unix").field(s).finish(),
+        }
+    }
+}
+
 /// A bound listener.
-#[derive(Debug)]
 pub enum Listener {
-    /// TCP.
-    Tcp(TcpListener),
+    /// TCP, served over TLS with this acceptor.
+    Tcp(TcpListener, TlsAcceptor),
     /// Unix socket; the path is removed on drop.
     Unix(UnixListener, PathBuf),
     /// vsock.
     Vsock(AsyncFd<OwnedFd>, u32),
 }
 
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
 impl Listener {
-    /// Binds a TCP address.
-    pub async fn tcp(addr: &str) -> Result<Listener, Error> {
+    /// Binds a TCP address; connections are served over TLS by `tls`.
+    pub async fn tcp(addr: &str, tls: TlsAcceptor) -> Result<Listener, Error> {
         let l = TcpListener::bind(addr)
             .await
             .map_err(|source| Error::Listen {
                 addr: format!("tcp://{addr}"),
                 source,
             })?;
-        Ok(Listener::Tcp(l))
+        Ok(Listener::Tcp(l, tls))
     }
 
     /// Binds a Unix socket, replacing a stale socket file, mode 0660.
@@ -120,7 +135,7 @@ impl Listener {
     /// What this listener is, as an endpoint string.
     pub fn describe(&self) -> String {
         match self {
-            Listener::Tcp(l) => match l.local_addr() {
+            Listener::Tcp(l, _) => match l.local_addr() {
                 Ok(a) => format!("tcp://{a}"),
                 Err(_) => "tcp://?".into(),
             },
@@ -132,10 +147,10 @@ impl Listener {
     /// Waits for the next connection.
     pub async fn accept(&self) -> std::io::Result<(Conn, Peer)> {
         match self {
-            Listener::Tcp(l) => {
+            Listener::Tcp(l, tls) => {
                 let (s, a) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok((Conn::Tcp(s), Peer::Tcp(a)))
+                Ok((Conn::Tcp(s, tls.clone()), Peer::Tcp(a)))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept().await?;

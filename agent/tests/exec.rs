@@ -402,11 +402,21 @@ async fn every_refusal_names_its_reason() {
         assert_eq!(code, ErrorCode::NotAuthorized, "{msg}");
         assert!(msg.contains("--key"), "{msg}");
     }
-    // Plain TCP cannot carry a key.
-    let (mut c, ch) = d.greeted(tcp()).await;
+    // On TCP (TLS) the signature covers the session's channel binding: one made without it,
+    // or for another TLS session, does not verify; one over this session's does.
+    let (mut c, ch) = d.greeted_bound(tcp(), vec![5; 32]).await;
     let (code, msg) = code_of(c.auth(&host_key(), &ch).await);
     assert_eq!(code, ErrorCode::NotAuthorized);
-    assert!(msg.contains("plain TCP"), "{msg}");
+    assert!(msg.contains("does not verify"), "{msg}");
+    let (mut c, ch) = d.greeted_bound(tcp(), vec![5; 32]).await;
+    let (code, msg) = code_of(c.auth_bound(&host_key(), &ch, &[6; 32]).await);
+    assert_eq!(code, ErrorCode::NotAuthorized);
+    assert!(msg.contains("does not verify"), "{msg}");
+    let (mut c, ch) = d.greeted_bound(tcp(), vec![5; 32]).await;
+    assert!(matches!(
+        c.auth_bound(&host_key(), &ch, &[5; 32]).await,
+        Response::Authenticated { .. }
+    ));
     // An unknown key, and a signature over another session's challenge.
     let (mut c, ch) = d.greeted(host.clone()).await;
     let (code, msg) = code_of(c.auth(&key(), &ch).await);

@@ -14,10 +14,22 @@ use keel_proto::message::{
 use keel_proto::wire::{frame_len, PROTOCOL_VERSION};
 
 use crate::error::{Error, Result};
+use crate::known::Trust;
 use crate::stream::{open, Stream};
 
 /// Image bytes per data frame.
 pub const DATA_FRAME: usize = 256 * 1024;
+
+/// How to reach an agent.
+#[derive(Debug, Clone)]
+pub struct Dial {
+    /// How long to keep retrying the connection (the agent or guest may not listen yet).
+    pub wait: Duration,
+    /// The bound on every single read and write.
+    pub timeout: Duration,
+    /// How the agent's key is judged on TCP (TLS).
+    pub trust: Trust,
+}
 
 /// A session with an agent.
 #[derive(Debug)]
@@ -68,10 +80,10 @@ pub enum Pushed {
 }
 
 impl Client {
-    /// Connects and exchanges hellos. `timeout` bounds every read and write.
-    pub fn connect(ep: &Endpoint, wait: Duration, timeout: Duration) -> Result<Client> {
-        let s = open(ep, wait)?;
-        Client::over(s, ep.to_string(), timeout)
+    /// Connects and exchanges hellos.
+    pub fn connect(ep: &Endpoint, dial: &Dial) -> Result<Client> {
+        let s = open(ep, dial.wait, dial.timeout, &dial.trust)?;
+        Client::over(s, ep.to_string(), dial.timeout)
     }
 
     /// Exchanges hellos over an open stream.
@@ -170,7 +182,7 @@ impl Client {
         };
         let req = Request::Auth {
             public_key: b64(key.verifying_key().as_bytes()),
-            signature: b64(&sign_auth(key, &challenge, b"")),
+            signature: b64(&sign_auth(key, &challenge, self.s.binding())),
         };
         match self.expect(&req)? {
             Response::Authenticated { key } => Ok(key),
@@ -293,7 +305,8 @@ impl Client {
 /// Whether an error is a lost connection worth a resume.
 pub fn is_cut(e: &Error) -> bool {
     match e {
-        Error::Net { .. } | Error::Connect { .. } => true,
+        // A cut during the TLS handshake too; a refused agent key is not a cut.
+        Error::Net { .. } | Error::Connect { .. } | Error::Tls { .. } => true,
         Error::Refused { code, .. } => matches!(code, ErrorCode::Timeout | ErrorCode::Busy),
         _ => false,
     }
@@ -303,11 +316,10 @@ pub fn is_cut(e: &Error) -> bool {
 /// retried for `wait`) and the upload continues from what the agent has on disk.
 pub fn push(
     ep: &Endpoint,
+    dial: &Dial,
     signed: &SignedManifest,
     image: &Path,
     retries: u32,
-    wait: Duration,
-    timeout: Duration,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Pushed> {
     let mut attempts = 0;
@@ -321,7 +333,7 @@ pub fn push(
             last = done - s;
             progress(done, total);
         };
-        let r = Client::connect(ep, wait, timeout)
+        let r = Client::connect(ep, dial)
             .and_then(|mut c| c.push_once(signed, image, true, &mut track));
         sent += last;
         match r {

@@ -29,6 +29,38 @@ pub enum Error {
         /// What happened.
         detail: String,
     },
+    /// The TLS session to an agent could not be set up.
+    #[error("TLS with {endpoint}: {detail}")]
+    Tls {
+        /// The endpoint.
+        endpoint: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The agent's key is not the one expected (pinned, or remembered).
+    #[error("{endpoint}: {detail}")]
+    AgentKey {
+        /// The endpoint.
+        endpoint: String,
+        /// Which key was seen and which expected, and what to do.
+        detail: String,
+    },
+    /// `--agent-key FILE` could not be used.
+    #[error("--agent-key {path}: {detail}")]
+    AgentKeyFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The known-agents file could not be read or written.
+    #[error("known agents {path}: {detail}")]
+    KnownAgents {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The peer broke the protocol.
     #[error("protocol error with {peer}: {detail}")]
     Protocol {

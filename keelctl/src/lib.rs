@@ -4,6 +4,8 @@
 //! | module | what it is for |
 //! |---|---|
 //! | [`stream`] | opening an endpoint: TCP, Unix socket, vsock, hybrid vsock (`CONNECT`/`OK`) |
+//! | [`tls`] | TLS 1.3 on TCP: the agent's raw public key checked, a stream two threads share |
+//! | [`known`] | which agent key to expect: pinned, or remembered on first use (known_agents) |
 //! | [`client`] | hello, requests, frames, and a push that resumes after a cut |
 //! | [`exec`] | an exec: its streams both ways, signals, the exit status |
 //! | [`files`] | `cp` both ways, streamed, written locally by temp file and rename |
@@ -16,6 +18,8 @@ pub mod client;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod known;
 pub mod stream;
+pub mod tls;
 
 pub use keel_proto::endpoint::Endpoint;

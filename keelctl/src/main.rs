@@ -15,7 +15,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use keel_build::initramfs::Spec;
 use keel_proto::message::Request;
-use keelctl::client::Client;
+use keelctl::client::{Client, Dial};
+use keelctl::known::Trust;
 use keelctl::Endpoint;
 
 /// keel's host-side tool.
@@ -41,6 +42,14 @@ struct Args {
     /// Seconds to keep retrying the connection (the agent or guest may not listen yet).
     #[arg(long, default_value_t = 10, global = true)]
     wait: u64,
+    /// On TCP, accept only this agent key (a PEM public key: the agent's identity.pem.pub).
+    /// Without it the key is trusted on first use and remembered in --known-agents.
+    #[arg(long, env = "KEEL_AGENT_KEY", global = true)]
+    agent_key: Option<PathBuf>,
+    /// Where agent keys are remembered [default: $XDG_CONFIG_HOME/keel/known_agents or
+    /// ~/.config/keel/known_agents].
+    #[arg(long, env = "KEEL_KNOWN_AGENTS", global = true)]
+    known_agents: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -227,13 +236,26 @@ fn endpoint(a: &Args) -> anyhow::Result<Endpoint> {
     Ok(a.endpoint.parse::<Endpoint>()?)
 }
 
+fn dial(a: &Args) -> anyhow::Result<Dial> {
+    let trust = match &a.agent_key {
+        Some(p) => Trust::pinned_from_file(p)?,
+        None => Trust::Remembered(
+            a.known_agents
+                .clone()
+                .or_else(keelctl::known::default_path)
+                .context("no --known-agents file and no $HOME to keep one in")?,
+        ),
+    };
+    Ok(Dial {
+        wait: Duration::from_secs(a.wait),
+        timeout: Duration::from_secs(a.io_timeout),
+        trust,
+    })
+}
+
 fn connect(a: &Args) -> anyhow::Result<Client> {
     let ep = endpoint(a)?;
-    let mut c = Client::connect(
-        &ep,
-        Duration::from_secs(a.wait),
-        Duration::from_secs(a.io_timeout),
-    )?;
+    let mut c = Client::connect(&ep, &dial(a)?)?;
     if let Some(k) = &a.key {
         let pem = std::fs::read_to_string(k).with_context(|| format!("--key {}", k.display()))?;
         let key = keel_proto::manifest::signing_key_from_pem(&pem)
@@ -273,14 +295,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             image,
             manifest,
             retries,
-        } => cmd::push::run(
-            &endpoint(&a)?,
-            image,
-            manifest,
-            *retries,
-            Duration::from_secs(a.wait),
-            Duration::from_secs(a.io_timeout),
-        ),
+        } => cmd::push::run(&endpoint(&a)?, &dial(&a)?, image, manifest, *retries),
         Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),

@@ -1,4 +1,4 @@
-//! Opening a byte stream to an agent: TCP, Unix socket, vsock, hybrid vsock.
+//! Opening a byte stream to an agent: TCP (always TLS), Unix socket, vsock, hybrid vsock.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -10,12 +10,14 @@ use keel_proto::endpoint::Endpoint;
 use keel_sys::vsock;
 
 use crate::error::{Error, Result};
+use crate::known::Trust;
+use crate::tls::TlsStream;
 
 /// A connected byte stream.
 #[derive(Debug)]
 pub enum Stream {
-    /// TCP.
-    Tcp(TcpStream),
+    /// TCP, inside TLS.
+    Tls(TlsStream),
     /// Unix socket (also vsock and hybrid vsock).
     Unix(UnixStream),
 }
@@ -24,7 +26,7 @@ impl Stream {
     /// A second handle on the same connection (for a writer thread).
     pub fn try_clone(&self) -> std::io::Result<Stream> {
         match self {
-            Stream::Tcp(s) => s.try_clone().map(Stream::Tcp),
+            Stream::Tls(s) => s.try_clone().map(Stream::Tls),
             Stream::Unix(s) => s.try_clone().map(Stream::Unix),
         }
     }
@@ -32,15 +34,23 @@ impl Stream {
     /// Sets the read timeout alone (an exec's output may pause for as long as it likes).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.set_read_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The channel binding an `auth` signature covers (TLS); empty on the others.
+    pub fn binding(&self) -> &[u8] {
+        match self {
+            Stream::Tls(s) => s.binding(),
+            Stream::Unix(_) => &[],
         }
     }
 
     /// Sets the read and write timeouts.
     pub fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         match self {
-            Stream::Tcp(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
+            Stream::Tls(s) => s.set_timeout(t),
             Stream::Unix(s) => s.set_read_timeout(t).and(s.set_write_timeout(t)),
         }
     }
@@ -49,7 +59,7 @@ impl Stream {
 impl Read for Stream {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(b),
+            Stream::Tls(s) => s.read(b),
             Stream::Unix(s) => s.read(b),
         }
     }
@@ -58,7 +68,7 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(b),
+            Stream::Tls(s) => s.write(b),
             Stream::Unix(s) => s.write(b),
         }
     }
@@ -67,38 +77,46 @@ impl Write for Stream {
     }
 }
 
-/// Opens the byte stream to `ep`; hybrid vsock retries `CONNECT` until `wait` has passed
-/// (the guest may not listen yet).
-pub fn open(ep: &Endpoint, wait: Duration) -> Result<Stream> {
+/// Opens the byte stream to `ep`, retrying the connection until `wait` has passed (the agent
+/// or guest may not listen yet); on TCP, then the TLS handshake with the agent's key judged
+/// by `trust` (see [`crate::known`]), bounded by `timeout`.
+pub fn open(ep: &Endpoint, wait: Duration, timeout: Duration, trust: &Trust) -> Result<Stream> {
     let cerr = |detail: String| Error::Connect {
         endpoint: ep.to_string(),
         detail,
     };
     let deadline = Instant::now() + wait;
-    loop {
+    let tcp = loop {
         let r = match ep {
-            Endpoint::Tcp(a) => TcpStream::connect(a).map(|s| {
-                let _ = s.set_nodelay(true);
-                Stream::Tcp(s)
-            }),
-            Endpoint::Unix(p) => UnixStream::connect(p).map(Stream::Unix),
+            Endpoint::Tcp(a) => TcpStream::connect(a).map(Ok),
+            Endpoint::Unix(p) => UnixStream::connect(p).map(Err),
             Endpoint::Vsock { cid, port } => {
-                vsock::connect(*cid, *port).map(|fd| Stream::Unix(UnixStream::from(fd)))
+                vsock::connect(*cid, *port).map(|fd| Err(UnixStream::from(fd)))
             }
-            Endpoint::Hybrid { path, port } => hybrid_connect(path, *port),
+            Endpoint::Hybrid { path, port } => hybrid_connect(path, *port).map(Err),
         };
         match r {
-            Ok(s) => return Ok(s),
+            Ok(Ok(tcp)) => break tcp,
+            Ok(Err(unix)) => return Ok(Stream::Unix(unix)),
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!("connect {ep}: {e}; retrying");
                 std::thread::sleep(Duration::from_millis(200));
             }
             Err(e) => return Err(cerr(e.to_string())),
         }
-    }
+    };
+    let _ = tcp.set_nodelay(true);
+    tcp.set_read_timeout(Some(timeout))
+        .and(tcp.set_write_timeout(Some(timeout)))
+        .map_err(|e| cerr(e.to_string()))?;
+    Ok(Stream::Tls(TlsStream::connect(
+        tcp,
+        &ep.to_string(),
+        trust,
+    )?))
 }
 
-fn hybrid_connect(path: &Path, port: u32) -> std::io::Result<Stream> {
+fn hybrid_connect(path: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -130,5 +148,5 @@ fn hybrid_connect(path: &Path, port: u32) -> std::io::Result<Stream> {
         ));
     }
     s.set_read_timeout(None)?;
-    Ok(Stream::Unix(s))
+    Ok(s)
 }

@@ -111,6 +111,13 @@ impl ExitStatus {
     }
 }
 
+/// The TLS exporter label (RFC 8446 §7.5) of a session's channel binding on TCP: both ends
+/// export [`TLS_BINDING_LEN`] bytes under it and the `auth` signature covers them, so a
+/// signature made for one TLS session is worthless in any other.
+pub const TLS_BINDING_LABEL: &[u8] = b"EXPORTER-keel-auth-binding-v1";
+/// Bytes of the TLS channel binding.
+pub const TLS_BINDING_LEN: usize = 32;
+
 /// The bytes a client signs to authenticate: a domain tag, the agent's challenge and the
 /// session's channel binding (empty where the transport has none).
 pub fn auth_message(challenge: &[u8], binding: &[u8]) -> Vec<u8> {

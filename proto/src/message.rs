@@ -308,6 +308,9 @@ pub struct StatusReport {
     /// Why the boot state could not be read (absent when it was, or when there is none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_error: Option<String>,
+    /// The fingerprint (`SHA256:…`) of the agent's TLS identity, when it serves TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// An interrupted upload that a `resume` can continue.

@@ -106,6 +106,10 @@ pub fn create_new(dir: &Path, name: &str) -> Result<File> {
 }
 
 fn create_in(d: &OwnedFd, dir: &Path, name: &str) -> Result<File> {
+    create_in_mode(d, dir, name, 0o644)
+}
+
+fn create_in_mode(d: &OwnedFd, dir: &Path, name: &str, mode: u32) -> Result<File> {
     let path = dir.join(name);
     match rustix::fs::unlinkat(d, name, AtFlags::empty()) {
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
@@ -115,7 +119,7 @@ fn create_in(d: &OwnedFd, dir: &Path, name: &str) -> Result<File> {
         d,
         name,
         OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(0o644),
+        Mode::from_raw_mode(mode),
     )
     .map_err(|e| IoError::new("create", &path, e))?;
     Ok(File::from(fd))
@@ -124,6 +128,19 @@ fn create_in(d: &OwnedFd, dir: &Path, name: &str) -> Result<File> {
 /// Replaces `dir/name` with `bytes` crash-safely through `dir/tmp`: exclusive create, write,
 /// fsync, rename, fsync the directory. `hook` runs after each of the four steps.
 pub fn write_atomic(dir: &Path, tmp: &str, name: &str, bytes: &[u8], hook: Hook) -> Result<()> {
+    write_atomic_mode(dir, tmp, name, bytes, 0o644, hook)
+}
+
+/// [`write_atomic`] creating the file with `mode` (0600 for a private key: it is never
+/// readable by others, not even between create and rename).
+pub fn write_atomic_mode(
+    dir: &Path,
+    tmp: &str,
+    name: &str,
+    bytes: &[u8],
+    mode: u32,
+    hook: Hook,
+) -> Result<()> {
     let dst = dir.join(name);
     if !plain_name(tmp) || !plain_name(name) {
         return Err(IoError::new(
@@ -135,7 +152,7 @@ pub fn write_atomic(dir: &Path, tmp: &str, name: &str, bytes: &[u8], hook: Hook)
     let d = open_dir(dir)?;
     let tmp_path = dir.join(tmp);
     {
-        let mut f = create_in(&d, dir, tmp)?;
+        let mut f = create_in_mode(&d, dir, tmp, mode)?;
         f.write_all(bytes)
             .map_err(|e| IoError::new("write", &tmp_path, e))?;
         hook("write temp");

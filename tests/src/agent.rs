@@ -10,8 +10,9 @@ use keel_proto::bootstate::{BootState, ImageRecord, Trial};
 use keel_proto::manifest::{public_key_to_pem, SignedManifest};
 use keel_proto::message::{ErrorCode, Request, Response};
 use keel_proto::report::BootReport;
-use keelctl::client::{self, Client, Pushed};
+use keelctl::client::{self, Client, Dial, Pushed};
 use keelctl::error::Error as ClientError;
+use keelctl::known::Trust;
 use keelctl::Endpoint;
 
 use crate::*;
@@ -25,6 +26,8 @@ pub struct Agent {
     pub tcp: Endpoint,
     pub unix: Endpoint,
     pub log: PathBuf,
+    /// The agent's TLS identity (its private key; `.pub` beside it).
+    pub identity: PathBuf,
 }
 
 impl Agent {
@@ -37,8 +40,34 @@ impl Agent {
         let _ = self.child.wait();
     }
 
+    /// How the tests reach this agent: its TLS key pinned.
+    pub fn dial(&self) -> Dial {
+        Dial {
+            wait: Duration::from_secs(5),
+            timeout: T,
+            trust: Trust::pinned_from_file(&self.identity_pub()).unwrap(),
+        }
+    }
+
+    /// The public half of the agent's identity, as `--agent-key` takes it.
+    pub fn identity_pub(&self) -> PathBuf {
+        let mut p = self.identity.clone().into_os_string();
+        p.push(".pub");
+        p.into()
+    }
+
     pub fn client(&self, ep: &Endpoint) -> Client {
-        Client::connect(ep, Duration::from_secs(5), T).unwrap()
+        Client::connect(ep, &self.dial()).unwrap()
+    }
+
+    /// Pushes `img` with `m` to `ep` (one of this agent's endpoints, or a relay to one).
+    pub fn push(
+        &self,
+        ep: &Endpoint,
+        img: &Path,
+        m: &SignedManifest,
+    ) -> Result<Pushed, ClientError> {
+        client::push(ep, &self.dial(), m, img, 0, &mut |_, _| {})
     }
 
     /// Opens a TCP connection and asks to push `m`: the connection and the agent's answer.
@@ -126,8 +155,9 @@ pub fn start_env(w: &World, extra: &str, env: &[(&str, &Path)]) -> Agent {
     fs::write(
         &cfg,
         format!(
-            "unix = {:?}\ntcp = \"127.0.0.1:0\"\ntrusted_keys = {:?}\nnewimg_dir = {:?}\nimg_dir = {:?}\nboot_report = {:?}\n{extra}\n",
+            "unix = {:?}\ntcp = \"127.0.0.1:0\"\nidentity = {:?}\ntrusted_keys = {:?}\nnewimg_dir = {:?}\nimg_dir = {:?}\nboot_report = {:?}\n{extra}\n",
             sock,
+            w.etc.join("identity.pem"),
             w.etc.join("trusted.pem"),
             w.newimg,
             w.img,
@@ -168,6 +198,7 @@ pub fn start_env(w: &World, extra: &str, env: &[(&str, &Path)]) -> Agent {
         tcp: Endpoint::Tcp(tcp),
         unix: Endpoint::Unix(sock),
         log,
+        identity: w.etc.join("identity.pem"),
     }
 }
 
@@ -193,10 +224,6 @@ pub fn slot(w: &World) -> (Option<String>, Option<Vec<u8>>) {
     (img.exists().then(|| sha256_file(&img)), m)
 }
 
-pub fn push(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
-    client::push(ep, m, img, 0, T, T, &mut |_, _| {})
-}
-
 pub fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
     match r {
         Err(ClientError::Refused { code, message }) => (code, message),
@@ -204,8 +231,21 @@ pub fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
     }
 }
 
+/// Runs keelctl. Each run gets a known-agents file of its own, so an agent key is trusted on
+/// first use (agents of earlier tests may have had the same port with another key); the
+/// tests of pinning and of remembered keys pass `--agent-key` or `--known-agents` themselves.
 pub fn keelctl(args: &[&str]) -> std::process::Output {
-    Command::new(bin("keelctl")).args(args).output().unwrap()
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let known = std::env::temp_dir().join(format!("keel-tests-known-{}-{n}", std::process::id()));
+    let out = Command::new(bin("keelctl"))
+        .args(args)
+        .env("KEEL_KNOWN_AGENTS", &known)
+        .env_remove("KEEL_AGENT_KEY")
+        .output()
+        .unwrap();
+    let _ = fs::remove_file(&known);
+    out
 }
 
 pub fn with_newimg<T>(name: &str, size_mb: u64, f: impl FnOnce(&mut Sandbox, &Path) -> T) -> T {

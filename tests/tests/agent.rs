@@ -16,6 +16,8 @@ use keel_tests::agent::*;
 use keel_tests::*;
 use keelctl::client::{self, Client, Pushed};
 use keelctl::error::Error as ClientError;
+use keelctl::stream::Stream;
+use keelctl::tls::TlsStream;
 use keelctl::Endpoint;
 
 #[test]
@@ -70,7 +72,7 @@ fn good_push_over_tcp_then_unix_socket() {
         // v3 over the Unix socket replaces it.
         let v3 = image(sb, 3, 3);
         let m3 = manifest_for(&v3, "demo", 3);
-        let r = push(&a.unix, &v3, &m3).unwrap();
+        let r = a.push(&a.unix, &v3, &m3).unwrap();
         assert!(
             matches!(
                 r,
@@ -152,7 +154,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         let a = start(&w, "");
         let v6 = image(sb, 4, 6);
         let m6 = manifest_for(&v6, "demo", 6);
-        push(&a.tcp, &v6, &m6).unwrap();
+        a.push(&a.tcp, &v6, &m6).unwrap();
         let before = slot(&w);
         let check = |what: &str| {
             assert_eq!(slot(&w), before, "staged slot changed after: {what}");
@@ -166,7 +168,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
 
         // Unknown key.
         let other = SigningKey::from_bytes(&[9; 32]);
-        let (c, msg) = refused(push(&a.tcp, &v7, &m7.manifest.clone().sign(&other)));
+        let (c, msg) = refused(a.push(&a.tcp, &v7, &m7.manifest.clone().sign(&other)));
         assert_eq!(c, ErrorCode::BadSignature, "{msg}");
         assert!(msg.contains("does not verify"), "{msg}");
         check("unknown key");
@@ -179,13 +181,19 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
             "0"
         };
         bad.signature.replace_range(0..1, flip);
-        assert_eq!(refused(push(&a.tcp, &v7, &bad)).0, ErrorCode::BadSignature);
+        assert_eq!(
+            refused(a.push(&a.tcp, &v7, &bad)).0,
+            ErrorCode::BadSignature
+        );
         check("flipped signature");
 
         // A changed manifest field (the signature no longer covers it).
         let mut bad = m7.clone();
         bad.manifest.size += 1;
-        assert_eq!(refused(push(&a.tcp, &v7, &bad)).0, ErrorCode::BadSignature);
+        assert_eq!(
+            refused(a.push(&a.tcp, &v7, &bad)).0,
+            ErrorCode::BadSignature
+        );
         check("flipped manifest");
 
         // A flipped byte in the payload: every byte arrives, the digest does not match.
@@ -193,20 +201,20 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         bytes[1_000_000] ^= 0x40;
         let flipped = sb.fresh("flipped");
         fs::write(&flipped, &bytes).unwrap();
-        let (c, msg) = refused(push(&a.tcp, &flipped, &m7));
+        let (c, msg) = refused(a.push(&a.tcp, &flipped, &m7));
         assert_eq!(c, ErrorCode::HashMismatch, "{msg}");
         assert!(msg.contains(&m7.manifest.sha256), "{msg}");
         check("flipped payload");
 
         // Downgrade, and the running version again.
-        let (c, msg) = refused(push(&a.tcp, &v7, &manifest_for(&v7, "demo", 4)));
+        let (c, msg) = refused(a.push(&a.tcp, &v7, &manifest_for(&v7, "demo", 4)));
         assert_eq!(c, ErrorCode::Downgrade, "{msg}");
         assert!(msg.contains("older than the running version 5"), "{msg}");
         let m5 = manifest_for(&v7, "demo", 5);
-        assert_eq!(refused(push(&a.tcp, &v7, &m5)).0, ErrorCode::Downgrade);
+        assert_eq!(refused(a.push(&a.tcp, &v7, &m5)).0, ErrorCode::Downgrade);
         check("downgrade");
         // Equal to the staged one: a no-op.
-        let r = push(&a.tcp, &v6, &m6).unwrap();
+        let r = a.push(&a.tcp, &v6, &m6).unwrap();
         assert!(
             matches!(&r, Pushed::UpToDate(m) if m.contains("already staged")),
             "{r:?}"
@@ -214,13 +222,13 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         check("equal version");
 
         // Another product.
-        let (c, msg) = refused(push(&a.tcp, &v7, &manifest_for(&v7, "other", 7)));
+        let (c, msg) = refused(a.push(&a.tcp, &v7, &manifest_for(&v7, "other", 7)));
         assert_eq!(c, ErrorCode::WrongName, "{msg}");
         check("wrong name");
 
         // Too large for the partition: refused before a single byte is sent.
         let big = image(sb, 20, 8);
-        let (c, msg) = refused(push(&a.tcp, &big, &manifest_for(&big, "demo", 8)));
+        let (c, msg) = refused(a.push(&a.tcp, &big, &manifest_for(&big, "demo", 8)));
         assert_eq!(c, ErrorCode::NoSpace, "{msg}");
         assert!(msg.contains("bytes free"), "{msg}");
         check("disk full");
@@ -246,10 +254,23 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         check("extra bytes");
 
         // Garbage instead of a frame: the length is absurd, refused from the header.
-        let mut s = TcpStream::connect(a.tcp.to_string().trim_start_matches("tcp://")).unwrap();
+        let mut s = std::os::unix::net::UnixStream::connect(w.etc.join("agent.sock")).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let (c, msg) = error_of(read_response(&mut s));
         assert_eq!(c, ErrorCode::FrameTooLarge, "{msg}");
+        // On TCP the same garbage is not TLS: no byte of the protocol is answered, the
+        // connection is closed and the log says why.
+        let mut s = TcpStream::connect(a.tcp.to_string().trim_start_matches("tcp://")).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        assert!(
+            !answer.windows(5).any(|w| w == b"error"),
+            "{:?}",
+            String::from_utf8_lossy(&answer)
+        );
+        wait_for(|| a.log().contains("refused: TLS handshake"));
         // An oversized frame after the hello.
         let mut cl = a.client(&a.unix);
         cl.stream()
@@ -280,7 +301,7 @@ fn bad_input_is_refused_and_the_staged_image_is_untouched() {
         check("garbage");
 
         // The agent survived all of it and still stages a good image.
-        push(&a.unix, &v7, &m7).unwrap();
+        a.push(&a.unix, &v7, &m7).unwrap();
         assert_eq!(slot(&w).0.unwrap(), sha256_file(&v7));
     });
 }
@@ -322,7 +343,7 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
         let (mut first, r) = a.begin_push(&m2, false);
         assert_eq!(r, Response::Send { offset: 0 });
         send_data(&mut first, &data[..2 << 20]);
-        let (c, msg) = refused(push(&a.unix, &v2, &m2));
+        let (c, msg) = refused(a.push(&a.unix, &v2, &m2));
         assert_eq!(c, ErrorCode::Busy, "{msg}");
         // Then the first one stalls past the idle timeout: dropped, with a reason.
         std::thread::sleep(Duration::from_secs(3));
@@ -516,7 +537,7 @@ fn connection_limit_and_sigterm() {
     with_newimg("agent-limit", 16, |sb, newimg| {
         let w = world(sb, newimg, 1);
         let mut a = start(&w, "max_connections = 3\nmax_connections_per_peer = 2");
-        let busy = |s: &mut TcpStream| {
+        let busy = |s: &mut Stream| {
             let (c, msg) = error_of(read_response(s));
             assert_eq!(c, ErrorCode::Busy, "{msg}");
             msg
@@ -524,16 +545,11 @@ fn connection_limit_and_sigterm() {
         // Two from 127.0.0.1 hold that address's share.
         let r1 = a.client(&a.tcp);
         let r2 = a.client(&a.tcp);
-        let mut s = tcp_from("127.0.0.1", &a.tcp);
+        let mut s = tls_from("127.0.0.1", &a);
         assert!(busy(&mut s).contains("this address"));
         // One from 127.0.0.2 fills the remote pool; 127.0.0.3 is then refused too.
-        let r3 = Client::over(
-            keelctl::stream::Stream::Tcp(tcp_from("127.0.0.2", &a.tcp)),
-            "127.0.0.2".into(),
-            T,
-        )
-        .unwrap();
-        let mut s = tcp_from("127.0.0.3", &a.tcp);
+        let r3 = Client::over(tls_from("127.0.0.2", &a), "127.0.0.2".into(), T).unwrap();
+        let mut s = tls_from("127.0.0.3", &a);
         assert!(busy(&mut s).contains("3 connections"));
         // Remote peers holding every remote slot do not keep local root out.
         let out = keelctl(&["-e", &a.unix.to_string(), "mark-good"]);
@@ -550,7 +566,7 @@ fn connection_limit_and_sigterm() {
         assert!(!out.status.success() && err.contains("busy"), "{err}");
         assert!(!err.to_lowercase().contains("broken pipe"), "{err}");
         drop((r1, r2, r3, l));
-        wait_for(|| Client::connect(&a.tcp, Duration::from_secs(1), T).is_ok());
+        wait_for(|| Client::connect(&a.tcp, &a.dial()).is_ok());
         // SIGTERM: a clean exit that removes the socket.
         rustix::process::kill_process(
             rustix::process::Pid::from_raw(a.child.id().cast_signed()).unwrap(),
@@ -562,6 +578,13 @@ fn connection_limit_and_sigterm() {
         assert!(!w.etc.join("agent.sock").exists());
         assert!(a.log().contains("SIGTERM"));
     });
+}
+
+/// A TLS session with `a` on TCP from the local address `src` (any of 127.0.0.0/8).
+fn tls_from(src: &str, a: &Agent) -> Stream {
+    let tcp = tcp_from(src, &a.tcp);
+    let trust = a.dial().trust;
+    Stream::Tls(TlsStream::connect(tcp, &a.tcp.to_string(), &trust).unwrap())
 }
 
 /// A TCP connection to `ep` from the local address `src` (any of 127.0.0.0/8).
@@ -629,7 +652,7 @@ fn agent_killed_mid_stream_leaves_nothing_initstage_promotes() {
         let a = start(&w, "");
         let before = status(&a).partial.unwrap().received;
         assert!(before >= 4 << 20, "{before}");
-        let r = push(&a.tcp, &v2, &m2).unwrap();
+        let r = a.push(&a.tcp, &v2, &m2).unwrap();
         assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
     });
     let r = sb.prepare(&disk, "keel.tries=3");
@@ -762,10 +785,15 @@ fn hybrid_vsock_endpoint_retries_until_the_guest_listens() {
 }
 
 /// Pushes with the busy retry keelctl does (a cut session may still be closing).
-fn push_retrying(ep: &Endpoint, img: &Path, m: &SignedManifest) -> Result<Pushed, ClientError> {
+fn push_retrying(
+    a: &Agent,
+    ep: &Endpoint,
+    img: &Path,
+    m: &SignedManifest,
+) -> Result<Pushed, ClientError> {
     let t = Instant::now();
     loop {
-        match push(ep, img, m) {
+        match a.push(ep, img, m) {
             Err(ClientError::Refused {
                 code: ErrorCode::Busy,
                 ..
@@ -801,17 +829,17 @@ fn large_images_resume_replace_the_staged_one_and_unstage() {
         drop(cl);
         wait_for(|| status(&a).partial.map(|p| p.received) == Some(8 << 20));
         // The resume counts the partial file's reserved blocks as its own.
-        let r = push_retrying(&a.tcp, &v2, &m2).unwrap();
+        let r = push_retrying(&a, &a.tcp, &v2, &m2).unwrap();
         assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
         // A newer image that does not fit beside the staged one replaces it.
         let v3 = image(sb, 30, 5);
         let m3 = manifest_for(&v3, "demo", 3);
-        let r = push(&a.tcp, &v3, &m3).unwrap();
+        let r = a.push(&a.tcp, &v3, &m3).unwrap();
         assert!(matches!(r, Pushed::Staged { version: 3, .. }), "{r:?}");
         assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
         // One that fits nowhere is refused and leaves no partial file.
         let huge = image(sb, 60, 6);
-        let (c, msg) = refused(push(&a.tcp, &huge, &manifest_for(&huge, "demo", 4)));
+        let (c, msg) = refused(a.push(&a.tcp, &huge, &manifest_for(&huge, "demo", 4)));
         assert_eq!(c, ErrorCode::NoSpace, "{msg}");
         assert!(!newimg.join("root-squashfs.img.partial").exists());
         assert!(!newimg.join("root-squashfs.img.partial.manifest").exists());
@@ -850,13 +878,13 @@ fn a_push_img_cannot_take_is_refused() {
         w.img = small_img.to_path_buf();
         let a = start(&w, "");
         let big = image(sb, 20, 7);
-        let (c, msg) = refused(push(&a.tcp, &big, &manifest_for(&big, "demo", 2)));
+        let (c, msg) = refused(a.push(&a.tcp, &big, &manifest_for(&big, "demo", 2)));
         assert_eq!(c, ErrorCode::NoSpace, "{msg}");
         assert!(msg.contains("could not promote"), "{msg}");
         assert_eq!(slot(&w), (None, None));
         assert!(!newimg.join("root-squashfs.img.partial").exists());
         let ok = image(sb, 2, 8);
-        let r = push(&a.tcp, &ok, &manifest_for(&ok, "demo", 2)).unwrap();
+        let r = a.push(&a.tcp, &ok, &manifest_for(&ok, "demo", 2)).unwrap();
         assert!(matches!(r, Pushed::Staged { version: 2, .. }), "{r:?}");
     });
 }

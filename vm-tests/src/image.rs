@@ -71,6 +71,9 @@ sleep 60
 const AGENT_TOML: &str = r#"tcp = "0.0.0.0:7447"
 vsock_port = 7447
 trusted_keys = "/etc/keel/trusted.pem"
+# On the img partition: the root's upper layer is cleared each boot, img survives reboots
+# and updates.
+identity = "/run/keel/img/keel-identity.pem"
 idle_timeout_secs = 20
 announce = "vsock://2:7448"
 # A host driving a microVM opens many sessions at once (the exec benchmark: 16).

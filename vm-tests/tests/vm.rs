@@ -35,6 +35,21 @@ fn status(port: u16) -> serde_json::Value {
     serde_json::from_str(&ok(&out)).unwrap()
 }
 
+/// The key the agent on `port` shows in its TLS handshake (keelctl names it on first contact,
+/// and each keelctl run here is a first contact), checked against the one status reports.
+fn tls_key(port: u16) -> String {
+    let out = keelctl(&["-e", &format!("tcp://127.0.0.1:{port}"), "status", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let st: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let shown = err
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .unwrap_or_else(|| panic!("no first-contact key in {err:?}"))
+        .to_string();
+    assert_eq!(st["identity"], shown.as_str(), "{st}");
+    shown
+}
+
 fn tcp_boot(port: u16) -> Boot {
     Boot {
         tcp_port: Some(port),
@@ -125,6 +140,9 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
     let mut vm = Vm::start(&disk, "v1", &tcp_boot(port));
     assert_eq!(vm.wait_for("KEEL fstype="), "KEEL fstype=squashfs");
     vm.wait_for("KEEL ready version=1");
+    // The agent's TLS identity, made at this first boot on img: kept through every reboot,
+    // update and rollback below.
+    let identity = tls_key(port);
 
     // 6: bad pushes — unknown key, downgrade, flipped byte.
     let bad = d.join("bad.img");
@@ -184,6 +202,7 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
     assert_eq!(st["old"]["version"], 1);
     assert!(st["trial"].is_null(), "{st}");
     assert!(st["staged"].is_null(), "{st}");
+    assert_eq!(tls_key(port), identity);
 
     // 4: v3 never marks good.
     ok(&push(port, &v3));
@@ -208,6 +227,7 @@ fn update_cycle_over_tcp_with_bad_pushes_and_rollback() {
         why.contains("rolled back") && why.contains("not marked good"),
         "{st}"
     );
+    assert_eq!(tls_key(port), identity);
     vm.kill();
     // The disk afterwards: v2 current, v3 remembered as rejected.
     let state = disk.state();

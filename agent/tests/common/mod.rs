@@ -126,7 +126,14 @@ impl Dev {
 
     /// A connected, greeted client and the hello's challenge.
     pub async fn greeted(&self, peer: Peer) -> (Client, Vec<u8>) {
-        let mut c = self.raw(peer);
+        self.greeted_bound(peer, Vec::new()).await
+    }
+
+    /// [`Dev::greeted`] over a transport with the channel binding `binding` (as TLS has).
+    pub async fn greeted_bound(&self, peer: Peer, binding: Vec<u8>) -> (Client, Vec<u8>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        tokio::spawn(session::serve(b, peer, self.sh.clone(), binding));
+        let mut c = Client { s: a };
         c.send(&Request::Hello {
             protocol: PROTOCOL_VERSION,
             client: "test".into(),
@@ -149,7 +156,7 @@ impl Dev {
     /// A connection without the hello.
     pub fn raw(&self, peer: Peer) -> Client {
         let (a, b) = tokio::io::duplex(1 << 20);
-        tokio::spawn(session::serve(b, peer, self.sh.clone()));
+        tokio::spawn(session::serve(b, peer, self.sh.clone(), Vec::new()));
         Client { s: a }
     }
 }
@@ -223,10 +230,20 @@ impl Client {
 
     /// Authenticates with `k` over `challenge`.
     pub async fn auth(&mut self, k: &SigningKey, challenge: &[u8]) -> Response {
+        self.auth_bound(k, challenge, b"").await
+    }
+
+    /// Authenticates with `k`, signing `challenge` and the channel `binding`.
+    pub async fn auth_bound(
+        &mut self,
+        k: &SigningKey,
+        challenge: &[u8],
+        binding: &[u8],
+    ) -> Response {
         use keel_proto::exec::{b64, sign_auth};
         self.send(&Request::Auth {
             public_key: b64(k.verifying_key().as_bytes()),
-            signature: b64(&sign_auth(k, challenge, b"")),
+            signature: b64(&sign_auth(k, challenge, binding)),
         })
         .await;
         self.recv().await

@@ -1,9 +1,8 @@
 //! `keelctl push IMAGE`: offer, send, resume after a cut.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use keelctl::client::{self, Pushed};
+use keelctl::client::{self, Dial, Pushed};
 use keelctl::Endpoint;
 
 use super::{manifest_path, out, read_manifest};
@@ -12,15 +11,14 @@ use crate::progress::Progress;
 /// Pushes `image` with its manifest to `ep`.
 pub fn run(
     ep: &Endpoint,
+    dial: &Dial,
     image: &Path,
     manifest: &Option<PathBuf>,
     retries: u32,
-    wait: Duration,
-    timeout: Duration,
 ) -> anyhow::Result<()> {
     let signed = read_manifest(&manifest_path(image, manifest))?;
     let mut bar = Progress::new(signed.manifest.version);
-    let r = client::push(ep, &signed, image, retries, wait, timeout, &mut |d, t| {
+    let r = client::push(ep, dial, &signed, image, retries, &mut |d, t| {
         bar.update(d, t)
     });
     bar.end();

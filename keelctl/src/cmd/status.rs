@@ -32,6 +32,9 @@ fn print(s: &StatusReport) -> anyhow::Result<()> {
         )
     };
     out!("agent        {}", s.agent_version);
+    if let Some(id) = &s.identity {
+        out!("agent key    {id}");
+    }
     out!("image file   {}", s.image_file);
     out!(
         "booted       {}",
