@@ -35,6 +35,7 @@ cat "$W/img" > /dev/null
 cat > "$W/etc/agent.toml" <<TOML
 unix = "$W/etc/agent.sock"
 tcp = "127.0.0.1:0"
+identity = "$W/etc/identity.pem"
 trusted_keys = "$W/etc/key.pem.pub"
 newimg_dir = "$W/mnt"
 img_dir = "$W/etc"
@@ -52,7 +53,8 @@ start_agent() {
   for _ in $(seq 100); do grep -q 'tcp://127.0.0.1:' "$W/agent.log" && break; sleep 0.05; done
   TCP=$(grep -o 'tcp://127.0.0.1:[0-9]*' "$W/agent.log" | head -1)
 }
-t_push() { clean_slot; local t=$(now); "$BIN/keelctl" -e "$1" push "$W/img" > /dev/null 2>&1; echo "$(now) - $t" | bc; }
+# TCP is TLS: the agent's key pinned (nothing is remembered in the user's known_agents).
+t_push() { clean_slot; local t=$(now); "$BIN/keelctl" -e "$1" --agent-key "$W/etc/identity.pem.pub" push "$W/img" > /dev/null 2>&1; echo "$(now) - $t" | bc; }
 
 start_agent
 HWM0=$(awk '/VmHWM/{print $2}' /proc/$AGENT/status)
