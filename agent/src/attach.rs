@@ -40,6 +40,7 @@ pub fn claim(proc: &Proc) -> Result<(), Refusal> {
     st.lost_at = None;
     drop(st);
     proc.room.notify_waiters();
+    proc.attachment.notify_waiters();
     Ok(())
 }
 
@@ -49,6 +50,7 @@ fn lost(proc: &Proc) {
     st.lost_at = Some(Instant::now());
     drop(st);
     proc.room.notify_waiters();
+    proc.attachment.notify_waiters();
 }
 
 /// Streams `proc` to the client until it has ended (`exited`), the client leaves, or breaks

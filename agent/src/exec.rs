@@ -291,6 +291,7 @@ pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Ar
         }),
         changed: tokio::sync::watch::channel(0).0,
         room: tokio::sync::Notify::new(),
+        attachment: tokio::sync::Notify::new(),
     });
     sh.procs.insert(proc.clone());
     let grace = Duration::from_secs(sh.config.exec.as_ref().map_or(60, |e| e.grace_secs));
@@ -322,10 +323,37 @@ async fn deliver(proc: &Proc, kind: u8, data: Vec<u8>) {
     }
 }
 
-/// Carries the process's streams until it ends: output into its ring, input from its
-/// clients, the timeout, and the grace period once its client is lost (unless detached).
+/// A read of at least this much means the process is streaming, not talking.
+const STREAMING: usize = 4096;
+
+/// Carries one output stream into the ring until it ends: the hot path of an exec, a task of
+/// its own so that a chunk costs one read and one ring push, not a turn of [`pump`]'s loop.
+///
+/// After a streaming read the thread yields its CPU once before reading again: the writer
+/// then fills the pipe meanwhile and the next read takes all of it, where otherwise (one
+/// vCPU, a microVM's usual size) every 4 KiB write wakes the agent for a read, a ring push and
+/// a frame of its own. Output that comes in small pieces (a shell, a log line) is read as soon
+/// as it comes.
+async fn carry(proc: Arc<Proc>, mut r: Reader, kind: u8) {
+    let mut buf = vec![0u8; OUT_CHUNK];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                deliver(&proc, kind, buf[..n].to_vec()).await;
+                if n >= STREAMING {
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+}
+
+/// Carries the process's streams until it ends: output into its ring (by [`carry`] tasks),
+/// input from its clients, the timeout, and the grace period once its client is lost
+/// (unless detached).
 async fn pump(
-    proc: &Proc,
+    proc: &Arc<Proc>,
     mut child: tokio::process::Child,
     s: Streams,
     mut input: tokio::sync::mpsc::Receiver<Input>,
@@ -334,12 +362,17 @@ async fn pump(
 ) -> ExitStatus {
     let pid = proc.pid;
     let Streams {
-        mut out,
-        mut err,
+        out,
+        err,
         mut stdin,
         tty,
     } = s;
-    let (mut obuf, mut ebuf) = (vec![0u8; OUT_CHUNK], vec![0u8; OUT_CHUNK]);
+    let mut carriers = tokio::task::JoinSet::new();
+    for (r, kind) in [(out, KIND_STDOUT), (err, KIND_STDERR)] {
+        if let Some(r) = r {
+            carriers.spawn(carry(proc.clone(), r, kind));
+        }
+    }
     let mut pending: Vec<u8> = Vec::new();
     let mut closing = false;
     let mut exited: Option<std::process::ExitStatus> = None;
@@ -353,11 +386,11 @@ async fn pump(
         if closing && pending.is_empty() {
             stdin = None;
         }
-        if exited.is_some() && out.is_none() && err.is_none() {
+        if exited.is_some() && carriers.is_empty() {
             break;
         }
         // Made before the state is read: a client that leaves or returns after this wakes it.
-        let woken = proc.room.notified();
+        let woken = proc.attachment.notified();
         tokio::pin!(woken);
         // A lost client: the process is killed once the grace period has passed.
         let lost_deadline = match proc.lock().lost_at {
@@ -367,14 +400,7 @@ async fn pump(
             _ => far,
         };
         tokio::select! {
-            r = async { out.as_mut().expect("guarded").read(&mut obuf).await }, if out.is_some() => match r {
-                Ok(0) | Err(_) => out = None,
-                Ok(n) => deliver(proc, KIND_STDOUT, obuf[..n].to_vec()).await,
-            },
-            r = async { err.as_mut().expect("guarded").read(&mut ebuf).await }, if err.is_some() => match r {
-                Ok(0) | Err(_) => err = None,
-                Ok(n) => deliver(proc, KIND_STDERR, ebuf[..n].to_vec()).await,
-            },
+            _ = carriers.join_next(), if !carriers.is_empty() => {},
             i = input.recv(), if pending.len() < STDIN_PENDING => match i {
                 Some(Input::Stdin(b)) => if stdin.is_some() && !closing { pending.extend_from_slice(&b) },
                 // A terminal has no end of its own: its EOF character ends a read.
@@ -406,12 +432,14 @@ async fn pump(
                 kill_group(pid, libc::SIGKILL);
                 proc.lock().lost_at = None;
             },
-            // A client took output, left or came back: look at the grace deadline again.
+            // A client left or came back: look at the grace deadline again.
             _ = &mut woken => {},
             _ = tokio::time::sleep_until(drain_until), if exited.is_some() => break,
         }
     }
     drop(stdin);
+    // Output still open after the drain time (a child of the process holds the pipe) is cut.
+    carriers.abort_all();
     let st = match exited {
         Some(st) => st,
         None => child

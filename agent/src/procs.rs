@@ -155,6 +155,8 @@ pub struct Proc {
     pub changed: watch::Sender<u64>,
     /// Woken when the client took output (room in the ring) or left.
     pub room: Notify,
+    /// Woken when a client attaches or is lost (the pump's grace deadline changes).
+    pub attachment: Notify,
 }
 
 impl Proc {
