@@ -89,7 +89,26 @@ max_processes = 32
 /// The host port the guest agent announces readiness to (over vsock).
 pub const ANNOUNCE_PORT: u16 = 7448;
 
-/// A root image of `version` (cached): busybox-static, the agent, keelctl, the init script.
+/// `keel-rawstream` (`vm-tests/guest/rawstream.c`), the benchmarks' raw vsock stream, built
+/// static with the host's cc (cached by its source).
+pub fn rawstream() -> PathBuf {
+    let src = crate::workspace().join("vm-tests/guest/rawstream.c");
+    let text = fs::read(&src).unwrap();
+    let key = keel_proto::hex::encode(&Sha256::digest(&text)[..6]);
+    let out = kit().work.join(format!("keel-rawstream-{key}"));
+    if !out.exists() {
+        let tmp = out.with_extension("tmp");
+        run(Command::new("cc")
+            .args(["-static", "-O2", "-Wall", "-o"])
+            .arg(&tmp)
+            .arg(&src));
+        fs::rename(&tmp, &out).unwrap();
+    }
+    out
+}
+
+/// A root image of `version` (cached): busybox-static, the agent, keelctl, the benchmarks'
+/// raw stream tool, the init script.
 pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap();
@@ -104,6 +123,7 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
         "/bin/busybox".into(),
         k.trusted.clone(),
         k.authorized.clone(),
+        rawstream(),
     ] {
         h.update(fs::read(&f).unwrap_or_default());
     }
@@ -138,6 +158,7 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     for b in ["keel-agent", "keelctl"] {
         fs::copy(k.bins.join(b), root.join("usr/bin").join(b)).unwrap();
     }
+    fs::copy(rawstream(), root.join("usr/bin/keel-rawstream")).unwrap();
     let init = root.join("sbin/init");
     fs::write(&init, init_script(version, good)).unwrap();
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755)).unwrap();

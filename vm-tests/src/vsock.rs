@@ -55,6 +55,25 @@ impl VsockDevice {
         format!("hvsock://{}:{AGENT_PORT}", self.uds.display())
     }
 
+    /// A connection to the guest's vsock `port` through the hybrid socket (`CONNECT`),
+    /// retried for up to 20 s while nothing listens there yet.
+    pub fn connect(&self, port: u32) -> std::os::unix::net::UnixStream {
+        let ep = keelctl::Endpoint::Hybrid {
+            path: self.uds.clone(),
+            port,
+        };
+        let trust = keelctl::known::Trust::Pinned([0; 32]); // not TLS: unused
+        match keelctl::stream::open(
+            &ep,
+            std::time::Duration::from_secs(20),
+            std::time::Duration::from_secs(60),
+            &trust,
+        ) {
+            Ok(keelctl::stream::Stream::Unix(s)) => s,
+            other => panic!("hybrid vsock port {port}: {other:?}"),
+        }
+    }
+
     /// Where guest connections to the host's port `port` arrive.
     pub fn host_listener(&self, port: u16) -> PathBuf {
         PathBuf::from(format!("{}_{port}", self.uds.display()))
