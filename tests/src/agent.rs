@@ -235,10 +235,15 @@ pub fn refused(r: Result<Pushed, ClientError>) -> (ErrorCode, String) {
 /// first use (agents of earlier tests may have had the same port with another key); the
 /// tests of pinning and of remembered keys pass `--agent-key` or `--known-agents` themselves.
 pub fn keelctl(args: &[&str]) -> std::process::Output {
+    keelctl_with(&bin("keelctl"), &std::env::temp_dir(), args)
+}
+
+/// [`keelctl`] with the binary `keelctl` and the per-run known-agents file under `dir`.
+pub fn keelctl_with(keelctl: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let known = std::env::temp_dir().join(format!("keel-tests-known-{}-{n}", std::process::id()));
-    let out = Command::new(bin("keelctl"))
+    let known = dir.join(format!("keel-known-agents-{}-{n}", std::process::id()));
+    let out = Command::new(keelctl)
         .args(args)
         .env("KEEL_KNOWN_AGENTS", &known)
         .env_remove("KEEL_AGENT_KEY")

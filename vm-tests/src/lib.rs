@@ -26,7 +26,7 @@ pub use vsock::*;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 /// Modules the guest needs, by name; `keelctl initramfs` adds their dependencies.
@@ -53,20 +53,10 @@ pub use keel_tests::{gpt_disk, run, sha256_file, Part};
 
 /// A keelctl command against the static binary. Each run has a known-agents file of its
 /// own: every VM's agent makes its identity at its first boot, and a later VM may get an
-/// earlier one's forwarded port, so a key is trusted on first use per run (the scenario that
-/// checks the identity across reboots pins it with `--agent-key`).
+/// earlier one's forwarded port, so a key is trusted on first use per run (the update
+/// scenario checks the key stays the same across reboots from what keelctl reports).
 pub fn keelctl(args: &[&str]) -> Output {
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let known = work().join(format!("known-agents-{}-{n}", std::process::id()));
-    let out = Command::new(kit().bins.join("keelctl"))
-        .args(args)
-        .env("KEEL_KNOWN_AGENTS", &known)
-        .env_remove("KEEL_AGENT_KEY")
-        .output()
-        .unwrap();
-    let _ = fs::remove_file(&known);
-    out
+    keel_tests::agent::keelctl_with(&kit().bins.join("keelctl"), &work(), args)
 }
 
 /// A scratch directory for one scenario.
