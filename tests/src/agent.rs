@@ -238,7 +238,7 @@ pub fn keelctl(args: &[&str]) -> std::process::Output {
     keelctl_with(&bin("keelctl"), &std::env::temp_dir(), args)
 }
 
-/// [`keelctl`] with the binary `keelctl` and the per-run known-agents file under `dir`.
+/// [`keelctl()`] with the binary `keelctl` and the per-run known-agents file under `dir`.
 pub fn keelctl_with(keelctl: &Path, dir: &Path, args: &[&str]) -> std::process::Output {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
