@@ -276,3 +276,25 @@ pub fn wait_for(mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A world for exec: newimg a plain directory, the host key `[43; 32]` authorized.
+pub fn exec_world(sb: &mut Sandbox, name: &str) -> (World, keel_proto::manifest::SigningKey) {
+    let newimg = sb.fresh(name);
+    fs::create_dir_all(&newimg).unwrap();
+    let w = world(sb, &newimg, 1);
+    let host = keel_proto::manifest::SigningKey::from_bytes(&[43; 32]);
+    fs::write(
+        w.etc.join("authorized.pem"),
+        public_key_to_pem(&host.verifying_key()),
+    )
+    .unwrap();
+    (w, host)
+}
+
+/// The `[exec]` table that authorizes [`exec_world`]'s host key.
+pub fn exec_config(w: &World) -> String {
+    format!(
+        "[exec]\nenabled = true\nauthorized_keys = {:?}\n",
+        w.etc.join("authorized.pem")
+    )
+}

@@ -8,30 +8,9 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use keel_proto::manifest::{public_key_to_pem, SigningKey};
 use keel_tests::agent::*;
 use keel_tests::*;
 use sha2::Digest;
-
-fn exec_world(sb: &mut Sandbox, name: &str) -> (World, SigningKey) {
-    let newimg = sb.fresh(name);
-    fs::create_dir_all(&newimg).unwrap();
-    let w = world(sb, &newimg, 1);
-    let host = SigningKey::from_bytes(&[43; 32]);
-    fs::write(
-        w.etc.join("authorized.pem"),
-        public_key_to_pem(&host.verifying_key()),
-    )
-    .unwrap();
-    (w, host)
-}
-
-fn exec_config(w: &World) -> String {
-    format!(
-        "[exec]\nenabled = true\nauthorized_keys = {:?}\n",
-        w.etc.join("authorized.pem")
-    )
-}
 
 #[test]
 fn keelctl_exec_through_the_real_binaries() {

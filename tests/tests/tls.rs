@@ -9,27 +9,16 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
-use keel_proto::manifest::{public_key_to_pem, signing_key_to_pem, SigningKey};
+use keel_proto::manifest::{public_key_to_pem, signing_key_to_pem};
 use keel_tests::agent::*;
 use keel_tests::*;
 use sha2::Digest;
 
 fn world_with_exec(sb: &mut Sandbox) -> (World, String, std::path::PathBuf) {
-    let newimg = sb.fresh("newimg");
-    fs::create_dir_all(&newimg).unwrap();
-    let w = world(sb, &newimg, 1);
-    let host = SigningKey::from_bytes(&[43; 32]);
-    fs::write(
-        w.etc.join("authorized.pem"),
-        public_key_to_pem(&host.verifying_key()),
-    )
-    .unwrap();
+    let (w, host) = exec_world(sb, "newimg");
     let key = w.etc.join("host.pem");
     fs::write(&key, signing_key_to_pem(&host)).unwrap();
-    let cfg = format!(
-        "[exec]\nenabled = true\nauthorized_keys = {:?}\n",
-        w.etc.join("authorized.pem")
-    );
+    let cfg = exec_config(&w);
     (w, cfg, key)
 }
 
