@@ -17,8 +17,8 @@ use keel_proto::message::{parse_request, split_body, Body, ErrorCode, Request, R
 use keel_proto::wire::Decoder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::conn::{write_frame, Conn};
-use crate::exec::kill_group;
+use crate::conn::{write_frame_parts, Conn};
+use crate::exec::{kill_group, OUT_CHUNK};
 use crate::procs::{Input, Proc};
 use crate::session::Outcome;
 use crate::shared::Shared;
@@ -96,17 +96,21 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         // Everything buffered goes out first; then, if the process has ended, its end.
         let (chunk, exit) = {
             let mut st = proc.lock();
-            (st.ring.pop_merged(FRAME_OUT), st.exit)
+            (st.ring.pop_batch(FRAME_OUT), st.exit)
         };
-        if let Some((kind, data)) = chunk {
-            proc.room.notify_waiters();
-            bytes += data.len() as u64;
-            if write_frame(&mut wr, kind, &data, idle).await.is_err() {
+        if let Some(batch) = chunk {
+            bytes += batch.len() as u64;
+            if write_frame_parts(&mut wr, batch.kind, &batch.chunks, idle)
+                .await
+                .is_err()
+            {
                 // Not delivered: kept for the next client.
-                proc.lock().ring.unpop((kind, data));
+                proc.lock().ring.unpop(batch);
                 lost(&proc);
                 return gone("the client stopped reading");
             }
+            proc.lock().ring.sent(batch, OUT_CHUNK);
+            proc.room.notify_waiters();
             continue;
         }
         if let Some(st) = exit {

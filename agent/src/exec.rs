@@ -26,8 +26,10 @@ use crate::shared::Shared;
 use crate::users::{lookup, User};
 use crate::verify::Refusal;
 
-/// Bytes of output read at once (a pipe's default capacity).
-pub const OUT_CHUNK: usize = 64 << 10;
+/// Bytes of output read at once, and the capacity asked for the output pipes (the default
+/// is 64 KiB): a process streaming output costs the agent a read, a ring push and a frame per
+/// this much.
+pub const OUT_CHUNK: usize = 128 << 10;
 /// Bytes of stdin held for a process that is not reading it; the client is not read beyond.
 pub const STDIN_PENDING: usize = 256 << 10;
 /// How long output is still read after the process exits (a background child may hold the
@@ -124,6 +126,15 @@ pub fn kill_group(pgid: u32, sig: i32) {
     };
     // SAFETY: killpg takes two integers and touches no memory of ours.
     unsafe { libc::killpg(pgid, sig) };
+}
+
+/// Asks for an output pipe of [`OUT_CHUNK`] bytes; a refusal (a lower `pipe-max-size`, a
+/// user's pipe quota) keeps the pipe as it is, which works, a little slower.
+fn grow_pipe(fd: std::os::fd::RawFd) {
+    let size = libc::c_int::try_from(OUT_CHUNK).unwrap_or(libc::c_int::MAX);
+    // SAFETY: F_SETPIPE_SZ takes an integer and changes only the pipe behind `fd`, a
+    // descriptor the child's handle owns and keeps open across this call.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) };
 }
 
 fn status_of(st: std::process::ExitStatus, timed_out: bool) -> ExitStatus {
@@ -252,6 +263,15 @@ pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Ar
         }
     };
     let pid = child.id().unwrap_or(0);
+    for fd in [
+        child.stdout.as_ref().map(AsRawFd::as_raw_fd),
+        child.stderr.as_ref().map(AsRawFd::as_raw_fd),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        grow_pipe(fd);
+    }
     let streams = match pty {
         None => Streams {
             out: child.stdout.take().map(|o| Box::new(o) as Reader),
@@ -334,13 +354,24 @@ const STREAMING: usize = 4096;
 /// vCPU, a microVM's usual size) every 4 KiB write wakes the agent for a read, a ring push and
 /// a frame of its own. Output that comes in small pieces (a shell, a log line) is read as soon
 /// as it comes.
+///
+/// A read that filled at least half the buffer goes to the ring as it is (a spare buffer of
+/// the ring's, or a new one, takes its place); a smaller one is copied out to its size, so a ring of small chunks does not
+/// hold a buffer's worth of memory for each.
 async fn carry(proc: Arc<Proc>, mut r: Reader, kind: u8) {
-    let mut buf = vec![0u8; OUT_CHUNK];
+    let mut buf = proc.lock().ring.buffer(OUT_CHUNK);
     loop {
-        match r.read(&mut buf).await {
+        buf.clear();
+        match r.read_buf(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
-                deliver(&proc, kind, buf[..n].to_vec()).await;
+                let chunk = if n >= OUT_CHUNK / 2 {
+                    let next = proc.lock().ring.buffer(OUT_CHUNK);
+                    std::mem::replace(&mut buf, next)
+                } else {
+                    buf.clone()
+                };
+                deliver(&proc, kind, chunk).await;
                 if n >= STREAMING {
                     std::thread::yield_now();
                 }

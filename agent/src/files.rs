@@ -3,7 +3,8 @@
 //! or the whole new one, never a part), out of it from regular files only. Paths are checked
 //! by [`target`] (pure) before any I/O; the final component is never followed if it is a
 //! symlink. Memory is constant: a channel of four chunks to a writer (or from a reader)
-//! thread, so the runtime thread never blocks on the disk.
+//! thread, so the runtime thread never blocks on the disk, and the chunks' buffers return
+//! for reuse.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -127,6 +128,7 @@ fn write_file(
     t: Target,
     mode: u32,
     mut rx: mpsc::Receiver<Option<Vec<u8>>>,
+    back: std::sync::mpsc::Sender<Vec<u8>>,
 ) -> Result<(), Refusal> {
     let tmp = temp_name(&t.name);
     let tmp_path = t.dir.join(&tmp);
@@ -135,9 +137,11 @@ fn write_file(
     let r = (|| {
         loop {
             match rx.blocking_recv() {
-                Some(Some(chunk)) => f
-                    .write_all(&chunk)
-                    .map_err(|e| io_err("write", &tmp_path, &e))?,
+                Some(Some(chunk)) => {
+                    f.write_all(&chunk)
+                        .map_err(|e| io_err("write", &tmp_path, &e))?;
+                    let _ = back.send(chunk);
+                }
                 Some(None) => break,
                 None => {
                     return Err(Refusal::new(
@@ -188,10 +192,12 @@ pub async fn copy_in<S: AsyncRead + AsyncWrite + Unpin>(
         };
     }
     let (tx, rx) = mpsc::channel::<Option<Vec<u8>>>(4);
+    // Written buffers come back for the next frames: no allocation per frame.
+    let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
     let (done_tx, done_rx) = oneshot::channel();
     let t2 = t.clone();
     std::thread::spawn(move || {
-        let _ = done_tx.send(write_file(t2, mode, rx));
+        let _ = done_tx.send(write_file(t2, mode, rx, back));
     });
     let mut got = 0u64;
     let stopped: Option<Response> = loop {
@@ -215,7 +221,9 @@ pub async fn copy_in<S: AsyncRead + AsyncWrite + Unpin>(
             let _ = tx.send(None).await;
             break None;
         }
-        let mut buf = vec![0u8; len];
+        let mut buf = returned.try_recv().unwrap_or_default();
+        // Zeroed only where it grows; every byte is then read over.
+        buf.resize(len, 0);
         if let Err(e) = io.read_exact(&mut buf).await {
             break Some(Response::error(ErrorCode::Io, e.describe(io.idle)));
         }
@@ -295,10 +303,14 @@ pub async fn copy_out<S: AsyncRead + AsyncWrite + Unpin>(
         };
     }
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Vec<u8>>>(4);
+    let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
     std::thread::spawn(move || {
         let mut left = size;
         while left > 0 {
-            let mut buf = vec![0u8; OUT_CHUNK.min(usize::try_from(left).unwrap_or(OUT_CHUNK))];
+            let want = OUT_CHUNK.min(usize::try_from(left).unwrap_or(OUT_CHUNK));
+            let mut buf = returned.try_recv().unwrap_or_default();
+            // A returned buffer is zeroed only where it grows.
+            buf.resize(want, 0);
             let r = f.read(&mut buf).and_then(|n| {
                 if n == 0 {
                     Err(std::io::Error::new(
@@ -346,6 +358,8 @@ pub async fn copy_out<S: AsyncRead + AsyncWrite + Unpin>(
             };
         }
         sent += chunk.len() as u64;
+        // Back to the reader for its next chunk (it may have finished: then it is freed).
+        let _ = back.send(chunk);
     }
     let end = data_header(0).expect("an empty frame fits");
     let _ = tokio::time::timeout(io.idle, io.s.write_all(&end)).await;

@@ -26,6 +26,7 @@
 //! | [`status`] | what the device runs and holds |
 //! | [`control`] | mark-good and reboot |
 //! | [`notify`] | sd_notify |
+//! | [`memory`] | the heap kept small: one arena, freed pages given back when a connection ends |
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
@@ -44,6 +45,7 @@ pub mod exec;
 pub mod files;
 pub mod identity;
 pub mod intake;
+pub mod memory;
 pub mod notify;
 pub mod procs;
 pub mod pty;

@@ -60,6 +60,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    keel_agent::memory::tune();
     let a = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)

@@ -31,7 +31,15 @@ pub struct Ring {
     cap: usize,
     /// Bytes dropped since the last [`Ring::take_dropped`].
     dropped: u64,
+    /// Emptied read buffers, kept for the next reads (at most [`SPARE_BUFFERS`]): a streaming
+    /// process costs no allocation per chunk, and no page faults on a fresh one.
+    spare: Vec<Vec<u8>>,
+    /// Bytes taken by [`Ring::pop_batch`] and not yet [`Ring::sent`] or put back.
+    in_flight: usize,
 }
+
+/// Read buffers a ring keeps for reuse.
+pub const SPARE_BUFFERS: usize = 2;
 
 impl Ring {
     /// An empty ring of `cap` bytes.
@@ -41,12 +49,16 @@ impl Ring {
             bytes: 0,
             cap,
             dropped: 0,
+            spare: Vec::new(),
+            in_flight: 0,
         }
     }
 
-    /// Whether `n` more bytes fit under `limit` (an empty ring takes any chunk).
+    /// Whether `n` more bytes fit under `limit`, counting what is held and what is being
+    /// sent (an empty ring with nothing in flight takes any chunk).
     pub fn has_room(&self, n: usize, limit: usize) -> bool {
-        self.bytes + n <= limit.min(self.cap) || self.chunks.is_empty()
+        self.bytes + self.in_flight + n <= limit.min(self.cap)
+            || (self.chunks.is_empty() && self.in_flight == 0)
     }
 
     /// Appends a chunk of stream `kind`; beyond the bound the oldest chunks go (counted).
@@ -69,23 +81,57 @@ impl Ring {
     }
 
     /// Takes the oldest chunk and, while they are of the same stream, the ones after it, up
-    /// to `max` bytes in all: one frame for what a process wrote in many small writes.
-    pub fn pop_merged(&mut self, max: usize) -> Option<(u8, Vec<u8>)> {
-        let (kind, mut data) = self.pop()?;
+    /// to `max` bytes in all: one frame for what a process wrote in many writes, its chunks
+    /// written as they are (no copy).
+    pub fn pop_batch(&mut self, max: usize) -> Option<Batch> {
+        let (kind, first) = self.pop()?;
+        let mut bytes = first.len();
+        let mut chunks = vec![first];
         while let Some((k, next)) = self.chunks.front() {
-            if *k != kind || data.len() + next.len() > max {
+            if *k != kind || bytes + next.len() > max {
                 break;
             }
             let (_, next) = self.pop().expect("a front chunk");
-            data.extend_from_slice(&next);
+            bytes += next.len();
+            chunks.push(next);
         }
-        Some((kind, data))
+        self.in_flight += bytes;
+        Some(Batch { kind, chunks })
     }
 
-    /// Puts a chunk back in front (it could not be sent).
-    pub fn unpop(&mut self, c: (u8, Vec<u8>)) {
-        self.bytes += c.1.len();
-        self.chunks.push_front(c);
+    /// A batch went out: its bytes stop counting against the bound, its buffers of capacity
+    /// `cap` are kept for reuse ([`Ring::buffer`]).
+    pub fn sent(&mut self, b: Batch, cap: usize) {
+        self.in_flight = self.in_flight.saturating_sub(b.len());
+        self.recycle(b.chunks, cap);
+    }
+
+    /// Puts a batch back in front, in its order (it could not be sent).
+    pub fn unpop(&mut self, b: Batch) {
+        self.in_flight = self.in_flight.saturating_sub(b.len());
+        for c in b.chunks.into_iter().rev() {
+            self.bytes += c.len();
+            self.chunks.push_front((b.kind, c));
+        }
+    }
+
+    /// An empty buffer of capacity `cap`: a kept one, or a new one.
+    pub fn buffer(&mut self, cap: usize) -> Vec<u8> {
+        self.spare.pop().unwrap_or_else(|| Vec::with_capacity(cap))
+    }
+
+    /// Keeps sent chunks' buffers of capacity `cap` for [`Ring::buffer`], up to
+    /// [`SPARE_BUFFERS`]; the rest are freed.
+    fn recycle(&mut self, chunks: Vec<Vec<u8>>, cap: usize) {
+        for mut c in chunks {
+            if self.spare.len() >= SPARE_BUFFERS {
+                return;
+            }
+            if c.capacity() == cap {
+                c.clear();
+                self.spare.push(c);
+            }
+        }
     }
 
     /// Bytes held.
@@ -101,6 +147,27 @@ impl Ring {
     /// Bytes dropped since the last call, and resets the count.
     pub fn take_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.dropped)
+    }
+}
+
+/// Chunks of one stream taken together for one frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Which stream.
+    pub kind: u8,
+    /// The chunks, oldest first.
+    pub chunks: Vec<Vec<u8>>,
+}
+
+impl Batch {
+    /// Bytes in all.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Vec::len).sum()
+    }
+
+    /// Whether it holds no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -258,18 +325,65 @@ mod tests {
         assert_eq!(r.take_dropped(), 4);
         assert_eq!(r.take_dropped(), 0);
         assert_eq!(r.pop(), Some((5, vec![2; 4])));
-        let c = r.pop().unwrap();
-        r.unpop(c);
+        let b = r.pop_batch(100).unwrap();
+        r.unpop(b);
         assert_eq!(r.pop(), Some((4, vec![3; 4])));
         assert!(r.is_empty());
-        // Merging: same stream only, up to the bound.
+        // Batches: same stream only, up to the bound, back in order when not sent.
         r.push(4, vec![1; 3]);
         r.push(4, vec![2; 3]);
         r.push(5, vec![3; 1]);
-        assert_eq!(r.pop_merged(5), Some((4, vec![1; 3])));
-        r.unpop((4, vec![1; 3]));
-        assert_eq!(r.pop_merged(100), Some((4, vec![1, 1, 1, 2, 2, 2])));
-        assert_eq!(r.pop_merged(100), Some((5, vec![3])));
+        let one = |kind, chunks| Some(Batch { kind, chunks });
+        assert_eq!(r.pop_batch(5), one(4, vec![vec![1; 3]]));
+        r.unpop(Batch {
+            kind: 4,
+            chunks: vec![vec![1; 3]],
+        });
+        let b = r.pop_batch(100).unwrap();
+        assert_eq!(
+            (b.len(), &b),
+            (
+                6,
+                &Batch {
+                    kind: 4,
+                    chunks: vec![vec![1; 3], vec![2; 3]]
+                }
+            )
+        );
+        r.unpop(b);
+        assert_eq!(r.len(), 7);
+        for want in [one(4, vec![vec![1; 3], vec![2; 3]]), one(5, vec![vec![3]])] {
+            let b = r.pop_batch(100);
+            assert_eq!(b, want);
+            r.sent(b.unwrap(), 64);
+        }
+        // What is being sent counts against the bound until it is sent.
+        r.push(4, vec![1; 6]);
+        let b = r.pop_batch(100).unwrap();
+        assert!(r.is_empty() && !r.has_room(5, 10) && r.has_room(4, 10));
+        r.sent(b, 64);
+        assert!(r.has_room(10, 10));
+        // Sent buffers of the read size come back empty, at most SPARE_BUFFERS of them.
+        let bufs: Vec<Vec<u8>> = (0..6).map(|_| Vec::with_capacity(64)).collect();
+        r.sent(
+            Batch {
+                kind: 4,
+                chunks: bufs,
+            },
+            64,
+        );
+        r.sent(
+            Batch {
+                kind: 4,
+                chunks: vec![Vec::with_capacity(8)],
+            },
+            64,
+        );
+        let mut kept = Vec::new();
+        for _ in 0..SPARE_BUFFERS + 1 {
+            kept.push(r.buffer(64));
+        }
+        assert!(kept.iter().all(|b| b.is_empty() && b.capacity() >= 64));
         // A chunk larger than the ring is kept whole (the ring holds at least one).
         r.push(4, vec![0; 20]);
         assert_eq!(r.len(), 20);

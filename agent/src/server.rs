@@ -140,6 +140,7 @@ async fn accept_loop(l: Listener, sh: Arc<Shared>, gate: Gate) {
                     }
                 }
             }
+            crate::memory::give_back();
         });
     }
 }

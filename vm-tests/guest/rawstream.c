@@ -3,15 +3,33 @@
  * static by the VM test kit and put into the guest image; never part of keel itself.
  *
  *   keel-rawstream send PORT BYTES   listen on vsock PORT, accept one peer, write BYTES zeros
- *   keel-rawstream recv PORT         listen on vsock PORT, accept one peer, read it to EOF,
- *                                    print the byte count
+ *   keel-rawstream recv PORT [FILE]  listen on vsock PORT, accept one peer, read it to EOF
+ *                                    (into FILE, created and fsynced, if given), print the
+ *                                    byte count
+ *   keel-rawstream write BYTES       write BYTES zeros to stdout: the producer keel's exec
+ *                                    output is measured with, the same writes as `send`
  */
+#include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+
+static int write_zeros(int fd, unsigned long long left) {
+    static char buf[256 << 10];
+    while (left > 0) {
+        size_t n = left < sizeof buf ? (size_t)left : sizeof buf;
+        ssize_t w = write(fd, buf, n);
+        if (w <= 0) {
+            perror("keel-rawstream: write");
+            return 1;
+        }
+        left -= (unsigned long long)w;
+    }
+    return 0;
+}
 
 static int accept_one(unsigned port) {
     int l = socket(AF_VSOCK, SOCK_STREAM, 0);
@@ -37,28 +55,35 @@ int main(int argc, char **argv) {
     static char buf[256 << 10];
     if (argc == 4 && strcmp(argv[1], "send") == 0) {
         int c = accept_one((unsigned)strtoul(argv[2], NULL, 10));
-        unsigned long long left = strtoull(argv[3], NULL, 10);
-        while (left > 0) {
-            size_t n = left < sizeof buf ? (size_t)left : sizeof buf;
-            ssize_t w = write(c, buf, n);
-            if (w <= 0) {
-                perror("keel-rawstream: write");
-                return 1;
-            }
-            left -= (unsigned long long)w;
-        }
+        int rc = write_zeros(c, strtoull(argv[3], NULL, 10));
         close(c);
-        return 0;
+        return rc;
     }
-    if (argc == 3 && strcmp(argv[1], "recv") == 0) {
+    if (argc == 3 && strcmp(argv[1], "write") == 0)
+        return write_zeros(1, strtoull(argv[2], NULL, 10));
+    if ((argc == 3 || argc == 4) && strcmp(argv[1], "recv") == 0) {
+        int out = -1;
+        if (argc == 4 && (out = open(argv[3], O_WRONLY | O_CREAT | O_TRUNC, 0644)) < 0) {
+            perror("keel-rawstream: open");
+            return 1;
+        }
         int c = accept_one((unsigned)strtoul(argv[2], NULL, 10));
         unsigned long long total = 0;
         ssize_t r;
-        while ((r = read(c, buf, sizeof buf)) > 0)
+        while ((r = read(c, buf, sizeof buf)) > 0) {
+            if (out >= 0 && write(out, buf, (size_t)r) != r) {
+                perror("keel-rawstream: write to file");
+                return 1;
+            }
             total += (unsigned long long)r;
+        }
+        if (out >= 0 && (fsync(out) < 0 || close(out) < 0)) {
+            perror("keel-rawstream: fsync");
+            return 1;
+        }
         printf("%llu\n", total);
         return r < 0;
     }
-    fprintf(stderr, "usage: keel-rawstream send PORT BYTES | recv PORT\n");
+    fprintf(stderr, "usage: keel-rawstream send PORT BYTES | recv PORT [FILE] | write BYTES\n");
     return 2;
 }
