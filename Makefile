@@ -5,7 +5,7 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev
+APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin
 FEATURES := --features initstage/failpoints
 
 .PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
@@ -119,7 +119,7 @@ vm: build vm-bins vsock-device
 	$(CARGO) test -p keel-vm-tests --test vm -- $(VM)
 
 ## demo: boots v1 in QEMU, pushes v2, reboots into it, pushes a bad v3, shows the rollback
-demo: build vm-bins
+demo: build vm-bins vsock-device
 	$(CARGO) run -q -p keel-vm-tests --bin keel-vm-demo
 
 ## demo-local: the same cycle without QEMU (initstage prepare on loop devices)

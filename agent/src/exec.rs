@@ -26,10 +26,9 @@ use crate::shared::Shared;
 use crate::users::{lookup, User};
 use crate::verify::Refusal;
 
-/// Bytes of output read at once, and the capacity asked for the output pipes (the default
-/// is 64 KiB): a process streaming output costs the agent a read, a ring push and a frame per
-/// this much.
-pub const OUT_CHUNK: usize = 128 << 10;
+/// Bytes of output read at once: a pipe's default capacity. (Larger pipes and reads were
+/// measured slower in the QEMU guest of `make bench`, and cost more memory per process.)
+pub const OUT_CHUNK: usize = 64 << 10;
 /// Bytes of stdin held for a process that is not reading it; the client is not read beyond.
 pub const STDIN_PENDING: usize = 256 << 10;
 /// How long output is still read after the process exits (a background child may hold the
@@ -126,15 +125,6 @@ pub fn kill_group(pgid: u32, sig: i32) {
     };
     // SAFETY: killpg takes two integers and touches no memory of ours.
     unsafe { libc::killpg(pgid, sig) };
-}
-
-/// Asks for an output pipe of [`OUT_CHUNK`] bytes; a refusal (a lower `pipe-max-size`, a
-/// user's pipe quota) keeps the pipe as it is, which works, a little slower.
-fn grow_pipe(fd: std::os::fd::RawFd) {
-    let size = libc::c_int::try_from(OUT_CHUNK).unwrap_or(libc::c_int::MAX);
-    // SAFETY: F_SETPIPE_SZ takes an integer and changes only the pipe behind `fd`, a
-    // descriptor the child's handle owns and keeps open across this call.
-    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, size) };
 }
 
 fn status_of(st: std::process::ExitStatus, timed_out: bool) -> ExitStatus {
@@ -263,15 +253,6 @@ pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Ar
         }
     };
     let pid = child.id().unwrap_or(0);
-    for fd in [
-        child.stdout.as_ref().map(AsRawFd::as_raw_fd),
-        child.stderr.as_ref().map(AsRawFd::as_raw_fd),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        grow_pipe(fd);
-    }
     let streams = match pty {
         None => Streams {
             out: child.stdout.take().map(|o| Box::new(o) as Reader),

@@ -28,16 +28,28 @@ impl Disk {
     /// [`Disk::new`], with `files` empty files left in the overlay's upper layer (as a
     /// previous boot would have left them).
     pub fn with_old_upper(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
-        Disk::build(dir, v1, image_name, files, false)
+        Disk::build(dir, v1, image_name, files, false, None)
+    }
+
+    /// [`Disk::new`] with a `newimg` partition of `mib` MiB (room for large `cp` files).
+    pub fn with_newimg(dir: &Path, v1: &Path, image_name: &str, mib: u64) -> Disk {
+        Disk::build(dir, v1, image_name, 0, false, Some(mib))
     }
 
     /// [`Disk::with_old_upper`] as a disk looks after its first boot: the image adopted in
     /// the boot state, so a boot changes nothing (the state of every later boot).
     pub fn steady(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
-        Disk::build(dir, v1, image_name, files, true)
+        Disk::build(dir, v1, image_name, files, true, None)
     }
 
-    fn build(dir: &Path, v1: &Path, image_name: &str, files: usize, adopted: bool) -> Disk {
+    fn build(
+        dir: &Path,
+        v1: &Path,
+        image_name: &str,
+        files: usize,
+        adopted: bool,
+        newimg_mib: Option<u64>,
+    ) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
         let m = sign(v1, 1);
@@ -47,10 +59,10 @@ impl Disk {
             .map(|&(l, s)| {
                 (
                     l,
-                    if l == "overlay" {
-                        s + (files as u64 / 2000)
-                    } else {
-                        s
+                    match l {
+                        "overlay" => s + (files as u64 / 2000),
+                        "newimg" => newimg_mib.unwrap_or(s),
+                        _ => s,
                     },
                 )
             })

@@ -110,6 +110,85 @@ pub fn rawstream() -> PathBuf {
 /// A root image of `version` (cached): busybox-static, the agent, keelctl, the benchmarks'
 /// raw stream tool, the init script.
 pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
+    build(version, good, fs_kind, None)
+}
+
+/// The benchmark's ssh baseline: a key pair in dropbear's format, made once per kit.
+#[derive(Debug, Clone)]
+pub struct Ssh {
+    /// The client's private key, for `dbclient -i`.
+    pub client_key: PathBuf,
+    /// Its public line, for the guest's `authorized_keys`.
+    client_pub: String,
+    /// The guest's host key.
+    host_key: PathBuf,
+}
+
+/// Makes (once) the ssh keys of the benchmark's baseline with Debian's `dropbearkey`.
+pub fn ssh_keys() -> Ssh {
+    let dir = kit().work.join("ssh");
+    fs::create_dir_all(&dir).unwrap();
+    let key = |name: &str| {
+        let f = dir.join(name);
+        if !f.exists() {
+            let tmp = dir.join(format!("{name}.tmp"));
+            let _ = fs::remove_file(&tmp);
+            run(Command::new("dropbearkey")
+                .args(["-t", "ed25519", "-f"])
+                .arg(&tmp));
+            fs::rename(&tmp, &f).unwrap();
+        }
+        f
+    };
+    let client_key = key("client-ed25519");
+    let host_key = key("host-ed25519");
+    let out = run(Command::new("dropbearkey")
+        .args(["-y", "-f"])
+        .arg(&client_key));
+    let client_pub = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("ssh-ed25519 "))
+        .expect("dropbearkey -y prints the public key")
+        .to_string();
+    Ssh {
+        client_key,
+        client_pub,
+        host_key,
+    }
+}
+
+/// Version 1's image with Debian's dropbear added (its shared libraries beside it, root's
+/// `authorized_keys` holding [`ssh_keys`]' client key): the exec benchmark's ssh baseline.
+/// Only the benchmark boots it; the tests' images stay as they are.
+pub fn ssh_image() -> (PathBuf, Ssh) {
+    let ssh = ssh_keys();
+    (build(1, true, Fs::Squashfs, Some(&ssh)), ssh)
+}
+
+/// Copies `bin` and every shared library `ldd` names for it into `root`, at their paths.
+fn copy_with_libs(bin: &Path, root: &Path) {
+    let out = run(Command::new("ldd").arg(bin));
+    let mut files = vec![bin.to_path_buf()];
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = match l.split_once("=>") {
+            Some((_, r)) => r.split_whitespace().next(),
+            None => l.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for f in files {
+        let dst = root.join(f.strip_prefix("/").unwrap());
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(&f, &dst).unwrap_or_else(|e| panic!("copy {}: {e}", f.display()));
+    }
+}
+
+/// Debian's dropbear server (package dropbear-bin).
+pub const DROPBEAR: &str = "/usr/sbin/dropbear";
+
+fn build(version: u64, good: bool, fs_kind: Fs, ssh: Option<&Ssh>) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap();
     let k = kit();
@@ -127,10 +206,17 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     ] {
         h.update(fs::read(&f).unwrap_or_default());
     }
+    if let Some(ssh) = ssh {
+        for f in [Path::new(DROPBEAR), &ssh.host_key] {
+            h.update(fs::read(f).unwrap_or_default());
+        }
+        h.update(ssh.client_pub.as_bytes());
+    }
     let key = keel_proto::hex::encode(&h.finalize()[..6]);
     let name = format!(
-        "v{version}-{}-{key}.{}",
+        "v{version}-{}{}-{key}.{}",
         if good { "good" } else { "bad" },
+        if ssh.is_some() { "-ssh" } else { "" },
         match fs_kind {
             Fs::Squashfs => "squashfs",
             Fs::Erofs => "erofs",
@@ -166,6 +252,22 @@ pub fn image(version: u64, good: bool, fs_kind: Fs) -> PathBuf {
     fs::copy(&k.authorized, root.join("etc/keel/authorized.pem")).unwrap();
     fs::write(root.join("etc/keel/agent.toml"), AGENT_TOML).unwrap();
     fs::write(root.join("etc/keel-version"), format!("{version}\n")).unwrap();
+    if let Some(ssh) = ssh {
+        copy_with_libs(Path::new(DROPBEAR), &root);
+        fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        fs::create_dir_all(root.join("etc/dropbear")).unwrap();
+        fs::copy(&ssh.host_key, root.join("etc/dropbear/host-ed25519")).unwrap();
+        let dot = root.join("root/.ssh");
+        fs::create_dir_all(&dot).unwrap();
+        fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(&dot, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(dot.join("authorized_keys"), format!("{}\n", ssh.client_pub)).unwrap();
+        fs::set_permissions(
+            dot.join("authorized_keys"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+    }
     let tmp = out.with_extension("tmp");
     match fs_kind {
         Fs::Squashfs => run(Command::new("mksquashfs").arg(&root).arg(&tmp).args([

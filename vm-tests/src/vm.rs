@@ -39,6 +39,9 @@ pub struct Boot {
     pub cmdline: String,
     /// Forward this host port on 127.0.0.1 to the agent's TCP port.
     pub tcp_port: Option<u16>,
+    /// Forward this host port on 127.0.0.1 to the guest's port 22 (dropbear, in the
+    /// benchmark's [`crate::image::ssh_image`]).
+    pub ssh_port: Option<u16>,
     /// vhost-user-vsock socket of a running vhost-device-vsock.
     pub vsock: Option<PathBuf>,
     /// Another initramfs than keel's (the benchmark's busybox script).
@@ -104,12 +107,18 @@ impl Vm {
             "file={},if=virtio,format=raw,cache=unsafe",
             disk.path.display()
         ));
-        match b.tcp_port {
-            Some(p) => cmd.args(["-netdev"]).arg(format!(
-                "user,id=n0,hostfwd=tcp:127.0.0.1:{p}-:{AGENT_PORT}"
-            )),
-            None => cmd.args(["-netdev", "user,id=n0,restrict=on"]),
-        };
+        let mut fwd = String::new();
+        if let Some(p) = b.tcp_port {
+            fwd += &format!(",hostfwd=tcp:127.0.0.1:{p}-:{AGENT_PORT}");
+        }
+        if let Some(p) = b.ssh_port {
+            fwd += &format!(",hostfwd=tcp:127.0.0.1:{p}-:22");
+        }
+        if fwd.is_empty() {
+            cmd.args(["-netdev", "user,id=n0,restrict=on"]);
+        } else {
+            cmd.arg("-netdev").arg(format!("user,id=n0{fwd}"));
+        }
         cmd.args(["-device", "virtio-net-pci,netdev=n0,romfile="]);
         if let Some(sock) = &b.vsock {
             cmd.arg("-object")

@@ -246,7 +246,8 @@ fn update_over_vsock_with_ready_announce_then_exec_and_remote_mark_good() {
     // v2 does not mark itself good: the host does, by key, over hybrid vsock.
     let v2 = image(2, false, Fs::Squashfs);
     sign(&v2, 2);
-    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    // newimg holds the 256 MiB cp file (and its temporary) after the update.
+    let disk = Disk::with_newimg(&d, &v1, "root-squashfs.img", 320);
     let dev = VsockDevice::start(&d);
     let boot = Boot {
         vsock: Some(dev.vhost.clone()),
@@ -311,7 +312,8 @@ fn update_over_vsock_with_ready_announce_then_exec_and_remote_mark_good() {
 }
 
 /// `keelctl exec` into the guest over hybrid vsock with the kit's host key: `uname -a`, 100 MiB
-/// piped through the guest's `sha256sum`, an exit code and a missing key.
+/// piped through the guest's `sha256sum`, 1 GiB of stdout, `cp` of 256 MiB both ways, a pty,
+/// signals, a re-attach, an exit code and a missing key.
 fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     let key = kit().host_key.to_str().unwrap().to_string();
     let exec = |args: &[&str]| {
@@ -332,15 +334,15 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     let out = exec(&["sh", "-c", "echo to-stderr >&2; exit 5"]);
     assert_eq!(out.status.code(), Some(5));
     assert_eq!(out.stderr, b"to-stderr\n");
-    let big = d.join("100m.bin");
-    {
-        let mut f = std::io::BufWriter::new(fs::File::create(&big).unwrap());
-        let mut x: u64 = 1;
-        for _ in 0..(100 << 20) / 8 {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            std::io::Write::write_all(&mut f, &x.to_le_bytes()).unwrap();
-        }
+    // 256 MiB of pseudo-random bytes: the first 100 MiB for sha256sum, all of it for cp.
+    let mut bytes = vec![0u8; 256 << 20];
+    let mut x: u64 = 1;
+    for c in bytes.chunks_exact_mut(8) {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+        c.copy_from_slice(&x.to_le_bytes());
     }
+    let big = d.join("100m.bin");
+    fs::write(&big, &bytes[..100 << 20]).unwrap();
     let t = std::time::Instant::now();
     let out = std::process::Command::new(kit().bins.join("keelctl"))
         .args(["-e", ep, "--key", &key, "exec", "--", "sha256sum"])
@@ -358,12 +360,39 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
         "100 MiB through the guest's sha256sum over hybrid vsock: {:.1} s",
         t.elapsed().as_secs_f64()
     );
-    // cp both ways through the guest's newimg partition (ext4 on the virtio disk; empty
-    // after the promotion), hashes checked.
-    let part = d.join("24m.bin");
-    let bytes = fs::read(&big).unwrap();
-    fs::write(&part, &bytes[..24 << 20]).unwrap();
     let _ = fs::remove_file(&big);
+    // 1 GiB of stdout (busybox dd, 256 KiB writes), every byte counted and checked.
+    let t = std::time::Instant::now();
+    let mut c = std::process::Command::new(kit().bins.join("keelctl"))
+        .args(["-e", ep, "--key", &key, "exec", "--"])
+        .args(["dd", "if=/dev/zero", "bs=262144", "count=4096"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut total, mut nonzero) = (0u64, 0u64);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut out = c.stdout.take().unwrap();
+    loop {
+        let n = std::io::Read::read(&mut out, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        nonzero += buf[..n].iter().filter(|&&b| b != 0).count() as u64;
+    }
+    assert!(c.wait().unwrap().success());
+    assert_eq!((total, nonzero), (1 << 30, 0));
+    eprintln!(
+        "1 GiB of stdout over hybrid vsock: {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    // cp of 256 MiB both ways through the guest's newimg partition (ext4 on the virtio
+    // disk; empty after the promotion), hashes checked on both sides.
+    let part = d.join("256m.bin");
+    fs::write(&part, &bytes).unwrap();
+    drop(bytes);
     let t = std::time::Instant::now();
     let cp = |from: &str, to: &str| ok(&keelctl(&["-e", ep, "--key", &key, "cp", from, to]));
     cp(part.to_str().unwrap(), ":/run/keel/newimg/cp.bin");
@@ -372,8 +401,10 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     assert_eq!(sha256_file(&back), sha256_file(&part));
     let out = exec(&["sha256sum", "/run/keel/newimg/cp.bin"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with(&sha256_file(&part)));
+    let _ = fs::remove_file(&back);
+    let _ = fs::remove_file(&part);
     eprintln!(
-        "24 MiB cp in and out over hybrid vsock: {:.1} s",
+        "256 MiB cp in and out over hybrid vsock: {:.1} s",
         t.elapsed().as_secs_f64()
     );
     ok(&exec(&["rm", "/run/keel/newimg/cp.bin"]));
