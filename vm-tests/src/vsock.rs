@@ -78,6 +78,24 @@ impl VsockDevice {
     pub fn host_listener(&self, port: u16) -> PathBuf {
         PathBuf::from(format!("{}_{port}", self.uds.display()))
     }
+
+    /// Starts `keelctl wait-ready` on the announce port (80 s), returns once it listens;
+    /// join the handle for its output (the agent's ready announce as JSON).
+    pub fn wait_ready(&self) -> std::thread::JoinHandle<std::process::Output> {
+        let announce = self.host_listener(crate::ANNOUNCE_PORT);
+        let bin = crate::kit().bins.join("keelctl");
+        let waiter = std::thread::spawn(move || {
+            std::process::Command::new(bin)
+                .arg("wait-ready")
+                .arg(format!("unix://{}", announce.display()))
+                .args(["--within", "80"])
+                .output()
+                .expect("keelctl wait-ready")
+        });
+        // wait-ready binds the socket the device forwards the guest's connection to.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        waiter
+    }
 }
 
 impl Drop for VsockDevice {

@@ -253,19 +253,9 @@ fn update_over_vsock_with_ready_announce_then_exec_and_remote_mark_good() {
         vsock: Some(dev.vhost.clone()),
         ..Boot::default()
     };
-    let announce = dev.host_listener(ANNOUNCE_PORT);
-    let keelctl_bin = kit().bins.join("keelctl");
-    let waiter = std::thread::spawn(move || {
-        std::process::Command::new(keelctl_bin)
-            .arg("wait-ready")
-            .arg(format!("unix://{}", announce.display()))
-            .args(["--within", "80"])
-            .output()
-    });
-    // wait-ready binds the socket the device forwards the guest's connection to.
-    std::thread::sleep(Duration::from_millis(300));
+    let waiter = dev.wait_ready();
     let mut vm = Vm::start(&disk, "v1", &boot);
-    let ready = waiter.join().unwrap().unwrap();
+    let ready = waiter.join().unwrap();
     let ann: serde_json::Value = serde_json::from_str(&ok(&ready)).unwrap();
     assert_eq!(ann["op"], "ready");
     assert_eq!(ann["booted"]["version"], 1);

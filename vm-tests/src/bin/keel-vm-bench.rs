@@ -338,10 +338,16 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     let ep = dev.endpoint();
     let key = kit().host_key.to_str().unwrap().to_string();
     let bins = kit().bins.join("keelctl");
+    // keelctl on the guest's hybrid vsock with the host key.
+    let ctl = || {
+        let mut c = std::process::Command::new(&bins);
+        c.args(["-e", &ep, "--key", &key]);
+        c
+    };
     let timed = |args: &[&str]| -> f64 {
         let t = Instant::now();
-        let out = std::process::Command::new(&bins)
-            .args(["-e", &ep, "--wait", "20", "--key", &key])
+        let out = ctl()
+            .args(["--wait", "20"])
             .args(args)
             .stdin(std::process::Stdio::null())
             .output()
@@ -396,8 +402,8 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
         .collect();
     // Seconds `script` takes in the guest, timed there (between two /proc/uptime reads).
     let in_guest = |script: &str| -> f64 {
-        let out = std::process::Command::new(&bins)
-            .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+        let out = ctl()
+            .args(["exec", "--", "sh", "-c"])
             .arg(format!(
                 "s=$(cut -d' ' -f1 /proc/uptime); {script}; e=$(cut -d' ' -f1 /proc/uptime); echo $s $e"
             ))
@@ -423,17 +429,8 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     // The raw byte stream over the same transport, both ways: keel-rawstream in the guest
     // (started by exec), the host on the hybrid socket, no protocol in between.
     let raw = |args: &[&str]| {
-        let out = std::process::Command::new(&bins)
-            .args([
-                "-e",
-                &ep,
-                "--key",
-                &key,
-                "exec",
-                "--detach",
-                "--",
-                "keel-rawstream",
-            ])
+        let out = ctl()
+            .args(["exec", "--detach", "--", "keel-rawstream"])
             .args(args)
             .output()
             .unwrap();
@@ -453,17 +450,8 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     // the host's EOF alone can come before the guest has read it all.
     let raw_in = |port: u32, file: Option<&str>| -> f64 {
         let p = port.to_string();
-        let child = std::process::Command::new(&bins)
-            .args([
-                "-e",
-                &ep,
-                "--key",
-                &key,
-                "exec",
-                "--",
-                "keel-rawstream",
-                "recv",
-            ])
+        let child = ctl()
+            .args(["exec", "--", "keel-rawstream", "recv"])
             .arg(&p)
             .args(file)
             .stdin(std::process::Stdio::null())
@@ -547,8 +535,8 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
         (med(&v_in), med(&v_raw_in), med(&v_raw_file), med(&v_back));
     // RSS of the agent, idle and with 16 clients streaming at once.
     let rss = || -> u64 {
-        let out = std::process::Command::new(&bins)
-            .args(["-e", &ep, "--key", &key, "exec", "--", "sh", "-c"])
+        let out = ctl()
+            .args(["exec", "--", "sh", "-c"])
             .arg("grep VmRSS /proc/$(pidof keel-agent)/status")
             .output()
             .unwrap();
@@ -562,18 +550,8 @@ fn exec_bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     let idle = rss();
     let streams: Vec<std::process::Child> = (0..16)
         .map(|_| {
-            std::process::Command::new(&bins)
-                .args([
-                    "-e",
-                    &ep,
-                    "--key",
-                    &key,
-                    "exec",
-                    "--",
-                    "sh",
-                    "-c",
-                    "yes | head -c 20000000",
-                ])
+            ctl()
+                .args(["exec", "--", "sh", "-c", "yes | head -c 20000000"])
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())
                 .spawn()

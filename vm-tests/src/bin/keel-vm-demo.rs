@@ -184,22 +184,7 @@ fn microvm(tl: &Timeline, v1: &std::path::Path, v3: &std::path::Path) {
         vsock: Some(dev.vhost.clone()),
         ..Boot::default()
     };
-    let wait_ready = || {
-        let announce = dev.host_listener(ANNOUNCE_PORT);
-        let bin = kit().bins.join("keelctl");
-        let waiter = std::thread::spawn(move || {
-            std::process::Command::new(bin)
-                .arg("wait-ready")
-                .arg(format!("unix://{}", announce.display()))
-                .args(["--within", "80"])
-                .output()
-                .unwrap()
-        });
-        // wait-ready binds the socket the device forwards the guest's connection to.
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        waiter
-    };
-    let waiter = wait_ready();
+    let waiter = dev.wait_ready();
     let mut vm = tl.step("start the guest; its agent announces itself", || {
         let vm = Vm::start(&disk, "vsock-1", &boot);
         let out = waiter.join().unwrap();
@@ -251,7 +236,7 @@ fn microvm(tl: &Timeline, v1: &std::path::Path, v3: &std::path::Path) {
         keyed(&ep, &["exec", "--", "rm", "/run/keel/newimg/app.bin"]);
         ((), format!("{out}, same sha256 as sent"))
     });
-    let waiter = wait_ready();
+    let waiter = dev.wait_ready();
     tl.step(
         "push signed v3 over vsock; the guest reboots into it",
         || {
