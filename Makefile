@@ -5,17 +5,22 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin
+APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx
 FEATURES := --features initstage/failpoints
 
 .PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
+	@# policy-rc.d: packages that ship a service (nginx) are installed, not started; the
+	@# tests start their own on 127.0.0.1.
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+		rc=/usr/sbin/policy-rc.d; own=""; \
+		[ -e $$rc ] || { printf '#!/bin/sh\nexit 101\n' > $$rc; chmod +x $$rc; own=1; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; st=$$?; \
+		[ -z "$$own" ] || rm -f $$rc; exit $$st; \
 	fi
 	@# QEMU 7.2 from Debian 12; its qemu-utils must come along (a newer backported qemu-utils
 	@# on the machine would otherwise block the install).

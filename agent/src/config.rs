@@ -33,6 +33,13 @@
 //! max_processes = 16            # processes running at once
 //! max_file_bytes = 4294967296   # largest file keelctl cp moves
 //! grace_secs = 60               # a process that lost its client waits this long for attach
+//!
+//! # Pulling signed updates from a channel (`keelctl publish`); off when absent.
+//! [pull]
+//! url = "http://updates.example/appliance"  # the channel's base URL
+//! interval_secs = 3600          # between polls
+//! # jitter_secs = 360           # up to this much more at random (default: a tenth)
+//! timeout_secs = 30             # per request, and per read of a body
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -92,6 +99,35 @@ pub struct Config {
     pub reboot_command: Option<String>,
     /// Remote execution and control by key (`[exec]`); absent: off.
     pub exec: Option<ExecConfig>,
+    /// Pulling updates from a channel (`[pull]`); absent: off.
+    pub pull: Option<PullConfig>,
+}
+
+/// The `[pull]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PullConfig {
+    /// The channel's base URL (`http://HOST[:PORT]/PATH`), as `keelctl publish` wrote it.
+    pub url: String,
+    /// Seconds between polls.
+    pub interval_secs: u64,
+    /// Each wait is the interval plus up to this many seconds at random (default a tenth of
+    /// the interval), so a fleet does not poll in lock-step.
+    pub jitter_secs: Option<u64>,
+    /// Seconds any one request may take, connect to last byte of the headers, and any read
+    /// of the body may wait.
+    pub timeout_secs: u64,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            url: String::new(),
+            interval_secs: 3600,
+            jitter_secs: None,
+            timeout_secs: 30,
+        }
+    }
 }
 
 /// The `[exec]` table.
@@ -150,6 +186,7 @@ impl Default for Config {
             announce: None,
             reboot_command: None,
             exec: None,
+            pull: None,
         }
     }
 }
@@ -210,6 +247,17 @@ impl Config {
                 return bad(format!(
                     "announce {a:?} must be vsock://CID:PORT or tcp://HOST:PORT"
                 ));
+            }
+        }
+        if let Some(p) = &self.pull {
+            if !p.url.starts_with("http://") {
+                return bad(format!(
+                    "[pull] url {:?} must start with http:// (the channel's base URL)",
+                    p.url
+                ));
+            }
+            if p.interval_secs == 0 || p.timeout_secs == 0 {
+                return bad("[pull] interval_secs and timeout_secs must be at least 1".into());
             }
         }
         if self.exec.as_ref().is_some_and(|e| e.max_processes == 0) {
@@ -313,5 +361,17 @@ mod tests {
         assert!(e.contains("enable"), "{e}");
         let e = p("idle_timeout_secs = \"soon\"").unwrap_err().to_string();
         assert!(e.contains("idle_timeout_secs"), "{e}");
+        let e = p("[pull]\nurl = \"ftp://h/c\"").unwrap_err().to_string();
+        assert!(e.contains("http://"), "{e}");
+        let e = p("[pull]\nurl = \"http://h/c\"\ninterval_secs = 0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("interval_secs"), "{e}");
+        let c = p("[pull]\nurl = \"http://h/c\"").unwrap();
+        let pull = c.pull.unwrap();
+        assert_eq!(
+            (pull.interval_secs, pull.jitter_secs, pull.timeout_secs),
+            (3600, None, 30)
+        );
     }
 }

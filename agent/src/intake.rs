@@ -1,6 +1,6 @@
 //! Push intake: lock, read the device's facts, find the slot, admit, begin, receive, commit.
 //! Generic over the connection's stream; the session hands a push here once it is
-//! authorized.
+//! authorized. [`admit`] is also a pulled manifest's check ([`crate::pull`]).
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use crate::verify::{self, Admit, Context, Refusal};
 
 /// Reads the device's facts, finds the slot, admits `signed` and begins the upload; the
 /// error is the reply (a refusal, or up to date). Blocking.
-fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, Response> {
+pub fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, Response> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let slot = Slot::new(config.newimg_dir(), &facts.image_name(config));

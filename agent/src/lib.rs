@@ -21,6 +21,8 @@
 //! | [`users`] | `/etc/passwd` lookups for `exec --user` |
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
+//! | [`pull`] | pull mode: poll a channel, admit its manifest as a push, fetch the image into staging |
+//! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
 //! | [`status`] | what the device runs and holds |
@@ -30,7 +32,7 @@
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
-//! {procs, stage, verify, users, conn}.
+//! {procs, stage, verify, users, conn}; server → pull → {intake, http}.
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -43,12 +45,14 @@ pub mod control;
 pub mod error;
 pub mod exec;
 pub mod files;
+pub mod http;
 pub mod identity;
 pub mod intake;
 pub mod memory;
 pub mod notify;
 pub mod procs;
 pub mod pty;
+pub mod pull;
 pub mod server;
 pub mod session;
 pub mod shared;

@@ -68,6 +68,10 @@ pub async fn run(
         tokio::spawn(async move { announce(&to, &config, names).await });
     }
     let mut tasks = Vec::new();
+    if let Some(p) = shared.config.pull.clone() {
+        tracing::info!(url = %p.url, interval_secs = p.interval_secs, "pull: polling the channel");
+        tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p)));
+    }
     for l in listeners {
         tasks.push(tokio::spawn(accept_loop(l, shared.clone(), gate.clone())));
     }

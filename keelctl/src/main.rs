@@ -98,6 +98,21 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// Writes IMAGE and its manifest into a pull channel folder for any web server, CDN or
+    /// bucket: the image under its digest first, then manifest.json.
+    Publish {
+        /// The image file (its manifest defaults to IMAGE.manifest).
+        image: PathBuf,
+        /// The manifest file.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// The channel folder (created if missing).
+        #[arg(long)]
+        channel: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Sends IMAGE to the agent, which verifies and stages it; resumes after a cut.
     Push {
         /// The image file (its manifest defaults to IMAGE.manifest).
@@ -291,6 +306,12 @@ fn run(a: Args) -> anyhow::Result<()> {
             keys,
             manifest,
         } => cmd::verify::run(image, keys, manifest),
+        Cmd::Publish {
+            image,
+            manifest,
+            channel,
+            json,
+        } => cmd::publish::run(image, manifest, channel, *json),
         Cmd::Push {
             image,
             manifest,

@@ -11,6 +11,7 @@
 //! | [`wire`] | length-prefixed frames with a size limit: the one encoder and header check |
 //! | [`message`] | the typed requests and responses carried in frames |
 //! | [`exec`] | remote processes and key authentication: stream frame kinds, the signed challenge, key fingerprints |
+//! | [`channel`] | a pull channel's files: the manifest's and the images' paths under its URL |
 //! | [`moddep`] | `modules.dep`: which kernel modules to load or pack, in order |
 //!
 //! Everything here is pure: callers read and write the bytes.
@@ -18,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod bootstate;
+pub mod channel;
 pub mod endpoint;
 pub mod exec;
 pub mod hex;

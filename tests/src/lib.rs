@@ -9,6 +9,7 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 pub mod agent;
+pub mod nginx;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod initramfs;
 pub mod keygen;
 pub mod ps;
+pub mod publish;
 pub mod push;
 pub mod sign;
 pub mod status;

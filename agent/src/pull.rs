@@ -1,0 +1,386 @@
+//! Pull mode (`[pull]`): the agent polls a channel ([`keel_proto::channel`], written by
+//! `keelctl publish`) and stages what it finds there, through the very checks and pipeline a
+//! push takes. One poll:
+//!
+//! 1. `GET manifest.json`, conditional on the last one's `ETag` / `Last-Modified`: a 304 (or
+//!    the same manifest) ends the poll — one request, a few hundred bytes.
+//! 2. The manifest is admitted exactly as a pushed one ([`crate::intake::admit`]: signature,
+//!    name, version, rejected digests, space) **before any image byte is fetched**.
+//! 3. `GET images/<sha256>`, with `Range` from what an earlier, cut fetch left, streamed into
+//!    the staging pipeline (constant memory, hashed end to end, committed crash-safely).
+//!
+//! When to poll is pure ([`next_wait`]): the interval plus jitter, and after a failure an
+//! exponential backoff (from [`BACKOFF_FIRST`], capped at the interval), jittered too.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use keel_proto::channel;
+use keel_proto::manifest::SignedManifest;
+use keel_proto::message::Response;
+
+use crate::config::PullConfig;
+use crate::http::{self, HttpError};
+use crate::shared::Shared;
+use crate::stage::CHUNK;
+
+/// The first wait after a failed poll; it doubles with each further failure.
+pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+/// Largest manifest read.
+pub const MAX_MANIFEST: usize = 64 << 10;
+
+/// How long to wait before the next poll: `interval` plus `rand` (0..=u64::MAX) scaled into
+/// `jitter`; after `failures` failed polls in a row, [`BACKOFF_FIRST`] doubled per failure
+/// instead (never more than the interval), plus up to half of that at random.
+pub fn next_wait(interval: Duration, jitter: Duration, failures: u32, rand: u64) -> Duration {
+    let frac = |d: Duration| {
+        let n = u128::from(rand) * d.as_millis() / u128::from(u64::MAX);
+        Duration::from_millis(u64::try_from(n).unwrap_or(u64::MAX))
+    };
+    if failures == 0 {
+        return interval + frac(jitter);
+    }
+    let back = BACKOFF_FIRST
+        .saturating_mul(1u32 << (failures - 1).min(20))
+        .min(interval);
+    back + frac(back / 2)
+}
+
+/// What a poll remembers for the next one.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PollState {
+    /// The last manifest's `ETag`.
+    pub etag: Option<String>,
+    /// The last manifest's `Last-Modified`.
+    pub last_modified: Option<String>,
+    /// Failed polls in a row.
+    pub failures: u32,
+}
+
+impl PollState {
+    /// The conditional headers for the next manifest request.
+    pub fn conditions(&self) -> Vec<(&'static str, String)> {
+        let mut v = Vec::new();
+        if let Some(e) = &self.etag {
+            v.push(("If-None-Match", e.clone()));
+        }
+        if let Some(m) = &self.last_modified {
+            v.push(("If-Modified-Since", m.clone()));
+        }
+        v
+    }
+}
+
+/// How a poll ended without failing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Polled {
+    /// 304: the manifest did not change.
+    NotModified,
+    /// A manifest the device does not take (already running it, or refused by the same
+    /// checks as a push): nothing fetched.
+    NotTaken(String),
+    /// A new image, fetched and staged.
+    Staged {
+        /// Its version.
+        version: u64,
+        /// Bytes fetched in this poll.
+        fetched: u64,
+        /// Where the fetch started (bytes kept from a cut one).
+        resumed_from: u64,
+    },
+    /// A push was running: this poll did nothing.
+    Busy,
+}
+
+/// Why a poll failed (the next one backs off).
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    /// The request failed.
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    /// The server answered with an unexpected status.
+    #[error("{url}: HTTP {status}{hint}")]
+    Status {
+        /// What was asked.
+        url: String,
+        /// The status.
+        status: u16,
+        /// What it likely means.
+        hint: &'static str,
+    },
+    /// The manifest is not one (bad JSON, missing fields).
+    #[error("{url}: not a keel manifest: {why}")]
+    Manifest {
+        /// Where it came from.
+        url: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// Staging failed (a hash mismatch, a full disk, a cut connection).
+    #[error("staging from {url}: {why}")]
+    Stage {
+        /// The image's URL.
+        url: String,
+        /// The refusal's message.
+        why: String,
+    },
+}
+
+/// Polls the channel once.
+pub async fn poll_once(
+    sh: &Arc<Shared>,
+    cfg: &PullConfig,
+    st: &mut PollState,
+) -> Result<Polled, PullError> {
+    let timeout = Duration::from_secs(cfg.timeout_secs);
+    let url = channel::join(&cfg.url, channel::MANIFEST);
+    let resp = http::get(&url, &st.conditions(), timeout).await?;
+    match resp.head.status {
+        304 => return Ok(Polled::NotModified),
+        200 => {}
+        status => {
+            return Err(PullError::Status {
+                url,
+                status,
+                hint: if status == 404 {
+                    " (nothing published there yet?)"
+                } else {
+                    ""
+                },
+            })
+        }
+    }
+    let etag = resp.head.header("etag").map(str::to_string);
+    let modified = resp.head.header("last-modified").map(str::to_string);
+    let body = resp.body(MAX_MANIFEST).await?;
+    let signed = SignedManifest::from_json(&body).map_err(|e| PullError::Manifest {
+        url: url.clone(),
+        why: e.to_string(),
+    })?;
+    let Ok(_guard) = sh.push.try_lock() else {
+        return Ok(Polled::Busy);
+    };
+    let sh2 = sh.clone();
+    let s2 = signed.clone();
+    let admitted = tokio::task::spawn_blocking(move || crate::intake::admit(&sh2, &s2, true))
+        .await
+        .expect("admit task");
+    // From here this manifest is known: the next poll asks only whether it changed.
+    let remember = |st: &mut PollState| {
+        st.etag = etag.clone();
+        st.last_modified = modified.clone();
+    };
+    let upload = match admitted {
+        Ok(u) => u,
+        Err(Response::UpToDate { message }) => {
+            remember(st);
+            return Ok(Polled::NotTaken(message));
+        }
+        Err(Response::Error { code, message }) => {
+            remember(st);
+            return Ok(Polled::NotTaken(format!("{code}: {message}")));
+        }
+        Err(other) => return Ok(Polled::NotTaken(format!("{other:?}"))),
+    };
+    let img_url = channel::join(&cfg.url, &channel::image_path(&signed.manifest.sha256));
+    let offset = upload.offset();
+    let size = signed.manifest.size;
+    let mut p = upload.start();
+    let fetched = fetch_into(&img_url, offset, size, timeout, &mut p).await;
+    let (complete, keep) = match &fetched {
+        Ok(_) => (true, false),
+        // A server answer that is not this image: nothing of it is kept.
+        Err((_, PullError::Status { .. } | PullError::Stage { .. })) => (false, false),
+        // A cut or a timeout: what arrived is kept, the next poll resumes from it.
+        Err(_) => (false, true),
+    };
+    let resumed_from = p.resumed_from();
+    let finished = tokio::task::spawn_blocking(move || p.finish(complete, keep))
+        .await
+        .expect("finish task");
+    match (fetched, finished) {
+        (Ok(n), Ok(image)) => {
+            remember(st);
+            Ok(Polled::Staged {
+                version: image.version,
+                fetched: n,
+                resumed_from,
+            })
+        }
+        (Err((_, e)), _) => Err(e),
+        (Ok(_), Err(r)) => Err(PullError::Stage {
+            url: img_url,
+            why: format!("{}: {}", r.code, r.message),
+        }),
+    }
+}
+
+/// Fetches the image from `offset` into the pipeline; returns the bytes fetched, or how many
+/// came before the failure.
+async fn fetch_into(
+    url: &str,
+    offset: u64,
+    size: u64,
+    timeout: Duration,
+    p: &mut crate::stage::Pipeline,
+) -> Result<u64, (u64, PullError)> {
+    let range = [("Range", format!("bytes={offset}-"))];
+    let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
+    let mut resp = http::get(url, headers, timeout)
+        .await
+        .map_err(|e| (0, e.into()))?;
+    let status = resp.head.status;
+    // A server that ignores Range sends it all: the kept part is read past.
+    let mut skip = match (status, resp.head.range_start()) {
+        (206, Some(s)) if s == offset => 0,
+        (200, _) => offset,
+        _ => {
+            return Err((
+                0,
+                PullError::Status {
+                    url: url.to_string(),
+                    status,
+                    hint: if status == 404 {
+                        " (the manifest names an image not on the server: published before its image?)"
+                    } else {
+                        ""
+                    },
+                },
+            ))
+        }
+    };
+    if resp.remaining != size - offset + skip {
+        return Err((
+            0,
+            PullError::Stage {
+                url: url.to_string(),
+                why: format!(
+                    "the server sends {} bytes from offset {}, the manifest makes the image {size} bytes",
+                    resp.remaining,
+                    offset - skip
+                ),
+            },
+        ));
+    }
+    let mut got = 0u64;
+    let mut cur: Option<crate::stage::Chunk> = None;
+    let mut sink = vec![0u8; if skip > 0 { 64 << 10 } else { 0 }];
+    while skip > 0 {
+        let k = sink.len().min(usize::try_from(skip).unwrap_or(usize::MAX));
+        let n = resp.read(&mut sink[..k]).await.map_err(|e| (0, e.into()))?;
+        skip -= n as u64;
+    }
+    let stopped = |got| {
+        (
+            got,
+            PullError::Stage {
+                url: url.to_string(),
+                why: "the writer stopped".into(),
+            },
+        )
+    };
+    while resp.remaining > 0 {
+        if cur.is_none() {
+            cur = Some(p.take().await.ok_or_else(|| stopped(got))?);
+        }
+        let c = cur.as_mut().expect("buffer");
+        let n = match resp.read(&mut c.buf[c.len..CHUNK]).await {
+            Ok(n) => n,
+            Err(e) => {
+                if c.len > 0 {
+                    p.put(cur.take().expect("buffer"));
+                }
+                return Err((got, e.into()));
+            }
+        };
+        c.len += n;
+        got += n as u64;
+        if c.len == CHUNK && !p.put(cur.take().expect("buffer")) {
+            return Err(stopped(got));
+        }
+    }
+    if let Some(c) = cur.take() {
+        if c.len > 0 && !p.put(c) {
+            return Err(stopped(got));
+        }
+    }
+    Ok(got)
+}
+
+fn random() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = keel_sys::random::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// Polls forever: the first poll after a random part of the jitter (a fleet that boots
+/// together does not poll together), then as [`next_wait`] says. One log line per poll.
+pub async fn run(sh: Arc<Shared>, cfg: PullConfig) {
+    let interval = Duration::from_secs(cfg.interval_secs);
+    let jitter = Duration::from_secs(cfg.jitter_secs.unwrap_or(cfg.interval_secs / 10));
+    let mut st = PollState::default();
+    tokio::time::sleep(next_wait(Duration::ZERO, jitter.min(interval), 0, random())).await;
+    loop {
+        let t = Instant::now();
+        let r = poll_once(&sh, &cfg, &mut st).await;
+        let ms = t.elapsed().as_millis();
+        match &r {
+            Ok(Polled::Staged {
+                version,
+                fetched,
+                resumed_from,
+            }) => tracing::info!(
+                url = %cfg.url, ms, fetched, resumed_from,
+                "pull: staged version {version}; it is installed at the next boot"
+            ),
+            Ok(Polled::NotModified) => tracing::info!(url = %cfg.url, ms, "pull: no change (304)"),
+            Ok(Polled::NotTaken(why)) => {
+                tracing::info!(url = %cfg.url, ms, "pull: manifest not taken: {why}")
+            }
+            Ok(Polled::Busy) => {
+                tracing::info!(url = %cfg.url, ms, "pull: a push is running; next poll later")
+            }
+            Err(e) => {
+                tracing::warn!(url = %cfg.url, ms, failures = st.failures + 1, "pull failed: {e}")
+            }
+        }
+        st.failures = if r.is_ok() {
+            0
+        } else {
+            st.failures.saturating_add(1)
+        };
+        tokio::time::sleep(next_wait(interval, jitter, st.failures, random())).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_jitter_and_back_off_up_to_the_interval() {
+        let h = Duration::from_secs(3600);
+        let j = Duration::from_secs(360);
+        assert_eq!(next_wait(h, j, 0, 0), h);
+        assert_eq!(next_wait(h, j, 0, u64::MAX), h + j);
+        let mid = next_wait(h, j, 0, u64::MAX / 2);
+        assert!(mid > h + j / 3 && mid < h + j * 2 / 3, "{mid:?}");
+        assert_eq!(next_wait(h, j, 1, 0), Duration::from_secs(1));
+        assert_eq!(next_wait(h, j, 4, 0), Duration::from_secs(8));
+        assert_eq!(next_wait(h, j, 4, u64::MAX), Duration::from_secs(12));
+        assert_eq!(next_wait(h, j, 40, 0), h);
+        let short = Duration::from_secs(5);
+        assert_eq!(next_wait(short, j, 10, 0), short);
+    }
+
+    #[test]
+    fn conditions_come_from_the_last_manifest() {
+        let mut st = PollState::default();
+        assert!(st.conditions().is_empty());
+        st.etag = Some("\"a\"".into());
+        st.last_modified = Some("Thu, 03 Dec 2026 18:00:00 GMT".into());
+        let c = st.conditions();
+        assert_eq!(c[0], ("If-None-Match", "\"a\"".to_string()));
+        assert_eq!(c[1].0, "If-Modified-Since");
+    }
+}

@@ -1,0 +1,213 @@
+//! Pull mode against Debian's nginx on 127.0.0.1, the real agent and keelctl binaries: a
+//! channel written by `keelctl publish`, polled by the agent with `[pull]`.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use keel_tests::agent::*;
+use keel_tests::nginx::Nginx;
+use keel_tests::*;
+
+fn sign(sb: &mut Sandbox, image: &Path, version: &str) {
+    let k = sb.fresh("signing.pem");
+    fs::write(&k, keel_proto::manifest::signing_key_to_pem(&test_key())).unwrap();
+    let out = keelctl(&[
+        "sign",
+        image.to_str().unwrap(),
+        "--key",
+        k.to_str().unwrap(),
+        "--name",
+        "demo",
+        "--version",
+        version,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+fn publish(image: &Path, channel: &Path) -> String {
+    let out = keelctl(&[
+        "publish",
+        image.to_str().unwrap(),
+        "--channel",
+        channel.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Requests for `path` so far, and their statuses.
+fn asked(n: &Nginx, path: &str) -> Vec<u16> {
+    n.requests()
+        .into_iter()
+        .filter(|(p, _, _)| p == path)
+        .map(|(_, s, _)| s)
+        .collect()
+}
+
+#[test]
+fn a_device_pulls_from_nginx_polls_cheaply_and_refuses_a_wrong_image() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("pull", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let www = sb.fresh("www");
+        let ch = www.join("ch");
+        fs::create_dir_all(&ch).unwrap();
+        let nginx = Nginx::start(&www, &sb.fresh("nginx"));
+        let a = start(
+            &w,
+            &format!(
+                "[pull]\nurl = {:?}\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\n",
+                nginx.url("ch")
+            ),
+        );
+        // Nothing published: 404s, backing off (capped at the 1 s interval), nothing staged.
+        std::thread::sleep(Duration::from_millis(2500));
+        let early = asked(&nginx, "/ch/manifest.json");
+        assert!(
+            !early.is_empty() && early.len() <= 4 && early.iter().all(|&s| s == 404),
+            "{early:?}"
+        );
+        assert!(
+            a.log().contains("pull failed") && a.log().contains("HTTP 404"),
+            "{}",
+            a.log()
+        );
+        assert_eq!(slot(&w), (None, None));
+
+        // v2 published: fetched once, staged byte-identical; then every poll is one 304.
+        let v2 = image(sb, 4, 2);
+        sign(sb, &v2, "2");
+        let sha2 = sha256_file(&v2);
+        let out = publish(&v2, &ch);
+        assert!(out.contains("published demo version 2"), "{out}");
+        wait_for(|| slot(&w).0.as_deref() == Some(sha2.as_str()));
+        assert!(a.log().contains("pull: staged version 2"), "{}", a.log());
+        let n = asked(&nginx, "/ch/manifest.json").len();
+        wait_for(|| asked(&nginx, "/ch/manifest.json").len() >= n + 2);
+        let polls = asked(&nginx, "/ch/manifest.json");
+        assert_eq!(&polls[polls.len() - 2..], &[304, 304], "{polls:?}");
+        let img2 = format!("/ch/images/{sha2}");
+        assert_eq!(asked(&nginx, &img2), vec![200]);
+        let quiet: Vec<u64> = nginx
+            .requests()
+            .iter()
+            .filter(|(p, s, _)| p == "/ch/manifest.json" && *s == 304)
+            .map(|(_, _, b)| b)
+            .copied()
+            .collect();
+        assert!(quiet.iter().all(|&b| b == 0), "{quiet:?}");
+
+        // v3's manifest over an image of other bytes (same size): fetched, refused by its hash,
+        // v2 stays staged.
+        let v3 = image(sb, 4, 3);
+        sign(sb, &v3, "3");
+        let side = sb.fresh("side");
+        publish(&v3, &side);
+        let sha3 = sha256_file(&v3);
+        let wrong = side.join("images").join(&sha3);
+        let mut bytes = fs::read(&wrong).unwrap();
+        bytes[1000] ^= 0xff;
+        fs::write(&wrong, bytes).unwrap();
+        fs::rename(&wrong, ch.join("images").join(&sha3)).unwrap();
+        fs::rename(side.join("manifest.json"), ch.join("manifest.json")).unwrap();
+        wait_for(|| a.log().contains("hash-mismatch"));
+        assert_eq!(slot(&w).0.as_deref(), Some(sha2.as_str()));
+        assert!(!newimg.join("root-squashfs.img.partial").exists());
+    });
+}
+
+/// Forwards connections on 127.0.0.1 to `to`; the first request for an image gets only
+/// `cut` bytes of its response, then both sides are closed.
+fn cutting_relay(to: u16, cut: usize) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let cut_once = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    std::thread::spawn(move || {
+        for down in l.incoming().flatten() {
+            let cut_once = cut_once.clone();
+            std::thread::spawn(move || {
+                let up = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+                let (mut d_rd, mut u_wr) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let mut head = Vec::new();
+                let mut b = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match d_rd.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                u_wr.write_all(&head).unwrap();
+                let image = String::from_utf8_lossy(&head).contains("/images/");
+                let limit = if image && cut_once.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    cut
+                } else {
+                    usize::MAX
+                };
+                let (mut u_rd, mut d_wr) = (up, down);
+                let mut sent = 0usize;
+                let mut buf = vec![0u8; 64 << 10];
+                while sent < limit {
+                    let n = match u_rd.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n.min(limit - sent),
+                    };
+                    if d_wr.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n;
+                }
+                let _ = d_wr.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_pull_cut_mid_image_resumes_with_range() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("pull-cut", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let www = sb.fresh("www");
+        let ch = www.join("ch");
+        let v2 = image(sb, 6, 2);
+        sign(sb, &v2, "2");
+        publish(&v2, &ch);
+        let nginx = Nginx::start(&www, &sb.fresh("nginx"));
+        let relay = cutting_relay(nginx.port, 2 << 20);
+        let a = start(
+            &w,
+            &format!(
+                "[pull]\nurl = \"http://127.0.0.1:{relay}/ch\"\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\n"
+            ),
+        );
+        let sha2 = sha256_file(&v2);
+        wait_for(|| slot(&w).0.as_deref() == Some(sha2.as_str()));
+        // The cut fetch, then one ranged fetch of the rest.
+        let img = format!("/ch/images/{sha2}");
+        assert_eq!(
+            asked(&nginx, &img),
+            vec![200, 206],
+            "{:?}",
+            nginx.requests()
+        );
+        let log = a.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("pull: staged version 2"))
+            .unwrap_or_else(|| panic!("{log}"));
+        let num = |key: &str| -> u64 {
+            let v = line.split(&format!("{key}=")).nth(1).unwrap();
+            v.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let (fetched, from) = (num("fetched"), num("resumed_from"));
+        assert!(from > 0 && from <= 2 << 20, "{line}");
+        assert_eq!(fetched + from, 6 << 20, "{line}");
+    });
+}
