@@ -92,7 +92,9 @@ pub fn authorize(
         Request::Hello { .. } | Request::Status | Request::Push { .. } | Request::Auth { .. } => {
             Ok(None)
         }
-        Request::MarkGood | Request::Reboot | Request::Unstage => needs_principal(req.op()),
+        Request::MarkGood | Request::Reboot | Request::Unstage | Request::PullNow => {
+            needs_principal(req.op())
+        }
         Request::Exec(_)
         | Request::CopyIn { .. }
         | Request::CopyOut { .. }
@@ -166,7 +168,12 @@ mod tests {
     #[test]
     fn control_is_for_local_root_or_a_key() {
         let [root, user, unknown, tcp, vsock] = peers();
-        for req in [Request::MarkGood, Request::Reboot, Request::Unstage] {
+        for req in [
+            Request::MarkGood,
+            Request::Reboot,
+            Request::Unstage,
+            Request::PullNow,
+        ] {
             let who = authorize(
                 &req,
                 Caller {

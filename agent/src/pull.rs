@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use keel_proto::channel;
 use keel_proto::manifest::SignedManifest;
-use keel_proto::message::Response;
+use keel_proto::message::{PullStatus, Response};
 
 use crate::config::PullConfig;
 use crate::http::{self, HttpError};
@@ -313,43 +313,79 @@ fn random() -> u64 {
     u64::from_le_bytes(b)
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One line for what a poll did (status and log).
+pub fn describe(p: &Polled) -> String {
+    match p {
+        Polled::NotModified => "no change (304)".into(),
+        Polled::NotTaken(why) => format!("manifest not taken: {why}"),
+        Polled::Staged {
+            version,
+            fetched,
+            resumed_from,
+        } => format!(
+            "staged version {version} ({fetched} bytes fetched, resumed from {resumed_from}); it is installed at the next boot"
+        ),
+        Polled::Busy => "a push was running: skipped".into(),
+    }
+}
+
 /// Polls forever: the first poll after a random part of the jitter (a fleet that boots
-/// together does not poll together), then as [`next_wait`] says. One log line per poll.
+/// together does not poll together), then as [`next_wait`] says, or at once on
+/// `pull-now`. One log line per poll; the state in [`Shared::pull`] for `status`.
 pub async fn run(sh: Arc<Shared>, cfg: PullConfig) {
     let interval = Duration::from_secs(cfg.interval_secs);
     let jitter = Duration::from_secs(cfg.jitter_secs.unwrap_or(cfg.interval_secs / 10));
     let mut st = PollState::default();
-    tokio::time::sleep(next_wait(Duration::ZERO, jitter.min(interval), 0, random())).await;
+    let set = |f: &dyn Fn(&mut PullStatus)| {
+        let mut g = sh.pull.lock().expect("pull state");
+        f(g.get_or_insert_with(|| PullStatus {
+            url: cfg.url.clone(),
+            ..PullStatus::default()
+        }));
+    };
+    let mut wait = next_wait(Duration::ZERO, jitter.min(interval), 0, random());
     loop {
+        set(&|p| p.next_poll = Some(unix_now() + wait.as_secs()));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = sh.pull_now.notified() => tracing::info!(url = %cfg.url, "pull: polling now (pull-now)"),
+        }
         let t = Instant::now();
         let r = poll_once(&sh, &cfg, &mut st).await;
         let ms = t.elapsed().as_millis();
-        match &r {
-            Ok(Polled::Staged {
-                version,
-                fetched,
-                resumed_from,
-            }) => tracing::info!(
-                url = %cfg.url, ms, fetched, resumed_from,
-                "pull: staged version {version}; it is installed at the next boot"
-            ),
-            Ok(Polled::NotModified) => tracing::info!(url = %cfg.url, ms, "pull: no change (304)"),
-            Ok(Polled::NotTaken(why)) => {
-                tracing::info!(url = %cfg.url, ms, "pull: manifest not taken: {why}")
-            }
-            Ok(Polled::Busy) => {
-                tracing::info!(url = %cfg.url, ms, "pull: a push is running; next poll later")
-            }
-            Err(e) => {
-                tracing::warn!(url = %cfg.url, ms, failures = st.failures + 1, "pull failed: {e}")
-            }
-        }
         st.failures = if r.is_ok() {
             0
         } else {
             st.failures.saturating_add(1)
         };
-        tokio::time::sleep(next_wait(interval, jitter, st.failures, random())).await;
+        match &r {
+            Ok(p) => {
+                let what = describe(p);
+                tracing::info!(url = %cfg.url, ms, "pull: {what}");
+                set(&|s| {
+                    s.last_result = Some(what.clone());
+                    s.last_error = None;
+                });
+            }
+            Err(e) => {
+                tracing::warn!(url = %cfg.url, ms, failures = st.failures, "pull failed: {e}");
+                set(&|s| {
+                    s.last_result = Some("failed".into());
+                    s.last_error = Some(e.to_string());
+                });
+            }
+        }
+        set(&|s| {
+            s.last_poll = Some(unix_now());
+            s.failures = st.failures;
+        });
+        wait = next_wait(interval, jitter, st.failures, random());
     }
 }
 

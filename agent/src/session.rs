@@ -330,6 +330,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .await
                 .expect("status task");
             rep.identity = sh.identity.clone();
+            rep.pull = sh.pull.lock().expect("pull state").clone();
             Outcome::reply(Response::Status(Box::new(rep)))
         }
         Request::MarkGood => {
@@ -350,5 +351,17 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         },
         Request::Push { manifest, resume } => intake::push(io, sh, manifest, resume).await,
         Request::Unstage => Outcome::reply(intake::unstage(sh).await),
+        Request::PullNow => Outcome::reply(match &sh.config.pull {
+            None => Response::error(
+                ErrorCode::InvalidState,
+                "pull is not configured: add a [pull] table to agent.toml",
+            ),
+            Some(p) => {
+                sh.pull_now.notify_one();
+                Response::Done {
+                    message: format!("polling {} now", p.url),
+                }
+            }
+        }),
     }
 }

@@ -1,4 +1,4 @@
-//! What every connection shares: settings, keys, the push lock, the exec slots.
+//! What every connection shares: settings, keys, the push lock, the exec slots, pull's state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,10 @@ pub struct Shared {
     pub procs: crate::procs::Registry,
     /// The fingerprint of the agent's TLS identity, when it serves TCP.
     pub identity: Option<String>,
+    /// Pull mode's state for `status` (`None` without `[pull]`).
+    pub pull: std::sync::Mutex<Option<keel_proto::message::PullStatus>>,
+    /// Wakes the pull loop for a poll now (`pull-now`).
+    pub pull_now: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -45,6 +49,8 @@ impl Shared {
             exec_slots_max: max,
             procs: crate::procs::Registry::default(),
             identity: None,
+            pull: std::sync::Mutex::new(None),
+            pull_now: tokio::sync::Notify::new(),
         }
     }
 }

@@ -81,6 +81,7 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
         None => r.and_then(|r| r.trial),
     };
     StatusReport {
+        pull: None,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         booted: facts.booted().cloned(),
         image_file: facts.image_name(config),

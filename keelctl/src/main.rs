@@ -137,6 +137,9 @@ enum Cmd {
     /// Drops the staged image and any partial upload (root on the device's Unix socket, or
     /// --key).
     Unstage,
+    /// Makes the agent poll its pull channel now (root on the device's Unix socket, or
+    /// --key).
+    PullNow,
     /// Copies a file into or out of the guest: `keelctl cp app.tar :/srv/app.tar`, `keelctl
     /// cp :/var/log/app.log .` (needs --key, or root on the Unix socket).
     Cp {
@@ -321,6 +324,7 @@ fn run(a: Args) -> anyhow::Result<()> {
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
         Cmd::Unstage => cmd::control::run(connect(&a)?, &Request::Unstage),
+        Cmd::PullNow => cmd::control::run(connect(&a)?, &Request::PullNow),
         Cmd::Cp { src, dst } => {
             let copy = cmd::cp::parse(src, dst)?;
             cmd::cp::run(connect(&a)?, copy)

@@ -40,6 +40,9 @@ pub enum Request {
     Reboot,
     /// Removes the staged image and any partial upload (local root, or an authorized key).
     Unstage,
+    /// Polls the pull channel now instead of at the next scheduled time (local root, or an
+    /// authorized key).
+    PullNow,
     /// Authenticates the session as `public_key` (base64 of its 32 raw bytes): `signature`
     /// (base64) is its ed25519 signature over [`crate::exec::auth_message`] of the hello's
     /// challenge. Answered `authenticated` or `error` (`not-authorized`).
@@ -106,6 +109,7 @@ impl Request {
             Request::MarkGood => "mark-good",
             Request::Reboot => "reboot",
             Request::Unstage => "unstage",
+            Request::PullNow => "pull-now",
             Request::Auth { .. } => "auth",
             Request::Exec(_) => "exec",
             Request::CopyIn { .. } => "copy-in",
@@ -311,6 +315,26 @@ pub struct StatusReport {
     /// The fingerprint (`SHA256:…`) of the agent's TLS identity, when it serves TCP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// Pull mode's state, when `[pull]` is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullStatus>,
+}
+
+/// Where pull mode stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullStatus {
+    /// The channel's base URL.
+    pub url: String,
+    /// When the last poll ended (Unix seconds).
+    pub last_poll: Option<u64>,
+    /// When the next one starts (Unix seconds).
+    pub next_poll: Option<u64>,
+    /// What the last poll did, e.g. `no change (304)`, `staged version 2`.
+    pub last_result: Option<String>,
+    /// Why the last failed poll failed (kept until a poll succeeds).
+    pub last_error: Option<String>,
+    /// Failed polls in a row.
+    pub failures: u32,
 }
 
 /// An interrupted upload that a `resume` can continue.
@@ -432,6 +456,7 @@ mod tests {
         });
         round_trip(Request::Status);
         round_trip(Request::MarkGood);
+        round_trip(Request::PullNow);
         round_trip(Request::Reboot);
         round_trip(Request::Exec(ExecSpec {
             argv: vec!["uname".into(), "-a".into()],

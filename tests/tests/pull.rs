@@ -91,6 +91,30 @@ fn a_device_pulls_from_nginx_polls_cheaply_and_refuses_a_wrong_image() {
         assert_eq!(&polls[polls.len() - 2..], &[304, 304], "{polls:?}");
         let img2 = format!("/ch/images/{sha2}");
         assert_eq!(asked(&nginx, &img2), vec![200]);
+        // status tells the channel and the last poll; pull-now is for local root or a key.
+        let ep = a.unix.to_string();
+        let out = keelctl(&["-e", &ep, "status", "--json"]);
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(st["pull"]["url"], nginx.url("ch"), "{st}");
+        assert_eq!(st["pull"]["failures"], 0, "{st}");
+        assert!(st["pull"]["last_error"].is_null(), "{st}");
+        let out = keelctl(&["-e", &ep, "pull-now"]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("polling"),
+            "{out:?}"
+        );
+        let tcp = keelctl(&[
+            "-e",
+            &a.tcp.to_string(),
+            "--agent-key",
+            a.identity_pub().to_str().unwrap(),
+            "pull-now",
+        ]);
+        assert!(
+            !tcp.status.success()
+                && String::from_utf8_lossy(&tcp.stderr).contains("not-authorized"),
+            "{tcp:?}"
+        );
         let quiet: Vec<u64> = nginx
             .requests()
             .iter()
@@ -202,11 +226,17 @@ fn a_pull_cut_mid_image_resumes_with_range() {
             .lines()
             .find(|l| l.contains("pull: staged version 2"))
             .unwrap_or_else(|| panic!("{log}"));
-        let num = |key: &str| -> u64 {
-            let v = line.split(&format!("{key}=")).nth(1).unwrap();
-            v.split_whitespace().next().unwrap().parse().unwrap()
+        // "staged version 2 (N bytes fetched, resumed from M); …"
+        let num = |after: &str| -> u64 {
+            let v = line.split(after).nth(1).unwrap();
+            v.trim_start_matches(['(', ' '])
+                .split([' ', ')'])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
         };
-        let (fetched, from) = (num("fetched"), num("resumed_from"));
+        let (fetched, from) = (num("version 2"), num("resumed from"));
         assert!(from > 0 && from <= 2 << 20, "{line}");
         assert_eq!(fetched + from, 6 << 20, "{line}");
     });

@@ -74,6 +74,25 @@ fn print(s: &StatusReport) -> anyhow::Result<()> {
     if s.push_in_progress {
         out!("push         in progress");
     }
+    if let Some(p) = &s.pull {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ago = |t: u64| format!("{} s ago", now.saturating_sub(t));
+        let within = |t: u64| format!("in {} s", t.saturating_sub(now));
+        out!("pull         {}", p.url);
+        out!(
+            "last poll    {}: {}",
+            p.last_poll.map(ago).unwrap_or_else(|| "none yet".into()),
+            p.last_result.as_deref().unwrap_or("-")
+        );
+        if let Some(e) = &p.last_error {
+            out!("pull error   {e} ({} failed in a row)", p.failures);
+        }
+        if let Some(t) = p.next_poll {
+            out!("next poll    {} (keelctl pull-now: at once)", within(t));
+        }
+    }
     for a in &s.boot_actions {
         out!("this boot    {a}");
     }
