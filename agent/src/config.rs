@@ -36,7 +36,8 @@
 //!
 //! # Pulling signed updates from a channel (`keelctl publish`); off when absent.
 //! [pull]
-//! url = "http://updates.example/appliance"  # the channel's base URL
+//! url = "https://updates.example/appliance" # the channel's base URL (http:// too)
+//! # ca_file = "/etc/keel/pull-ca.pem"  # trusted for https besides the system's roots
 //! interval_secs = 3600          # between polls
 //! # jitter_secs = 360           # up to this much more at random (default: a tenth)
 //! timeout_secs = 30             # per request, and per read of a body
@@ -117,6 +118,8 @@ pub struct PullConfig {
     /// Seconds any one request may take, connect to last byte of the headers, and any read
     /// of the body may wait.
     pub timeout_secs: u64,
+    /// PEM certificates trusted for `https://` besides the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PullConfig {
@@ -126,6 +129,7 @@ impl Default for PullConfig {
             interval_secs: 3600,
             jitter_secs: None,
             timeout_secs: 30,
+            ca_file: None,
         }
     }
 }
@@ -250,11 +254,8 @@ impl Config {
             }
         }
         if let Some(p) = &self.pull {
-            if !p.url.starts_with("http://") {
-                return bad(format!(
-                    "[pull] url {:?} must start with http:// (the channel's base URL)",
-                    p.url
-                ));
+            if let Err(e) = crate::http::parse_url(&p.url) {
+                return bad(format!("[pull] url: {e} (the channel's base URL)"));
             }
             if p.interval_secs == 0 || p.timeout_secs == 0 {
                 return bad("[pull] interval_secs and timeout_secs must be at least 1".into());

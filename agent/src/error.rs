@@ -55,6 +55,9 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// Pull mode's TLS client could not be set up (`[pull] ca_file`).
+    #[error("{0} (fix it or remove the [pull] table in agent.toml)")]
+    Pull(String),
 }
 
 /// Shorthand.

@@ -1,14 +1,63 @@
 //! A small HTTP/1.1 client for pulling updates: one GET per connection (`Connection: close`),
-//! plain `http://` for now, the response head parsed by pure functions ([`parse_url`],
-//! [`parse_head`]) and bounded ([`MAX_HEAD`]), the body read as its `Content-Length` says,
-//! every step within a timeout. Enough for static files from any web server or CDN;
-//! nothing here follows redirects or decodes chunked bodies (a server that sends one is an
-//! error that says so).
+//! `http://` or `https://` (TLS 1.3 through rustls, the server's certificate checked against
+//! the system's roots and `[pull] ca_file`, [`tls_connector`]), the response head parsed by
+//! pure functions ([`parse_url`], [`parse_head`]) and bounded ([`MAX_HEAD`]), the body read as
+//! its `Content-Length` says, every step within a timeout. Enough for static files from any
+//! web server or CDN; nothing here follows redirects or decodes chunked bodies (a server
+//! that sends one is an error that says so).
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// The system's trust roots, as Debian's ca-certificates writes them.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The TLS client for `https://`: the roots in [`SYSTEM_ROOTS`] (when the file is there) and
+/// every certificate in `ca_file` (which must read and hold at least one).
+pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    if let Ok(pem) = std::fs::read(SYSTEM_ROOTS) {
+        let certs = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok);
+        roots.add_parsable_certificates(certs);
+    }
+    if let Some(f) = ca_file {
+        let pem = keel_sys::durable::read_regular(f, 4 << 20)
+            .map_err(|e| format!("[pull] ca_file: {e}"))?
+            .ok_or_else(|| format!("[pull] ca_file {}: no such file", f.display()))?;
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("[pull] ca_file {}: {e}", f.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "[pull] ca_file {}: no PEM certificate in it",
+                f.display()
+            ));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| format!("[pull] ca_file {}: {e}", f.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// A connection, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// Largest response head read.
 pub const MAX_HEAD: usize = 16 << 10;
@@ -54,9 +103,11 @@ pub enum HttpError {
     },
 }
 
-/// A parsed `http://` URL.
+/// A parsed `http://` or `https://` URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
+    /// `https://`.
+    pub tls: bool,
     /// Host name or address (brackets kept for IPv6).
     pub host: String,
     /// Port (80 unless given).
@@ -65,18 +116,17 @@ pub struct Url {
     pub path: String,
 }
 
-/// Parses `http://HOST[:PORT][/PATH]`.
+/// Parses `http[s]://HOST[:PORT][/PATH]`.
 pub fn parse_url(url: &str) -> Result<Url, HttpError> {
     let bad = |why| HttpError::Url {
         url: url.to_string(),
         why,
     };
-    if url.starts_with("https://") {
-        return Err(bad("https is not supported yet: use http://"));
-    }
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| bad("not an http:// URL"))?;
+    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+        (Some(r), _) => (true, r),
+        (_, Some(r)) => (false, r),
+        _ => return Err(bad("not an http:// or https:// URL")),
+    };
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -91,9 +141,10 @@ pub fn parse_url(url: &str) -> Result<Url, HttpError> {
         Some((h, p)) if !h.is_empty() && !p.contains(']') => {
             (h, p.parse().map_err(|_| bad("the port is not a number"))?)
         }
-        _ => (authority, 80),
+        _ => (authority, if tls { 443 } else { 80 }),
     };
     Ok(Url {
+        tls,
         host: host.to_string(),
         port,
         path: path.to_string(),
@@ -163,16 +214,25 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
 }
 
 /// A response whose body is still to be read.
-#[derive(Debug)]
 pub struct Response {
     /// Status and headers.
     pub head: Head,
     /// Bytes of the body still to come (`Content-Length`).
     pub remaining: u64,
     body_start: Vec<u8>,
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     url: String,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Response")
+            .field("url", &self.url)
+            .field("head", &self.head)
+            .field("remaining", &self.remaining)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Response {
@@ -252,22 +312,39 @@ async fn within<T>(
 }
 
 /// Sends `GET url` with `headers` and reads the response head; the body is the caller's
-/// to read. Every step (connect, send, head) within `timeout`.
+/// to read. `https://` needs `tls`. Every step (connect, handshake, send, head) within
+/// `timeout`.
 pub async fn get(
     url: &str,
     headers: &[(&str, String)],
     timeout: Duration,
+    tls: Option<&TlsConnector>,
 ) -> Result<Response, HttpError> {
     let u = parse_url(url)?;
-    let mut s = within(
+    let bare = u.host.trim_matches(['[', ']']).to_string();
+    let tcp = within(
         url,
         "connect",
         timeout,
-        TcpStream::connect((u.host.trim_matches(['[', ']']), u.port)),
+        TcpStream::connect((bare.as_str(), u.port)),
     )
     .await?;
-    let _ = s.set_nodelay(true);
-    let host = if u.port == 80 {
+    let _ = tcp.set_nodelay(true);
+    let mut s: Box<dyn Io> = if u.tls {
+        let tls = tls.ok_or_else(|| HttpError::Url {
+            url: url.to_string(),
+            why: "https without a TLS client",
+        })?;
+        let name = ServerName::try_from(bare).map_err(|_| HttpError::Url {
+            url: url.to_string(),
+            why: "the host is not a valid DNS name or IP address",
+        })?;
+        Box::new(within(url, "TLS handshake", timeout, tls.connect(name, tcp)).await?)
+    } else {
+        Box::new(tcp)
+    };
+    let default_port = if u.tls { 443 } else { 80 };
+    let host = if u.port == default_port {
         u.host.clone()
     } else {
         format!("{}:{}", u.host, u.port)
@@ -363,10 +440,8 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
-        assert!(parse_url("https://h/")
-            .unwrap_err()
-            .to_string()
-            .contains("not supported yet"));
+        let u = parse_url("https://cdn.example/c").unwrap();
+        assert_eq!((u.tls, u.port, u.path.as_str()), (true, 443, "/c"));
     }
 
     #[test]

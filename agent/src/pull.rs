@@ -23,6 +23,7 @@ use crate::config::PullConfig;
 use crate::http::{self, HttpError};
 use crate::shared::Shared;
 use crate::stage::CHUNK;
+use tokio_rustls::TlsConnector;
 
 /// The first wait after a failed poll; it doubles with each further failure.
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -130,11 +131,12 @@ pub enum PullError {
 pub async fn poll_once(
     sh: &Arc<Shared>,
     cfg: &PullConfig,
+    tls: &TlsConnector,
     st: &mut PollState,
 ) -> Result<Polled, PullError> {
     let timeout = Duration::from_secs(cfg.timeout_secs);
     let url = channel::join(&cfg.url, channel::MANIFEST);
-    let resp = http::get(&url, &st.conditions(), timeout).await?;
+    let resp = http::get(&url, &st.conditions(), timeout, Some(tls)).await?;
     match resp.head.status {
         304 => return Ok(Polled::NotModified),
         200 => {}
@@ -186,7 +188,7 @@ pub async fn poll_once(
     let offset = upload.offset();
     let size = signed.manifest.size;
     let mut p = upload.start();
-    let fetched = fetch_into(&img_url, offset, size, timeout, &mut p).await;
+    let fetched = fetch_into(&img_url, offset, size, timeout, tls, &mut p).await;
     let (complete, keep) = match &fetched {
         Ok(_) => (true, false),
         // A server answer that is not this image: nothing of it is kept.
@@ -222,11 +224,12 @@ async fn fetch_into(
     offset: u64,
     size: u64,
     timeout: Duration,
+    tls: &TlsConnector,
     p: &mut crate::stage::Pipeline,
 ) -> Result<u64, (u64, PullError)> {
     let range = [("Range", format!("bytes={offset}-"))];
     let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
-    let mut resp = http::get(url, headers, timeout)
+    let mut resp = http::get(url, headers, timeout, Some(tls))
         .await
         .map_err(|e| (0, e.into()))?;
     let status = resp.head.status;
@@ -338,7 +341,7 @@ pub fn describe(p: &Polled) -> String {
 /// Polls forever: the first poll after a random part of the jitter (a fleet that boots
 /// together does not poll together), then as [`next_wait`] says, or at once on
 /// `pull-now`. One log line per poll; the state in [`Shared::pull`] for `status`.
-pub async fn run(sh: Arc<Shared>, cfg: PullConfig) {
+pub async fn run(sh: Arc<Shared>, cfg: PullConfig, tls: TlsConnector) {
     let interval = Duration::from_secs(cfg.interval_secs);
     let jitter = Duration::from_secs(cfg.jitter_secs.unwrap_or(cfg.interval_secs / 10));
     let mut st = PollState::default();
@@ -357,7 +360,7 @@ pub async fn run(sh: Arc<Shared>, cfg: PullConfig) {
             _ = sh.pull_now.notified() => tracing::info!(url = %cfg.url, "pull: polling now (pull-now)"),
         }
         let t = Instant::now();
-        let r = poll_once(&sh, &cfg, &mut st).await;
+        let r = poll_once(&sh, &cfg, &tls, &mut st).await;
         let ms = t.elapsed().as_millis();
         st.failures = if r.is_ok() {
             0

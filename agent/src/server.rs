@@ -51,6 +51,11 @@ pub async fn run(
     authorized: Vec<VerifyingKey>,
     identity: Option<Identity>,
 ) -> Result<(), Error> {
+    // A bad ca_file stops the agent here, before it says it is ready.
+    let pull_tls = match &config.pull {
+        Some(p) => Some(crate::http::tls_connector(p.ca_file.as_deref()).map_err(Error::Pull)?),
+        None => None,
+    };
     let listeners = bind(&config, identity.as_ref()).await?;
     let names: Vec<String> = listeners.iter().map(Listener::describe).collect();
     tracing::info!(listening = %names.join(" "), keys = keys.len(), "keel-agent ready");
@@ -69,8 +74,9 @@ pub async fn run(
     }
     let mut tasks = Vec::new();
     if let Some(p) = shared.config.pull.clone() {
+        let tls = pull_tls.clone().expect("made with the config");
         tracing::info!(url = %p.url, interval_secs = p.interval_secs, "pull: polling the channel");
-        tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p)));
+        tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p, tls)));
     }
     for l in listeners {
         tasks.push(tokio::spawn(accept_loop(l, shared.clone(), gate.clone())));

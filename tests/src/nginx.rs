@@ -14,11 +14,110 @@ pub struct Nginx {
     pub port: u16,
     /// Its access log (nginx's combined format).
     pub access_log: PathBuf,
+    scheme: &'static str,
+}
+
+/// A test CA and certificates for 127.0.0.1 made with `openssl`: one valid for 30 days,
+/// one that expired in 2020.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    /// The CA certificate (PEM), for `[pull] ca_file`.
+    pub ca: PathBuf,
+    /// The server's certificate and key.
+    pub cert: PathBuf,
+    /// See [`Certs::cert`].
+    pub key: PathBuf,
+    /// A certificate for the same key, valid only in January 2020.
+    pub expired: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "openssl {args:?}: {out:?}");
+}
+
+impl Certs {
+    /// Makes them in `dir`.
+    pub fn make(dir: &Path) -> Certs {
+        fs::create_dir_all(dir).unwrap();
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "30"]);
+        a.extend(["-subj", "/CN=keel test CA"]);
+        openssl(dir, &a);
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ]);
+        openssl(dir, &a);
+        fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let sign = ["-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
+        let mut a = vec!["x509", "-req", "-in", "srv.csr", "-out", "srv.pem"];
+        a.extend(sign);
+        a.extend(["-days", "30", "-extfile", "ext.cnf"]);
+        openssl(dir, &a);
+        // `openssl ca` is the one that takes explicit dates.
+        fs::write(dir.join("index.txt"), "").unwrap();
+        fs::write(dir.join("serial"), "1000\n").unwrap();
+        let d = dir.display();
+        fs::write(
+            dir.join("ca.cnf"),
+            format!(
+                "[ca]\ndefault_ca = d\n[d]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\n\
+                 serial = {d}/serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+            ),
+        )
+        .unwrap();
+        let mut a = vec!["ca", "-batch", "-config", "ca.cnf", "-cert", "ca.pem"];
+        a.extend([
+            "-keyfile", "ca.key", "-in", "srv.csr", "-out", "old.pem", "-notext",
+        ]);
+        a.extend([
+            "-startdate",
+            "20200101000000Z",
+            "-enddate",
+            "20200201000000Z",
+        ]);
+        a.extend(["-extfile", "ext.cnf"]);
+        openssl(dir, &a);
+        Certs {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("srv.pem"),
+            key: dir.join("srv.key"),
+            expired: dir.join("old.pem"),
+        }
+    }
 }
 
 impl Nginx {
     /// Serves `root` on a free port of 127.0.0.1; config, logs and temp files in `dir`.
     pub fn start(root: &Path, dir: &Path) -> Nginx {
+        Nginx::start_with(root, dir, None)
+    }
+
+    /// [`Nginx::start`] over TLS 1.3 with certificate `cert` and key `key`.
+    pub fn start_tls(root: &Path, dir: &Path, cert: &Path, key: &Path) -> Nginx {
+        Nginx::start_with(root, dir, Some((cert, key)))
+    }
+
+    fn start_with(root: &Path, dir: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
         fs::create_dir_all(dir.join("tmp")).unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -34,7 +133,15 @@ impl Nginx {
                  events {{ worker_connections 1024; }}\n\
                  http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
                  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
-                 server {{ listen 127.0.0.1:{port}; root {}; }}\n}}\n",
+                 server {{ listen 127.0.0.1:{port}{}; root {}; }}\n}}\n",
+                match tls {
+                    Some((c, k)) => format!(
+                        " ssl; ssl_protocols TLSv1.3; ssl_certificate {}; ssl_certificate_key {}",
+                        c.display(),
+                        k.display()
+                    ),
+                    None => String::new(),
+                },
                 root.display()
             ),
         )
@@ -63,13 +170,15 @@ impl Nginx {
             child,
             port,
             access_log: dir.join("access.log"),
+            scheme: if tls.is_some() { "https" } else { "http" },
         }
     }
 
     /// The base URL of `path` under the root.
     pub fn url(&self, path: &str) -> String {
         format!(
-            "http://127.0.0.1:{}/{}",
+            "{}://127.0.0.1:{}/{}",
+            self.scheme,
             self.port,
             path.trim_start_matches('/')
         )

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel_tests::agent::*;
-use keel_tests::nginx::Nginx;
+use keel_tests::nginx::{Certs, Nginx};
 use keel_tests::*;
 
 fn sign(sb: &mut Sandbox, image: &Path, version: &str) {
@@ -239,5 +239,72 @@ fn a_pull_cut_mid_image_resumes_with_range() {
         let (fetched, from) = (num("version 2"), num("resumed from"));
         assert!(from > 0 && from <= 2 << 20, "{line}");
         assert_eq!(fetched + from, 6 << 20, "{line}");
+    });
+}
+
+fn pull_config(url: &str, ca: Option<&Path>) -> String {
+    format!(
+        "[pull]\nurl = {url:?}\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\n{}",
+        ca.map(|c| format!("ca_file = {c:?}\n")).unwrap_or_default()
+    )
+}
+
+#[test]
+fn https_with_a_test_ca_and_certificates_refused() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("pull-tls", 48, |sb, newimg| {
+        let w = world(sb, newimg, 1);
+        let certs = Certs::make(&sb.fresh("certs"));
+        let www = sb.fresh("www");
+        let ch = www.join("ch");
+        let v2 = image(sb, 2, 2);
+        sign(sb, &v2, "2");
+        publish(&v2, &ch);
+        let good = Nginx::start_tls(&www, &sb.fresh("nginx"), &certs.cert, &certs.key);
+        let old = Nginx::start_tls(&www, &sb.fresh("nginx-old"), &certs.expired, &certs.key);
+        // Without the test CA: an unknown issuer, nothing fetched or staged.
+        let a = start(&w, &pull_config(&good.url("ch"), None));
+        wait_for(|| a.log().contains("pull failed"));
+        assert!(a.log().contains("UnknownIssuer"), "{}", a.log());
+        drop(a);
+        // With it, but an expired certificate.
+        let a = start(&w, &pull_config(&old.url("ch"), Some(&certs.ca)));
+        wait_for(|| a.log().contains("pull failed"));
+        assert!(a.log().contains("certificate expired"), "{}", a.log());
+        drop(a);
+        assert!(good.requests().is_empty() && old.requests().is_empty());
+        assert_eq!(slot(&w), (None, None));
+        // A ca_file that holds no certificate stops the agent at start, naming it.
+        let junk = sb.fresh("junk.pem");
+        fs::write(&junk, "not a certificate\n").unwrap();
+        let cfg = w.etc.join("agent-junk.toml");
+        fs::write(
+            &cfg,
+            format!(
+                "unix = \"\"\ntcp = \"127.0.0.1:0\"\nidentity = {:?}\ntrusted_keys = {:?}\nnewimg_dir = {:?}\n{}",
+                w.etc.join("identity.pem"),
+                w.etc.join("trusted.pem"),
+                w.newimg,
+                pull_config(&good.url("ch"), Some(&junk))
+            ),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin("keel-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("ca_file") && err.contains("junk.pem"),
+            "{err}"
+        );
+        // The right CA and a valid certificate: staged.
+        let a = start(&w, &pull_config(&good.url("ch"), Some(&certs.ca)));
+        let sha2 = sha256_file(&v2);
+        wait_for(|| slot(&w).0.as_deref() == Some(sha2.as_str()));
+        assert!(a.log().contains("pull: staged version 2"), "{}", a.log());
     });
 }
