@@ -4,7 +4,7 @@
 #   BENCH_RUNS (default 5)   runs per measurement (medians, min–max shown)
 #   BENCH_MB   (default 1024) image size for the staging benchmark
 #   BENCH_SMOKE=1            one short iteration of each (CI), results not kept
-# One benchmark alone: bench/stage.sh MB RUNS, or target/debug/keel-vm-bench RUNS [boot|initramfs|roundtrip].
+# One benchmark alone: bench/stage.sh MB RUNS, bench/pull.sh MB RUNS, or target/debug/keel-vm-bench RUNS [boot|initramfs|roundtrip].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${BENCH_RUNS:-5}
@@ -34,6 +34,16 @@ size() { stat -c %s "$1"; }
     echo "Peak RSS for a 64 MiB image, same procedure:"
     echo
     bench/stage.sh 64 "$RUNS" | tail -1
+    echo
+  fi
+  echo "## Pull from a web server"
+  echo
+  bench/pull.sh "$MB" "$RUNS"
+  echo
+  if [ "${BENCH_SMOKE:-}" != 1 ]; then
+    echo "The same for a 64 MiB image (peak RSS against image size):"
+    echo
+    bench/pull.sh 64 "$RUNS" | grep 'RSS'
     echo
   fi
   echo "## In QEMU"
