@@ -41,6 +41,7 @@
 //! interval_secs = 3600          # between polls
 //! # jitter_secs = 360           # up to this much more at random (default: a tenth)
 //! timeout_secs = 30             # per request, and per read of a body
+//! reboot = "never"              # or "staged" (at once), "window 02:00-04:00" (UTC)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -120,6 +121,8 @@ pub struct PullConfig {
     pub timeout_secs: u64,
     /// PEM certificates trusted for `https://` besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// When a pulled image is booted ([`crate::reboot_policy::RebootPolicy::parse`]).
+    pub reboot: String,
 }
 
 impl Default for PullConfig {
@@ -130,6 +133,7 @@ impl Default for PullConfig {
             jitter_secs: None,
             timeout_secs: 30,
             ca_file: None,
+            reboot: "never".into(),
         }
     }
 }
@@ -256,6 +260,9 @@ impl Config {
         if let Some(p) = &self.pull {
             if let Err(e) = crate::http::parse_url(&p.url) {
                 return bad(format!("[pull] url: {e} (the channel's base URL)"));
+            }
+            if let Err(e) = crate::reboot_policy::RebootPolicy::parse(&p.reboot) {
+                return bad(format!("[pull] {e}"));
             }
             if p.interval_secs == 0 || p.timeout_secs == 0 {
                 return bad("[pull] interval_secs and timeout_secs must be at least 1".into());

@@ -22,6 +22,7 @@
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
 //! | [`pull`] | pull mode: poll a channel, admit its manifest as a push, fetch the image into staging |
+//! | [`reboot_policy`] | when a pulled image is booted: never, at once, or in a daily window |
 //! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
@@ -53,6 +54,7 @@ pub mod notify;
 pub mod procs;
 pub mod pty;
 pub mod pull;
+pub mod reboot_policy;
 pub mod server;
 pub mod session;
 pub mod shared;

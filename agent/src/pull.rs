@@ -10,7 +10,8 @@
 //!    the staging pipeline (constant memory, hashed end to end, committed crash-safely).
 //!
 //! When to poll is pure ([`next_wait`]): the interval plus jitter, and after a failure an
-//! exponential backoff (from [`BACKOFF_FIRST`], capped at the interval), jittered too.
+//! exponential backoff (from [`BACKOFF_FIRST`], capped at the interval), jittered too. After
+//! staging, `[pull] reboot` ([`crate::reboot_policy`]) says whether and when to reboot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use keel_proto::message::{PullStatus, Response};
 
 use crate::config::PullConfig;
 use crate::http::{self, HttpError};
+use crate::reboot_policy::RebootPolicy;
 use crate::shared::Shared;
 use crate::stage::CHUNK;
 use tokio_rustls::TlsConnector;
@@ -322,6 +324,29 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Reboots into the staged `version` when `policy` says (a task of its own; a newer image
+/// staged meanwhile is the one booted: initstage takes whatever is staged).
+fn schedule_reboot(sh: &Arc<Shared>, policy: &RebootPolicy, label: &str, version: u64) {
+    let Some(delay) = policy.delay(u32::try_from(unix_now() % 86_400).unwrap_or(0)) else {
+        return;
+    };
+    tracing::info!(
+        version,
+        in_secs = delay.as_secs(),
+        "pull: rebooting into the staged image ([pull] reboot = {label:?})"
+    );
+    let cmd = sh.config.reboot_command.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let r = tokio::task::spawn_blocking(move || crate::control::reboot(cmd.as_deref()))
+            .await
+            .expect("reboot task");
+        if let Err(r) = r {
+            tracing::error!("reboot failed: {}", r.message);
+        }
+    });
+}
+
 /// One line for what a poll did (status and log).
 pub fn describe(p: &Polled) -> String {
     match p {
@@ -345,6 +370,7 @@ pub async fn run(sh: Arc<Shared>, cfg: PullConfig, tls: TlsConnector) {
     let interval = Duration::from_secs(cfg.interval_secs);
     let jitter = Duration::from_secs(cfg.jitter_secs.unwrap_or(cfg.interval_secs / 10));
     let mut st = PollState::default();
+    let policy = RebootPolicy::parse(&cfg.reboot).unwrap_or(RebootPolicy::Never);
     let set = |f: &dyn Fn(&mut PullStatus)| {
         let mut g = sh.pull.lock().expect("pull state");
         f(g.get_or_insert_with(|| PullStatus {
@@ -367,6 +393,9 @@ pub async fn run(sh: Arc<Shared>, cfg: PullConfig, tls: TlsConnector) {
         } else {
             st.failures.saturating_add(1)
         };
+        if let Ok(Polled::Staged { version, .. }) = &r {
+            schedule_reboot(&sh, &policy, &cfg.reboot, *version);
+        }
         match &r {
             Ok(p) => {
                 let what = describe(p);

@@ -205,10 +205,13 @@ fn a_pull_cut_mid_image_resumes_with_range() {
         publish(&v2, &ch);
         let nginx = Nginx::start(&www, &sb.fresh("nginx"));
         let relay = cutting_relay(nginx.port, 2 << 20);
+        // reboot = "staged": the agent runs reboot_command once the image is staged.
+        let rebooted = sb.fresh("rebooted");
         let a = start(
             &w,
             &format!(
-                "[pull]\nurl = \"http://127.0.0.1:{relay}/ch\"\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\n"
+                "reboot_command = \"touch {}\"\n[pull]\nurl = \"http://127.0.0.1:{relay}/ch\"\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\nreboot = \"staged\"\n",
+                rebooted.display()
             ),
         );
         let sha2 = sha256_file(&v2);
@@ -239,6 +242,8 @@ fn a_pull_cut_mid_image_resumes_with_range() {
         let (fetched, from) = (num("version 2"), num("resumed from"));
         assert!(from > 0 && from <= 2 << 20, "{line}");
         assert_eq!(fetched + from, 6 << 20, "{line}");
+        wait_for(|| rebooted.exists());
+        assert!(a.log().contains("rebooting into the staged image"), "{log}");
     });
 }
 
