@@ -313,3 +313,76 @@ fn https_with_a_test_ca_and_certificates_refused() {
         assert!(a.log().contains("pull: staged version 2"), "{}", a.log());
     });
 }
+
+/// A fleet: 100 agents on this machine (each its own `newimg` directory and sockets) polling
+/// one nginx every 2 s with 2 s of jitter. All converge on v2; the access log shows one image
+/// fetch per device and, after that, polls answered 304.
+#[test]
+fn a_fleet_of_100_agents_converges_fetching_each_image_once() {
+    if !privileged() {
+        return;
+    }
+    const DEVICES: usize = 100;
+    let mut sb = Sandbox::new("fleet");
+    let www = sb.fresh("www");
+    let ch = www.join("ch");
+    fs::create_dir_all(&ch).unwrap();
+    let nginx = Nginx::start(&www, &sb.fresh("nginx"));
+    let v2 = image(&mut sb, 1, 2);
+    sign(&mut sb, &v2, "2");
+    let cfg = format!(
+        "[pull]\nurl = {:?}\ninterval_secs = 2\njitter_secs = 2\ntimeout_secs = 10\n",
+        nginx.url("ch")
+    );
+    let fleet: Vec<(World, Agent)> = (0..DEVICES)
+        .map(|_| {
+            let newimg = sb.fresh("newimg");
+            fs::create_dir_all(&newimg).unwrap();
+            let w = world(&mut sb, &newimg, 1);
+            let a = start(&w, &cfg);
+            (w, a)
+        })
+        .collect();
+    let t = std::time::Instant::now();
+    publish(&v2, &ch);
+    let sha2 = sha256_file(&v2);
+    wait_for(|| {
+        fleet
+            .iter()
+            .all(|(w, _)| slot(w).0.as_deref() == Some(sha2.as_str()))
+    });
+    let converged = t.elapsed();
+    let at_convergence = nginx.requests().len();
+    // Two more rounds of polls: nothing new, so 304s only.
+    std::thread::sleep(Duration::from_secs(5));
+    let reqs = nginx.requests();
+    let img = format!("/ch/images/{sha2}");
+    let image_gets: Vec<_> = reqs.iter().filter(|(p, _, _)| *p == img).collect();
+    assert_eq!(image_gets.len(), DEVICES, "one image fetch per device");
+    assert!(image_gets.iter().all(|(_, s, _)| *s == 200));
+    let after = &reqs[at_convergence..];
+    assert!(
+        after.len() >= DEVICES,
+        "{} polls after convergence",
+        after.len()
+    );
+    assert!(
+        after
+            .iter()
+            .all(|(p, s, _)| p == "/ch/manifest.json" && *s == 304),
+        "{after:?}"
+    );
+    let bytes: u64 = reqs.iter().map(|(_, _, b)| b).sum();
+    eprintln!(
+        "{DEVICES} devices converged on v2 {:.1} s after publish; nginx: {} requests, {} body bytes \
+         ({} image fetches of {} bytes), {} polls after convergence, all 304",
+        converged.as_secs_f64(),
+        reqs.len(),
+        bytes,
+        image_gets.len(),
+        fs::metadata(&v2).unwrap().len(),
+        after.len()
+    );
+    drop(fleet);
+    sb.finish();
+}
