@@ -442,6 +442,55 @@ fn exec_over_hybrid_vsock(d: &Path, ep: &str) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--key"));
 }
 
+/// Pull: v1 boots with `[pull]` naming a channel on the host's nginx (10.0.2.2 from the
+/// guest, 127.0.0.1 here); v2 published there is pulled by the guest, staged, and booted.
+#[test]
+fn update_pulled_from_the_host_then_booted() {
+    let d = scenario_dir("pull");
+    let v1 = image(1, true, Fs::Squashfs);
+    let v2 = image(2, true, Fs::Squashfs);
+    sign(&v2, 2);
+    let www = d.join("www");
+    let ch = www.join("ch");
+    let nginx = keel_tests::nginx::Nginx::start(&www, &d.join("nginx"));
+    let disk = Disk::new(&d, &v1, "root-squashfs.img");
+    let port = free_port();
+    let boot = Boot {
+        cmdline: format!("keel_test.pull=http://10.0.2.2:{}/ch", nginx.port),
+        ..tcp_boot(port)
+    };
+    let mut vm = Vm::start(&disk, "v1", &boot);
+    vm.wait_for("KEEL ready version=1");
+    let out = ok(&keelctl(&[
+        "publish",
+        v2.to_str().unwrap(),
+        "--channel",
+        ch.to_str().unwrap(),
+    ]));
+    assert!(out.contains("published"), "{out}");
+    // The init script reboots once something is staged.
+    vm.wait_for("KEEL staged: rebooting");
+    vm.wait_exit();
+    let img = format!("/ch/images/{}", sha256_file(&v2));
+    let fetched: Vec<_> = nginx
+        .requests()
+        .into_iter()
+        .filter(|(p, _, _)| *p == img)
+        .collect();
+    assert_eq!(fetched.len(), 1, "{:?}", nginx.requests());
+    let mut vm = Vm::start(&disk, "v2", &boot);
+    vm.wait_for("KEEL ready version=2");
+    let st = status(port);
+    assert_eq!(st["booted"]["version"], 2, "{st}");
+    assert_eq!(
+        st["pull"]["url"],
+        format!("http://10.0.2.2:{}/ch", nginx.port),
+        "{st}"
+    );
+    vm.kill();
+    let _ = fs::remove_dir_all(&d);
+}
+
 /// Scenario 5: a correctly signed image that does not mount (a truncated squashfs) is
 /// promoted, fails to mount, and the same boot falls back to the previous image.
 #[test]
