@@ -8,7 +8,7 @@ STATIC  := target/$(TARGET)/release
 APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx curl
 FEATURES := --features initstage/failpoints
 
-.PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device clean
+.PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device garage clean
 
 ## deps: install missing Debian packages and cargo components
 deps:
@@ -46,7 +46,7 @@ build: deps
 	$(CARGO) build --workspace $(FEATURES)
 
 ## test: everything CI runs (the VM scenarios included)
-test: lint build static vm-bins vsock-device
+test: lint build static vm-bins vsock-device garage
 	$(CARGO) test --workspace $(FEATURES)
 	$(CARGO) test -p keel-unpack
 	$(MAKE) --no-print-directory units fuzz sizes
@@ -103,6 +103,12 @@ static: deps
 ## vsock-device: the user-space vhost-user vsock device the vsock scenario uses
 vsock-device: deps
 	@command -v vhost-device-vsock >/dev/null || $(CARGO) install vhost-device-vsock --locked
+
+## garage: Garage, the S3-compatible store the pull tests read a private bucket from (a debug
+## build without debug info: it builds in minutes, and the tests need no speed from it)
+garage: deps
+	@command -v garage >/dev/null || CARGO_PROFILE_DEV_DEBUG=0 $(CARGO) install garage --locked --debug \
+		--no-default-features --features bundled-libs,lmdb
 
 ## vm-bins: the static binaries the VM tests pack (initstage with failpoints), own target dir
 vm-bins: deps

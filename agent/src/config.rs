@@ -38,10 +38,16 @@
 //! [pull]
 //! url = "https://updates.example/appliance" # the channel's base URL (http:// too)
 //! # ca_file = "/etc/keel/pull-ca.pem"  # trusted for https besides the system's roots
+//! # client_cert = "/etc/keel/device.pem" # shown to servers that check devices (mTLS),
+//! # client_key = "/etc/keel/device.key" # with its key
 //! interval_secs = 3600          # between polls
 //! # jitter_secs = 360           # up to this much more at random (default: a tenth)
 //! timeout_secs = 30             # per request, and per read of a body
 //! reboot = "never"              # or "staged" (at once), "window 02:00-04:00" (UTC)
+//! # [pull.s3]                   # a private S3 bucket: url = "https://HOST/BUCKET/PREFIX"
+//! # access_key_id = "GK…"
+//! # secret_access_key_file = "/etc/keel/s3.secret"
+//! # region = "us-east-1"        # as the store names itself (Garage: "garage")
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -121,6 +127,13 @@ pub struct PullConfig {
     pub timeout_secs: u64,
     /// PEM certificates trusted for `https://` besides the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain shown to servers that ask for one (mTLS); with `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    pub client_key: Option<PathBuf>,
+    /// Credentials of a private S3 bucket (`[pull.s3]`): requests to the channel's own host
+    /// are signed (SigV4).
+    pub s3: Option<S3Config>,
     /// When a pulled image is booted ([`crate::reboot_policy::RebootPolicy::parse`]).
     pub reboot: String,
 }
@@ -133,9 +146,29 @@ impl Default for PullConfig {
             jitter_secs: None,
             timeout_secs: 30,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
+            s3: None,
             reboot: "never".into(),
         }
     }
+}
+
+/// The `[pull.s3]` table: a private bucket's credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// The access key id.
+    pub access_key_id: String,
+    /// A file holding the secret key (its first line), readable by the agent alone.
+    pub secret_access_key_file: PathBuf,
+    /// The region the store names in its signatures.
+    #[serde(default = "default_region")]
+    pub region: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
 }
 
 /// The `[exec]` table.
@@ -264,6 +297,15 @@ impl Config {
             if let Err(e) = crate::reboot_policy::RebootPolicy::parse(&p.reboot) {
                 return bad(format!("[pull] {e}"));
             }
+            if p.client_cert.is_some() != p.client_key.is_some() {
+                return bad("[pull] client_cert and client_key go together".into());
+            }
+            if p.s3
+                .as_ref()
+                .is_some_and(|s| s.access_key_id.is_empty() || s.region.is_empty())
+            {
+                return bad("[pull.s3] access_key_id and region must not be empty".into());
+            }
             if p.interval_secs == 0 || p.timeout_secs == 0 {
                 return bad("[pull] interval_secs and timeout_secs must be at least 1".into());
             }
@@ -381,5 +423,16 @@ mod tests {
             (pull.interval_secs, pull.jitter_secs, pull.timeout_secs),
             (3600, None, 30)
         );
+        let e = p("[pull]\nurl = \"https://h/c\"\nclient_cert = \"/c.pem\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("go together"), "{e}");
+        let e = p("[pull]\nurl = \"http://h/b/c\"\n[pull.s3]\naccess_key_id = \"GK1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("secret_access_key_file"), "{e}");
+        let c = p("[pull]\nurl = \"http://h/b/c\"\n[pull.s3]\naccess_key_id = \"GK1\"\nsecret_access_key_file = \"/s\"")
+            .unwrap();
+        assert_eq!(c.pull.unwrap().s3.unwrap().region, "us-east-1");
     }
 }

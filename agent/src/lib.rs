@@ -23,7 +23,8 @@
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
 //! | [`pull`] | pull mode: poll a channel, admit its manifest as a push, fetch the image into staging |
 //! | [`reboot_policy`] | when a pulled image is booted: never, at once, or in a daily window |
-//! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed |
+//! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed; redirects, client certificates |
+//! | [`sigv4`] | AWS Signature Version 4 for a private S3 bucket (pure) |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
 //! | [`status`] | what the device runs and holds |
@@ -33,7 +34,7 @@
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
-//! {procs, stage, verify, users, conn}; server → pull → {intake, http}.
+//! {procs, stage, verify, users, conn}; server → pull → {intake, http → sigv4}.
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -58,6 +59,7 @@ pub mod reboot_policy;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod sigv4;
 pub mod stage;
 pub mod status;
 pub mod tls;

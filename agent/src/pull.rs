@@ -25,7 +25,6 @@ use crate::http::{self, HttpError};
 use crate::reboot_policy::RebootPolicy;
 use crate::shared::Shared;
 use crate::stage::CHUNK;
-use tokio_rustls::TlsConnector;
 
 /// The first wait after a failed poll; it doubles with each further failure.
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -133,12 +132,11 @@ pub enum PullError {
 pub async fn poll_once(
     sh: &Arc<Shared>,
     cfg: &PullConfig,
-    tls: &TlsConnector,
+    client: &http::Client,
     st: &mut PollState,
 ) -> Result<Polled, PullError> {
-    let timeout = Duration::from_secs(cfg.timeout_secs);
     let url = channel::join(&cfg.url, channel::MANIFEST);
-    let resp = http::get(&url, &st.conditions(), timeout, Some(tls)).await?;
+    let resp = client.get(&url, &st.conditions()).await?;
     match resp.head.status {
         304 => return Ok(Polled::NotModified),
         200 => {}
@@ -146,10 +144,12 @@ pub async fn poll_once(
             return Err(PullError::Status {
                 url,
                 status,
-                hint: if status == 404 {
-                    " (nothing published there yet?)"
-                } else {
-                    ""
+                hint: match status {
+                    404 => " (nothing published there yet?)",
+                    401 | 403 => {
+                        " (the server refuses this device: check [pull.s3] or [pull] client_cert)"
+                    }
+                    _ => "",
                 },
             })
         }
@@ -190,7 +190,7 @@ pub async fn poll_once(
     let offset = upload.offset();
     let size = signed.manifest.size;
     let mut p = upload.start();
-    let fetched = fetch_into(&img_url, offset, size, timeout, tls, &mut p).await;
+    let fetched = fetch_into(client, &img_url, offset, size, &mut p).await;
     let (complete, keep) = match &fetched {
         Ok(_) => (true, false),
         // A server answer that is not this image: nothing of it is kept.
@@ -222,18 +222,15 @@ pub async fn poll_once(
 /// Fetches the image from `offset` into the pipeline; returns the bytes fetched, or how many
 /// came before the failure.
 async fn fetch_into(
+    client: &http::Client,
     url: &str,
     offset: u64,
     size: u64,
-    timeout: Duration,
-    tls: &TlsConnector,
     p: &mut crate::stage::Pipeline,
 ) -> Result<u64, (u64, PullError)> {
     let range = [("Range", format!("bytes={offset}-"))];
     let headers: &[(&str, String)] = if offset > 0 { &range } else { &[] };
-    let mut resp = http::get(url, headers, timeout, Some(tls))
-        .await
-        .map_err(|e| (0, e.into()))?;
+    let mut resp = client.get(url, headers).await.map_err(|e| (0, e.into()))?;
     let status = resp.head.status;
     // A server that ignores Range sends it all: the kept part is read past.
     let mut skip = match (status, resp.head.range_start()) {
@@ -312,6 +309,57 @@ async fn fetch_into(
     Ok(got)
 }
 
+/// Largest secret key file read.
+const MAX_SECRET: u64 = 4096;
+
+/// The HTTP client for `cfg`'s channel: its trust roots and client identity, its timeout,
+/// and the bucket's credentials (the secret read from its file). An error names the setting.
+pub fn client(cfg: &PullConfig) -> Result<http::Client, String> {
+    let identity = match (&cfg.client_cert, &cfg.client_key) {
+        (Some(cert), Some(key)) => Some(http::ClientIdentity { cert, key }),
+        _ => None,
+    };
+    let tls = http::tls_connector(cfg.ca_file.as_deref(), identity)?;
+    let s3 = match &cfg.s3 {
+        None => None,
+        Some(s) => {
+            let f = &s.secret_access_key_file;
+            let raw = keel_sys::durable::read_regular(f, MAX_SECRET)
+                .map_err(|e| format!("[pull.s3] secret_access_key_file: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "[pull.s3] secret_access_key_file {}: no such file",
+                        f.display()
+                    )
+                })?;
+            let secret = String::from_utf8(raw)
+                .ok()
+                .and_then(|t| t.lines().next().map(|l| l.trim().to_string()))
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| {
+                    format!(
+                        "[pull.s3] secret_access_key_file {}: no secret key on its first line",
+                        f.display()
+                    )
+                })?;
+            let origin = http::parse_url(&cfg.url).map_err(|e| e.to_string())?;
+            Some((
+                origin,
+                crate::sigv4::Credentials {
+                    access_key_id: s.access_key_id.clone(),
+                    secret,
+                    region: s.region.clone(),
+                },
+            ))
+        }
+    };
+    Ok(http::Client::new(
+        tls,
+        Duration::from_secs(cfg.timeout_secs),
+        s3,
+    ))
+}
+
 fn random() -> u64 {
     let mut b = [0u8; 8];
     let _ = keel_sys::random::fill(&mut b);
@@ -366,7 +414,7 @@ pub fn describe(p: &Polled) -> String {
 /// Polls forever: the first poll after a random part of the jitter (a fleet that boots
 /// together does not poll together), then as [`next_wait`] says, or at once on
 /// `pull-now`. One log line per poll; the state in [`Shared::pull`] for `status`.
-pub async fn run(sh: Arc<Shared>, cfg: PullConfig, tls: TlsConnector) {
+pub async fn run(sh: Arc<Shared>, cfg: PullConfig, client: http::Client) {
     let interval = Duration::from_secs(cfg.interval_secs);
     let jitter = Duration::from_secs(cfg.jitter_secs.unwrap_or(cfg.interval_secs / 10));
     let mut st = PollState::default();
@@ -386,7 +434,7 @@ pub async fn run(sh: Arc<Shared>, cfg: PullConfig, tls: TlsConnector) {
             _ = sh.pull_now.notified() => tracing::info!(url = %cfg.url, "pull: polling now (pull-now)"),
         }
         let t = Instant::now();
-        let r = poll_once(&sh, &cfg, &tls, &mut st).await;
+        let r = poll_once(&sh, &cfg, &client, &mut st).await;
         let ms = t.elapsed().as_millis();
         st.failures = if r.is_ok() {
             0

@@ -51,9 +51,9 @@ pub async fn run(
     authorized: Vec<VerifyingKey>,
     identity: Option<Identity>,
 ) -> Result<(), Error> {
-    // A bad ca_file stops the agent here, before it says it is ready.
-    let pull_tls = match &config.pull {
-        Some(p) => Some(crate::http::tls_connector(p.ca_file.as_deref()).map_err(Error::Pull)?),
+    // A bad ca_file, client certificate or secret stops the agent here, before it says it is ready.
+    let pull_client = match &config.pull {
+        Some(p) => Some(crate::pull::client(p).map_err(Error::Pull)?),
         None => None,
     };
     let listeners = bind(&config, identity.as_ref()).await?;
@@ -74,9 +74,9 @@ pub async fn run(
     }
     let mut tasks = Vec::new();
     if let Some(p) = shared.config.pull.clone() {
-        let tls = pull_tls.clone().expect("made with the config");
+        let client = pull_client.clone().expect("made with the config");
         tracing::info!(url = %p.url, interval_secs = p.interval_secs, "pull: polling the channel");
-        tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p, tls)));
+        tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p, client)));
     }
     for l in listeners {
         tasks.push(tokio::spawn(accept_loop(l, shared.clone(), gate.clone())));

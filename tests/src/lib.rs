@@ -9,6 +9,8 @@
 #![allow(clippy::undocumented_unsafe_blocks)]
 
 pub mod agent;
+pub mod channel;
+pub mod garage;
 pub mod nginx;
 
 use std::fs;

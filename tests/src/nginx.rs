@@ -29,6 +29,14 @@ pub struct Certs {
     pub key: PathBuf,
     /// A certificate for the same key, valid only in January 2020.
     pub expired: PathBuf,
+    /// A device's client certificate (`CN=device-1`) signed by the CA, and its key.
+    pub client: PathBuf,
+    /// See [`Certs::client`].
+    pub client_key: PathBuf,
+    /// A client certificate and key the CA never signed (self-signed, `CN=stranger`).
+    pub stranger: PathBuf,
+    /// See [`Certs::stranger`].
+    pub stranger_key: PathBuf,
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -97,11 +105,43 @@ impl Certs {
         ]);
         a.extend(["-extfile", "ext.cnf"]);
         openssl(dir, &a);
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "dev.key",
+            "-out",
+            "dev.csr",
+            "-subj",
+            "/CN=device-1",
+        ]);
+        openssl(dir, &a);
+        fs::write(dir.join("dev.cnf"), "extendedKeyUsage=clientAuth\n").unwrap();
+        let mut a = vec!["x509", "-req", "-in", "dev.csr", "-out", "dev.pem"];
+        a.extend(sign);
+        a.extend(["-days", "30", "-extfile", "dev.cnf"]);
+        openssl(dir, &a);
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend([
+            "-keyout",
+            "stranger.key",
+            "-out",
+            "stranger.pem",
+            "-days",
+            "30",
+        ]);
+        a.extend(["-subj", "/CN=stranger"]);
+        openssl(dir, &a);
         Certs {
             ca: dir.join("ca.pem"),
             cert: dir.join("srv.pem"),
             key: dir.join("srv.key"),
             expired: dir.join("old.pem"),
+            client: dir.join("dev.pem"),
+            client_key: dir.join("dev.key"),
+            stranger: dir.join("stranger.pem"),
+            stranger_key: dir.join("stranger.key"),
         }
     }
 }
@@ -109,21 +149,39 @@ impl Certs {
 impl Nginx {
     /// Serves `root` on a free port of 127.0.0.1; config, logs and temp files in `dir`.
     pub fn start(root: &Path, dir: &Path) -> Nginx {
-        Nginx::start_with(root, dir, None)
+        Nginx::start_with(root, dir, None, "")
     }
 
     /// [`Nginx::start`] over TLS 1.3 with certificate `cert` and key `key`.
     pub fn start_tls(root: &Path, dir: &Path, cert: &Path, key: &Path) -> Nginx {
-        Nginx::start_with(root, dir, Some((cert, key)))
+        Nginx::start_with(root, dir, Some((cert, key)), "")
     }
 
-    fn start_with(root: &Path, dir: &Path, tls: Option<(&Path, &Path)>) -> Nginx {
-        fs::create_dir_all(dir.join("tmp")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
+    /// A free port on 127.0.0.1 (for a server whose URL another's config names).
+    pub fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
-            .port();
+            .port()
+    }
+
+    /// [`Nginx::start`], over TLS when `tls` is given, with `extra` added to the `server`
+    /// block (`location`s, `return`s, `ssl_verify_client`). The access log ends each line
+    /// with the client certificate's subject in quotes.
+    pub fn start_with(root: &Path, dir: &Path, tls: Option<(&Path, &Path)>, extra: &str) -> Nginx {
+        Nginx::start_on(Nginx::free_port(), root, dir, tls, extra)
+    }
+
+    /// [`Nginx::start_with`] on `port`.
+    pub fn start_on(
+        port: u16,
+        root: &Path,
+        dir: &Path,
+        tls: Option<(&Path, &Path)>,
+        extra: &str,
+    ) -> Nginx {
+        fs::create_dir_all(dir.join("tmp")).unwrap();
         let d = dir.display();
         let conf = dir.join("nginx.conf");
         fs::write(
@@ -131,9 +189,10 @@ impl Nginx {
             format!(
                 "daemon off;\nmaster_process off;\nuser root;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
                  events {{ worker_connections 1024; }}\n\
-                 http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
+                 http {{\n  log_format keel '$remote_addr - - [$time_local] \"$request\" $status $body_bytes_sent \"$ssl_client_s_dn\"';\n  \
+                 access_log {d}/access.log keel;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
                  fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
-                 server {{ listen 127.0.0.1:{port}{}; root {}; }}\n}}\n",
+                 server {{ listen 127.0.0.1:{port}{}; root {}; {extra} }}\n}}\n",
                 match tls {
                     Some((c, k)) => format!(
                         " ssl; ssl_protocols TLSv1.3; ssl_certificate {}; ssl_certificate_key {}",
@@ -182,6 +241,14 @@ impl Nginx {
             self.port,
             path.trim_start_matches('/')
         )
+    }
+
+    /// The client certificate subject of every request so far (`-` for none), in order.
+    pub fn client_subjects(&self) -> Vec<String> {
+        let text = fs::read_to_string(&self.access_log).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| Some(l.split('"').nth(3)?.to_string()))
+            .collect()
     }
 
     /// (path, status, bytes sent) of every request so far, in order.

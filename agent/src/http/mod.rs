@@ -1,66 +1,42 @@
 //! A small HTTP/1.1 client for pulling updates: one GET per connection (`Connection: close`),
-//! `http://` or `https://` (TLS 1.3 through rustls, the server's certificate checked against
-//! the system's roots and `[pull] ca_file`, [`tls_connector`]), the response head parsed by
-//! pure functions ([`parse_url`], [`parse_head`]) and bounded ([`MAX_HEAD`]), the body read as
-//! its `Content-Length` says, every step within a timeout. Enough for static files from any
-//! web server or CDN; nothing here follows redirects or decodes chunked bodies (a server
-//! that sends one is an error that says so).
+//! `http://` or `https://` (TLS 1.3 through rustls; whom it trusts and the device identity it
+//! shows in [`trust`]), the response head parsed by pure functions ([`parse_url`],
+//! [`parse_head`]) and bounded ([`MAX_HEAD`]), the body read as its `Content-Length` says,
+//! every step within a timeout. [`Client::get`] follows up to [`MAX_REDIRECTS`] redirects
+//! ([`resolve_location`]: never from https down to http) and signs requests to the
+//! channel's own origin for a private S3 bucket ([`crate::sigv4`]; never to another host a
+//! redirect leads to). Enough for static files from any web server, CDN or object store;
+//! chunked bodies are not decoded (a server that sends one is an error that says so).
+//!
+//! | module | what |
+//! |---|---|
+//! | [`url`] | URLs and where a `Location` leads |
+//! | [`head`] | the status line and headers |
+//! | [`trust`] | the TLS client: roots, `ca_file`, client certificate |
 
-use std::path::Path;
-use std::sync::Arc;
+pub mod head;
+pub mod trust;
+pub mod url;
+
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// The system's trust roots, as Debian's ca-certificates writes them.
-pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub use head::{parse_head, Head, MAX_HEAD};
+pub use trust::{tls_connector, ClientIdentity, SYSTEM_ROOTS};
+pub use url::{parse_url, resolve_location, Url};
 
-/// The TLS client for `https://`: the roots in [`SYSTEM_ROOTS`] (when the file is there) and
-/// every certificate in `ca_file` (which must read and hold at least one).
-pub fn tls_connector(ca_file: Option<&Path>) -> Result<TlsConnector, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    if let Ok(pem) = std::fs::read(SYSTEM_ROOTS) {
-        let certs = CertificateDer::pem_slice_iter(&pem).filter_map(Result::ok);
-        roots.add_parsable_certificates(certs);
-    }
-    if let Some(f) = ca_file {
-        let pem = keel_sys::durable::read_regular(f, 4 << 20)
-            .map_err(|e| format!("[pull] ca_file: {e}"))?
-            .ok_or_else(|| format!("[pull] ca_file {}: no such file", f.display()))?;
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("[pull] ca_file {}: {e}", f.display()))?;
-        if certs.is_empty() {
-            return Err(format!(
-                "[pull] ca_file {}: no PEM certificate in it",
-                f.display()
-            ));
-        }
-        for c in certs {
-            roots
-                .add(c)
-                .map_err(|e| format!("[pull] ca_file {}: {e}", f.display()))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
-}
+use crate::sigv4::{self, Credentials};
+
+/// Redirects followed for one request.
+pub const MAX_REDIRECTS: usize = 5;
 
 /// A connection, plain or TLS.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
-/// Largest response head read.
-pub const MAX_HEAD: usize = 16 << 10;
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +69,12 @@ pub enum HttpError {
         /// The timeout.
         secs: u64,
     },
+    /// A chain of redirects longer than [`MAX_REDIRECTS`].
+    #[error("{url}: more than {MAX_REDIRECTS} redirects (a redirect loop?)")]
+    Redirects {
+        /// The URL first asked for.
+        url: String,
+    },
     /// The server's answer is not HTTP this client reads.
     #[error("{url}: bad response: {why}")]
     Response {
@@ -101,116 +83,6 @@ pub enum HttpError {
         /// What was wrong.
         why: String,
     },
-}
-
-/// A parsed `http://` or `https://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    /// `https://`.
-    pub tls: bool,
-    /// Host name or address (brackets kept for IPv6).
-    pub host: String,
-    /// Port (80 unless given).
-    pub port: u16,
-    /// Path and query, starting with `/`.
-    pub path: String,
-}
-
-/// Parses `http[s]://HOST[:PORT][/PATH]`.
-pub fn parse_url(url: &str) -> Result<Url, HttpError> {
-    let bad = |why| HttpError::Url {
-        url: url.to_string(),
-        why,
-    };
-    let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
-        (Some(r), _) => (true, r),
-        (_, Some(r)) => (false, r),
-        _ => return Err(bad("not an http:// or https:// URL")),
-    };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() || authority.contains('@') {
-        return Err(bad("no host, or user info (not supported)"));
-    }
-    if path.chars().any(|c| c.is_ascii_control() || c == ' ') {
-        return Err(bad("the path has spaces or control characters"));
-    }
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && !p.contains(']') => {
-            (h, p.parse().map_err(|_| bad("the port is not a number"))?)
-        }
-        _ => (authority, if tls { 443 } else { 80 }),
-    };
-    Ok(Url {
-        tls,
-        host: host.to_string(),
-        port,
-        path: path.to_string(),
-    })
-}
-
-/// A response's status line and headers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Head {
-    /// The status code.
-    pub status: u16,
-    /// Header names (lower-case) and values, in order.
-    pub headers: Vec<(String, String)>,
-}
-
-impl Head {
-    /// The first value of header `name` (lower-case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// `Content-Length`, if present and a number.
-    pub fn content_length(&self) -> Option<u64> {
-        self.header("content-length")?.parse().ok()
-    }
-
-    /// The start offset of a `Content-Range: bytes START-END/TOTAL`.
-    pub fn range_start(&self) -> Option<u64> {
-        let v = self.header("content-range")?.strip_prefix("bytes ")?;
-        v.split('-').next()?.trim().parse().ok()
-    }
-}
-
-/// Parses a response head from the start of `buf`: `Ok(None)` if more bytes are needed,
-/// else the head and how many bytes of `buf` it took.
-pub fn parse_head(buf: &[u8]) -> Result<Option<(Head, usize)>, String> {
-    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-        if buf.len() > MAX_HEAD {
-            return Err(format!("response head larger than {MAX_HEAD} bytes"));
-        }
-        return Ok(None);
-    };
-    let text = std::str::from_utf8(&buf[..end]).map_err(|_| "response head is not UTF-8")?;
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or("");
-    if !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1.x status line: {status_line:?}"));
-    }
-    let status = parts
-        .next()
-        .and_then(|s| s.parse::<u16>().ok())
-        .filter(|s| (100..600).contains(s))
-        .ok_or_else(|| format!("no status code in {status_line:?}"))?;
-    let mut headers = Vec::new();
-    for l in lines {
-        let (k, v) = l
-            .split_once(':')
-            .ok_or_else(|| format!("header line without a colon: {l:?}"))?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
-    }
-    Ok(Some((Head { status, headers }, end + 4)))
 }
 
 /// A response whose body is still to be read.
@@ -236,6 +108,11 @@ impl std::fmt::Debug for Response {
 }
 
 impl Response {
+    /// Where the answer came from (after redirects).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// Reads the next part of the body into `buf` (0 at its end); each read within the
     /// timeout, a connection closed early an error.
     pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, HttpError> {
@@ -311,16 +188,79 @@ async fn within<T>(
     }
 }
 
-/// Sends `GET url` with `headers` and reads the response head; the body is the caller's
-/// to read. `https://` needs `tls`. Every step (connect, handshake, send, head) within
-/// `timeout`.
-pub async fn get(
-    url: &str,
+/// What every request of one channel shares: the TLS client, the timeout, and the
+/// credentials of a private bucket with the origin they belong to.
+#[derive(Clone)]
+pub struct Client {
+    tls: TlsConnector,
+    timeout: Duration,
+    s3: Option<(Url, Credentials)>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("timeout", &self.timeout)
+            .field("s3", &self.s3)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client whose every step takes at most `timeout`; with `s3`, requests to
+    /// `s3.0`'s origin are signed with `s3.1`.
+    pub fn new(tls: TlsConnector, timeout: Duration, s3: Option<(Url, Credentials)>) -> Client {
+        Client { tls, timeout, s3 }
+    }
+
+    /// `GET url` with `headers`, following redirects (301, 302, 303, 307, 308) up to
+    /// [`MAX_REDIRECTS`] with the same headers; the body is the caller's to read.
+    pub async fn get(&self, url: &str, headers: &[(&str, String)]) -> Result<Response, HttpError> {
+        let mut u = parse_url(url)?;
+        for _ in 0..=MAX_REDIRECTS {
+            let mut all: Vec<(&str, String)> = headers.to_vec();
+            if let Some((origin, creds)) = &self.s3 {
+                if origin.same_origin(&u) {
+                    let unix = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                    all.extend(sigv4::sign_get(
+                        creds,
+                        &u.host_header(),
+                        &u.path,
+                        headers,
+                        unix,
+                    ));
+                }
+            }
+            let resp = get_once(&u, &all, self.timeout, &self.tls).await?;
+            let location = match resp.head.status {
+                301 | 302 | 303 | 307 | 308 => resp.head.header("location"),
+                _ => None,
+            };
+            let Some(location) = location else {
+                return Ok(resp);
+            };
+            let next = resolve_location(&u, location)?;
+            tracing::info!(from = %u, to = %next, status = resp.head.status, "pull: redirected");
+            u = next;
+        }
+        Err(HttpError::Redirects {
+            url: url.to_string(),
+        })
+    }
+}
+
+/// Sends one `GET` of `u` with `headers` and reads the response head. Every step (connect,
+/// handshake, send, head) within `timeout`.
+async fn get_once(
+    u: &Url,
     headers: &[(&str, String)],
     timeout: Duration,
-    tls: Option<&TlsConnector>,
+    tls: &TlsConnector,
 ) -> Result<Response, HttpError> {
-    let u = parse_url(url)?;
+    let url = u.to_string();
+    let url = url.as_str();
     let bare = u.host.trim_matches(['[', ']']).to_string();
     let tcp = within(
         url,
@@ -331,10 +271,6 @@ pub async fn get(
     .await?;
     let _ = tcp.set_nodelay(true);
     let mut s: Box<dyn Io> = if u.tls {
-        let tls = tls.ok_or_else(|| HttpError::Url {
-            url: url.to_string(),
-            why: "https without a TLS client",
-        })?;
         let name = ServerName::try_from(bare).map_err(|_| HttpError::Url {
             url: url.to_string(),
             why: "the host is not a valid DNS name or IP address",
@@ -343,15 +279,10 @@ pub async fn get(
     } else {
         Box::new(tcp)
     };
-    let default_port = if u.tls { 443 } else { 80 };
-    let host = if u.port == default_port {
-        u.host.clone()
-    } else {
-        format!("{}:{}", u.host, u.port)
-    };
     let mut req = format!(
-        "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: keel-agent/{}\r\nAccept-Encoding: identity\r\nConnection: close\r\n",
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: keel-agent/{}\r\nAccept-Encoding: identity\r\nConnection: close\r\n",
         u.path,
+        u.host_header(),
         env!("CARGO_PKG_VERSION")
     );
     for (k, v) in headers {
@@ -365,7 +296,9 @@ pub async fn get(
             url: url.to_string(),
             why,
         })?;
-    let bodiless = head.status == 304 || head.status == 204 || (100..200).contains(&head.status);
+    let redirect = (300..400).contains(&head.status) && head.header("location").is_some();
+    let bodiless =
+        head.status == 304 || head.status == 204 || (100..200).contains(&head.status) || redirect;
     let remaining = if bodiless {
         0
     } else if head
