@@ -5,7 +5,7 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx curl
+APT_PKGS := libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx curl umoci skopeo
 FEATURES := --features initstage/failpoints
 
 .PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device garage clean
@@ -39,7 +39,7 @@ lint: deps
 	$(CARGO) clippy -p keel-unpack --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
 	@# The device agent links no host-only crate.
-	@! $(CARGO) tree -e normal,build -p keel-agent --prefix none | grep -E '^(keelctl|keel-build|flate2) ' || { echo "keel-agent links a host-only crate"; exit 1; }
+	@! $(CARGO) tree -e normal,build -p keel-agent --prefix none | grep -E '^(keelctl|keel-build|keel-oci|tar|flate2) ' || { echo "keel-agent links a host-only crate"; exit 1; }
 
 ## build: debug binaries (initstage with failpoints: the integration tests need them)
 build: deps
@@ -57,7 +57,7 @@ check:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
-	$(CARGO) test $(FEATURES) -p keel-proto -p keel-sys -p keel-unpack -p initstage -p keel-agent -p keelctl -p keel-build
+	$(CARGO) test $(FEATURES) -p keel-proto -p keel-sys -p keel-unpack -p initstage -p keel-agent -p keelctl -p keel-build -p keel-oci
 	$(CARGO) test -p keel-unpack
 
 ## units: systemd-analyze verify on the units, sh -n on the OpenRC scripts

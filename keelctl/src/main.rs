@@ -98,6 +98,40 @@ enum Cmd {
         #[arg(long)]
         manifest: Option<PathBuf>,
     },
+    /// Builds a root image from a container image: its layers checked and applied
+    /// (whiteouts, owners, modes, xattrs), files injected, packed reproducibly.
+    Build {
+        /// The image: oci:DIR[:TAG] or dir:PATH.
+        #[arg(long)]
+        from: String,
+        /// The output file.
+        #[arg(long, short = 'o')]
+        out: PathBuf,
+        /// squashfs or erofs.
+        #[arg(long, default_value = "squashfs")]
+        format: String,
+        /// SRC:/DST: a file to add (repeatable).
+        #[arg(long)]
+        inject: Vec<String>,
+        /// The keel-agent binary to add at /usr/sbin/keel-agent.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// The platform to pick from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Sign the image with this private key (PEM), with --name and --version.
+        #[arg(long, requires_all = ["name", "version"])]
+        sign: Option<PathBuf>,
+        /// Product name (with --sign).
+        #[arg(long)]
+        name: Option<String>,
+        /// Image version (with --sign).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Writes IMAGE and its manifest into a pull channel folder for any web server, CDN or
     /// bucket: the image under its digest first, then manifest.json.
     Publish {
@@ -315,6 +349,30 @@ fn run(a: Args) -> anyhow::Result<()> {
             channel,
             json,
         } => cmd::publish::run(image, manifest, channel, *json),
+        Cmd::Build {
+            from,
+            out,
+            format,
+            inject,
+            agent,
+            platform,
+            sign,
+            name,
+            version,
+            json,
+        } => cmd::build::run(&cmd::build::Build {
+            from,
+            out,
+            format,
+            inject,
+            agent: agent.as_deref(),
+            platform,
+            sign: match (sign, name, version) {
+                (Some(k), Some(n), Some(v)) => Some((k.as_path(), n.as_str(), *v)),
+                _ => None,
+            },
+            json: *json,
+        }),
         Cmd::Push {
             image,
             manifest,

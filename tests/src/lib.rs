@@ -12,6 +12,7 @@ pub mod agent;
 pub mod channel;
 pub mod garage;
 pub mod nginx;
+pub mod oci;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

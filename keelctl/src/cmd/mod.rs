@@ -1,5 +1,6 @@
 //! One file per `keelctl` command; what they share lives here.
 
+pub mod build;
 pub mod control;
 pub mod cp;
 pub mod exec;

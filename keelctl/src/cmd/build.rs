@@ -1,0 +1,233 @@
+//! `keelctl build --from REF -o OUT`: a root image from a container image. The layers are
+//! checked against their digests and applied to a temporary tree beside OUT (whiteouts,
+//! owners, modes, mtimes, xattrs; nothing may leave the tree: [`keel_oci::unpack`]), what is
+//! asked for is injected, the image's run config kept at `/etc/keel/image.json`, and the tree
+//! packed reproducibly ([`keel_build::rootimg`]). With `--sign`, its signed manifest beside it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use keel_build::rootimg::{self, Format};
+use keel_oci::layout::{Layout, Resolved};
+use keel_oci::reference::{self, ImageRef};
+use keel_oci::spec::Platform;
+use keel_oci::unpack::Tree;
+
+use super::{hash_file, out};
+
+/// Where the image's run config goes in the tree.
+pub const RUN_CONFIG: &str = "/etc/keel/image.json";
+/// Where `--agent` puts the agent.
+pub const AGENT_PATH: &str = "/usr/sbin/keel-agent";
+
+/// What to build.
+#[derive(Debug)]
+pub struct Build<'a> {
+    /// The image reference.
+    pub from: &'a str,
+    /// The output file.
+    pub out: &'a Path,
+    /// `squashfs`, `erofs`.
+    pub format: &'a str,
+    /// `SRC:DST` files to add.
+    pub inject: &'a [String],
+    /// The agent binary to add at [`AGENT_PATH`].
+    pub agent: Option<&'a Path>,
+    /// `OS/ARCH[/VARIANT]`.
+    pub platform: &'a str,
+    /// Sign with this key, as `name` `version`.
+    pub sign: Option<(&'a Path, &'a str, u64)>,
+    /// Print the result as JSON.
+    pub json: bool,
+}
+
+/// Removes the temporary tree however the build ends.
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The filesystem's timestamp: `SOURCE_DATE_EPOCH` when set, else 0.
+fn epoch() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v:?} is not a number of seconds")),
+        Err(_) => Ok(0),
+    }
+}
+
+/// Builds the image.
+pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let format = match b.format {
+        "squashfs" => Format::Squashfs,
+        "erofs" => Format::Erofs,
+        f => bail!("--format {f:?}: expected squashfs or erofs"),
+    };
+    let platform = Platform::parse(b.platform)?;
+    let injects: Vec<(PathBuf, String)> = b
+        .inject
+        .iter()
+        .map(|s| match s.split_once(':') {
+            Some((src, dst)) if !src.is_empty() && dst.starts_with('/') => {
+                Ok((PathBuf::from(src), dst.to_string()))
+            }
+            _ => bail!("--inject {s:?}: expected SRC:/ABSOLUTE/DST"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let epoch = epoch()?;
+    let r = reference::parse(b.from)?;
+    let dir = b
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = b
+        .out
+        .file_name()
+        .context("-o must name a file")?
+        .to_string_lossy()
+        .into_owned();
+    let scratch = Scratch(dir.join(format!(".{name}.keel-build-{}", std::process::id())));
+    let _ = fs::remove_dir_all(&scratch.0);
+    let mut tree = Tree::create(&scratch.0)?;
+    let (layers, digest) = match &r {
+        ImageRef::Layout { dir, tag } => {
+            let layout = Layout::open(Path::new(dir))?;
+            let img = layout.resolve(tag.as_deref(), &platform)?;
+            let n = apply_layout(&layout, &img, &mut tree)?;
+            write_run_config(&mut tree, &img)?;
+            (n, Some(img.digest.to_string()))
+        }
+        ImageRef::Dir { path } => {
+            copy_dir(Path::new(path), &mut tree)?;
+            (0, None)
+        }
+        ImageRef::Registry { .. } | ImageRef::DockerArchive { .. } => {
+            bail!("{}: registries and docker archives are not read yet; copy the image into an OCI layout first (skopeo copy docker://… oci:DIR:TAG) and build from oci:DIR:TAG", b.from)
+        }
+    };
+    if let Some(agent) = b.agent {
+        inject(&mut tree, agent, AGENT_PATH, 0o755)?;
+    }
+    for (src, dst) in &injects {
+        let mode = fs::metadata(src)
+            .with_context(|| format!("--inject {}", src.display()))?
+            .permissions();
+        inject(
+            &mut tree,
+            src,
+            dst,
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
+        )?;
+    }
+    let tree_path = tree.finish()?;
+    let t_pack = Instant::now();
+    rootimg::make(&tree_path, b.out, format, epoch)?;
+    let pack_ms = t_pack.elapsed().as_millis();
+    drop(scratch);
+    let (size, sha256) = hash_file(b.out)?;
+    if let Some((key, name, version)) = b.sign {
+        super::sign::run(&super::sign::Sign {
+            image: b.out,
+            key,
+            name,
+            version,
+            min_version: None,
+            created: Some(epoch),
+            out: &None,
+        })?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    if b.json {
+        out!(
+            "{}",
+            serde_json::json!({
+                "output": b.out,
+                "format": b.format,
+                "size": size,
+                "sha256": sha256,
+                "layers": layers,
+                "image": digest,
+                "secs": secs,
+            })
+        );
+    } else {
+        out!(
+            "built {} ({} bytes, sha256 {sha256}) from {} ({layers} layers) in {secs:.1} s ({} packing {pack_ms} ms)",
+            b.out.display(),
+            size,
+            b.from,
+            b.format
+        );
+    }
+    Ok(())
+}
+
+/// Applies the image's layers, lowest first, one progress line each on stderr.
+fn apply_layout(layout: &Layout, img: &Resolved, tree: &mut Tree) -> anyhow::Result<usize> {
+    let n = img.manifest.layers.len();
+    for (i, l) in img.manifest.layers.iter().enumerate() {
+        let t = Instant::now();
+        let blob = layout.blob(l)?;
+        let st = tree.apply_layer(&l.digest, blob)?;
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "layer {}/{n} {}: {} entries, {} whiteouts, {:.1} MiB ({:.1} MiB compressed) in {secs:.2} s",
+            i + 1,
+            &l.digest[..19.min(l.digest.len())],
+            st.entries,
+            st.whiteouts,
+            st.bytes as f64 / (1u64 << 20) as f64,
+            l.size as f64 / (1u64 << 20) as f64,
+        );
+    }
+    Ok(n)
+}
+
+/// Keeps how to run the image (Entrypoint, Cmd, Env, WorkingDir, User) in the tree.
+fn write_run_config(tree: &mut Tree, img: &Resolved) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(&img.config.config)?;
+    tree.write_file(RUN_CONFIG, &mut json.as_slice(), 0o644)?;
+    Ok(())
+}
+
+/// Adds one regular file (never through a symlink on our side either).
+fn inject(tree: &mut Tree, src: &Path, dst: &str, mode: u32) -> anyhow::Result<()> {
+    let meta = fs::symlink_metadata(src).with_context(|| format!("inject {}", src.display()))?;
+    if !meta.is_file() {
+        bail!("inject {}: not a regular file", src.display());
+    }
+    let mut f = fs::File::open(src).with_context(|| format!("open {}", src.display()))?;
+    tree.write_file(dst, &mut f, mode)?;
+    Ok(())
+}
+
+/// `dir:PATH`: the tree taken as a single layer would be (a tar of it, streamed).
+fn copy_dir(src: &Path, tree: &mut Tree) -> anyhow::Result<()> {
+    let meta = fs::symlink_metadata(src).with_context(|| format!("dir:{}", src.display()))?;
+    if !meta.is_dir() {
+        bail!("dir:{}: not a directory", src.display());
+    }
+    let (rd, wr) = std::io::pipe().context("pipe")?;
+    let src2 = src.to_path_buf();
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut b = tar::Builder::new(wr);
+        b.follow_symlinks(false);
+        b.mode(tar::HeaderMode::Complete);
+        b.append_dir_all(".", &src2)?;
+        b.finish()
+    });
+    let r = tree.apply_layer(&format!("dir:{}", src.display()), rd);
+    let w = writer.join().expect("tar writer");
+    r?;
+    w.with_context(|| format!("reading dir:{}", src.display()))?;
+    Ok(())
+}
