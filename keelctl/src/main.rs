@@ -101,9 +101,15 @@ enum Cmd {
     /// Builds a root image from a container image: its layers checked and applied
     /// (whiteouts, owners, modes, xattrs), files injected, packed reproducibly.
     Build {
-        /// The image: oci:DIR[:TAG] or dir:PATH.
+        /// The image: docker://HOST[:PORT]/REPO[:TAG|@sha256:…], oci:DIR[:TAG] or dir:PATH.
         #[arg(long)]
         from: String,
+        /// Plain HTTP to the registry (a local one).
+        #[arg(long)]
+        insecure: bool,
+        /// USER:PASS for the registry (basic auth, or to get a bearer token).
+        #[arg(long, env = "KEEL_REGISTRY_CREDS", hide_env_values = true)]
+        creds: Option<String>,
         /// The output file.
         #[arg(long, short = 'o')]
         out: PathBuf,
@@ -351,6 +357,8 @@ fn run(a: Args) -> anyhow::Result<()> {
         } => cmd::publish::run(image, manifest, channel, *json),
         Cmd::Build {
             from,
+            insecure,
+            creds,
             out,
             format,
             inject,
@@ -367,6 +375,8 @@ fn run(a: Args) -> anyhow::Result<()> {
             inject,
             agent: agent.as_deref(),
             platform,
+            insecure: *insecure,
+            creds: creds.as_deref(),
             sign: match (sign, name, version) {
                 (Some(k), Some(n), Some(v)) => Some((k.as_path(), n.as_str(), *v)),
                 _ => None,

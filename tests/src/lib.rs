@@ -13,6 +13,7 @@ pub mod channel;
 pub mod garage;
 pub mod nginx;
 pub mod oci;
+pub mod registry;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

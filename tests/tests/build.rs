@@ -12,6 +12,7 @@ use std::process::Command;
 
 use keel_tests::agent::keelctl;
 use keel_tests::oci::{self, umoci};
+use keel_tests::registry::Registry;
 use keel_tests::*;
 
 fn chown(p: &Path, uid: u32, gid: u32) {
@@ -383,6 +384,79 @@ fn malicious_and_broken_layers_are_refused_with_nothing_written() {
         &mut sb,
         &from.replace(":t", ":nope"),
         "no image tagged \"nope\"",
+    );
+    sb.finish();
+}
+
+#[test]
+fn built_from_a_registry_as_from_its_layout() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("build-registry");
+    let dir = sb.fresh("oci");
+    fs::create_dir_all(&dir).unwrap();
+    let img = reference_image(&dir);
+    let layout = format!("oci:{}:t", img.display());
+    let want = built(&layout, &sb.fresh("layout"), &[]);
+
+    // Anonymous: by tag, by digest, and with the layers recompressed as zstd.
+    let reg = Registry::start(&sb.fresh("registry"), None);
+    reg.push(&layout, "keel/app:t", &[]);
+    reg.push(&layout, "keel/app:z", &["--dest-compress-format", "zstd"]);
+    let by_tag = format!("docker://{}/keel/app:t", reg.host);
+    assert_eq!(built(&by_tag, &sb.fresh("tag"), &["--insecure"]), want);
+    let inspect = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(&by_tag)
+        .output()
+        .unwrap();
+    let digest = serde_json::from_slice::<serde_json::Value>(&inspect.stdout).unwrap()["Digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let by_digest = format!("docker://{}/keel/app@{digest}", reg.host);
+    assert_eq!(
+        built(&by_digest, &sb.fresh("digest"), &["--insecure"]),
+        want
+    );
+    let z = format!("docker://{}/keel/app:z", reg.host);
+    assert_eq!(built(&z, &sb.fresh("zstd"), &["--insecure"]), want);
+    let outdir = sb.fresh("out");
+    fs::create_dir_all(&outdir).unwrap();
+    let o = build(
+        &format!("docker://{}/keel/app:nope", reg.host),
+        &outdir.join("r.squashfs"),
+        &["--insecure"],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("HTTP 404"),
+        "{o:?}"
+    );
+    assert_eq!(fs::read_dir(&outdir).unwrap().count(), 0);
+
+    // Basic auth: refused without or with wrong credentials, built with them.
+    let private = Registry::start(&sb.fresh("private"), Some("keel:s3cret"));
+    private.push(&layout, "keel/app:t", &[]);
+    let from = format!("docker://{}/keel/app:t", private.host);
+    let o = build(&from, &outdir.join("r.squashfs"), &["--insecure"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--creds"), "{err}");
+    let o = build(
+        &from,
+        &outdir.join("r.squashfs"),
+        &["--insecure", "--creds", "keel:wrong"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("HTTP 401"), "{err}");
+    assert_eq!(fs::read_dir(&outdir).unwrap().count(), 0);
+    assert_eq!(
+        built(
+            &from,
+            &sb.fresh("private"),
+            &["--insecure", "--creds", "keel:s3cret"]
+        ),
+        want
     );
     sb.finish();
 }

@@ -12,6 +12,7 @@ use anyhow::{bail, Context as _};
 use keel_build::rootimg::{self, Format};
 use keel_oci::layout::{Layout, Resolved};
 use keel_oci::reference::{self, ImageRef};
+use keel_oci::registry::Registry;
 use keel_oci::spec::Platform;
 use keel_oci::unpack::Tree;
 
@@ -37,18 +38,24 @@ pub struct Build<'a> {
     pub agent: Option<&'a Path>,
     /// `OS/ARCH[/VARIANT]`.
     pub platform: &'a str,
+    /// Plain HTTP to the registry.
+    pub insecure: bool,
+    /// `USER:PASS` for the registry.
+    pub creds: Option<&'a str>,
     /// Sign with this key, as `name` `version`.
     pub sign: Option<(&'a Path, &'a str, u64)>,
     /// Print the result as JSON.
     pub json: bool,
 }
 
-/// Removes the temporary tree however the build ends.
+/// Removes a temporary tree or file however the build ends.
 struct Scratch(PathBuf);
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
+        if fs::remove_file(&self.0).is_err() {
+            let _ = fs::remove_dir_all(&self.0);
+        }
     }
 }
 
@@ -110,8 +117,19 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             copy_dir(Path::new(path), &mut tree)?;
             (0, None)
         }
-        ImageRef::Registry { .. } | ImageRef::DockerArchive { .. } => {
-            bail!("{}: registries and docker archives are not read yet; copy the image into an OCI layout first (skopeo copy docker://… oci:DIR:TAG) and build from oci:DIR:TAG", b.from)
+        ImageRef::Registry {
+            host,
+            repo,
+            reference,
+        } => {
+            let mut reg = Registry::new(host, repo, b.insecure, b.creds);
+            let img = reg.resolve(reference, &platform)?;
+            let n = apply_registry(&mut reg, &img, &mut tree, dir, &name)?;
+            write_run_config(&mut tree, &img)?;
+            (n, Some(img.digest.to_string()))
+        }
+        ImageRef::DockerArchive { .. } => {
+            bail!("{}: docker archives are not read yet; convert it (skopeo copy docker-archive:FILE oci:DIR:TAG) and build from oci:DIR:TAG", b.from)
         }
     };
     if let Some(agent) = b.agent {
@@ -187,6 +205,39 @@ fn apply_layout(layout: &Layout, img: &Resolved, tree: &mut Tree) -> anyhow::Res
             st.whiteouts,
             st.bytes as f64 / (1u64 << 20) as f64,
             l.size as f64 / (1u64 << 20) as f64,
+        );
+    }
+    Ok(n)
+}
+
+/// Downloads each layer beside the output (hashed as it arrives, used once it matches),
+/// applies it, removes it; one progress line each on stderr.
+fn apply_registry(
+    reg: &mut Registry,
+    img: &Resolved,
+    tree: &mut Tree,
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<usize> {
+    let n = img.manifest.layers.len();
+    for (i, l) in img.manifest.layers.iter().enumerate() {
+        let t = Instant::now();
+        let tmp = Scratch(dir.join(format!(".{name}.layer-{i}-{}", std::process::id())));
+        let _ = fs::remove_file(&tmp.0);
+        let blob = reg.fetch(l, &tmp.0)?;
+        let fetched = t.elapsed().as_secs_f64();
+        let st = tree.apply_layer(&l.digest, blob)?;
+        let _ = fs::remove_file(&tmp.0);
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "layer {}/{n} {}: {:.1} MiB fetched in {fetched:.2} s ({:.0} MiB/s), {} entries, {} whiteouts, {:.1} MiB in {secs:.2} s",
+            i + 1,
+            &l.digest[..19.min(l.digest.len())],
+            l.size as f64 / (1u64 << 20) as f64,
+            l.size as f64 / (1u64 << 20) as f64 / fetched.max(1e-6),
+            st.entries,
+            st.whiteouts,
+            st.bytes as f64 / (1u64 << 20) as f64,
         );
     }
     Ok(n)
