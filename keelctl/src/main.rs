@@ -138,6 +138,11 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Factory disks.
+    Disk {
+        #[command(subcommand)]
+        cmd: DiskCmd,
+    },
     /// Writes IMAGE and its manifest into a pull channel folder for any web server, CDN or
     /// bucket: the image under its digest first, then manifest.json.
     Publish {
@@ -273,6 +278,44 @@ enum Cmd {
     },
 }
 
+/// `keelctl disk …`.
+#[derive(Subcommand, Debug)]
+enum DiskCmd {
+    /// Writes a GPT disk image with the img, overlay, newimg (and boot) partitions initstage
+    /// looks for, IMAGE and its manifest on img (adopted as the current image at first boot).
+    Create {
+        /// The disk image to write.
+        out: PathBuf,
+        /// The root image (signed: its manifest defaults to IMAGE.manifest).
+        #[arg(long)]
+        image: PathBuf,
+        /// The manifest file.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Size of img (default: twice the image, plus 16 MiB).
+        #[arg(long)]
+        img_size: Option<String>,
+        /// Size of overlay (default 64M).
+        #[arg(long)]
+        overlay_size: Option<String>,
+        /// Size of newimg (default: the image plus 16 MiB).
+        #[arg(long)]
+        newimg_size: Option<String>,
+        /// The whole disk (overlay takes what the others leave).
+        #[arg(long)]
+        size: Option<String>,
+        /// A folder to put on a boot partition (kernel, initramfs).
+        #[arg(long)]
+        boot: Option<PathBuf>,
+        /// Size of boot (default 64M).
+        #[arg(long)]
+        boot_size: Option<String>,
+        /// Print the layout as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() {
     let args = Args::parse();
     if std::env::var_os("KEEL_LOG").is_some() {
@@ -355,6 +398,32 @@ fn run(a: Args) -> anyhow::Result<()> {
             channel,
             json,
         } => cmd::publish::run(image, manifest, channel, *json),
+        Cmd::Disk {
+            cmd:
+                DiskCmd::Create {
+                    out,
+                    image,
+                    manifest,
+                    img_size,
+                    overlay_size,
+                    newimg_size,
+                    size,
+                    boot,
+                    boot_size,
+                    json,
+                },
+        } => cmd::disk::create(&cmd::disk::Create {
+            out,
+            image,
+            manifest,
+            img_size: img_size.as_deref(),
+            overlay_size: overlay_size.as_deref(),
+            newimg_size: newimg_size.as_deref(),
+            size: size.as_deref(),
+            boot: boot.as_deref(),
+            boot_size: boot_size.as_deref(),
+            json: *json,
+        }),
         Cmd::Build {
             from,
             insecure,

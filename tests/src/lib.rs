@@ -310,6 +310,31 @@ impl Sandbox {
         Disk { devs }
     }
 
+    /// Attaches each partition of an existing GPT disk image (as `sfdisk --json` lists them)
+    /// at its offset, as [`Sandbox::disk`] does.
+    pub fn attach_gpt(&mut self, disk: &Path) -> Disk {
+        let out = run(Command::new("sfdisk").arg("--json").arg(disk));
+        let t: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let sector = t["partitiontable"]["sectorsize"].as_u64().unwrap_or(512);
+        let mut devs = Vec::new();
+        for p in t["partitiontable"]["partitions"].as_array().unwrap() {
+            let (start, size) = (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap());
+            let out = run(Command::new("losetup")
+                .args(["--show", "-f"])
+                .arg(format!("--offset={}", start * sector))
+                .arg(format!("--sizelimit={}", size * sector))
+                .arg(disk));
+            let name = String::from_utf8(out.stdout)
+                .unwrap()
+                .trim()
+                .trim_start_matches("/dev/")
+                .to_string();
+            self.loops.push(name.clone());
+            devs.push(name);
+        }
+        Disk { devs }
+    }
+
     /// Mounts partition `n` (1-based) of `disk` at a fresh directory, runs `f`, unmounts.
     pub fn with_partition<T>(&mut self, disk: &Disk, n: u32, f: impl FnOnce(&Path) -> T) -> T {
         let mnt = self.fresh("mnt");

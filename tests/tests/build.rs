@@ -460,3 +460,85 @@ fn built_from_a_registry_as_from_its_layout() {
     );
     sb.finish();
 }
+
+#[test]
+fn a_factory_disk_from_a_built_image_boots_it() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("disk-create");
+    let root = sb.rootfs(1);
+    let key = sb.fresh("key.pem");
+    fs::write(&key, keel_proto::manifest::signing_key_to_pem(&test_key())).unwrap();
+    let img = sb.fresh("v1").with_extension("squashfs");
+    let from = format!("dir:{}", root.display());
+    built(
+        &from,
+        &img,
+        &[
+            "--sign",
+            key.to_str().unwrap(),
+            "--name",
+            "demo",
+            "--version",
+            "1",
+        ],
+    );
+    let boot = sb.fresh("boot");
+    fs::create_dir_all(&boot).unwrap();
+    fs::write(boot.join("vmlinuz"), b"not really a kernel").unwrap();
+    let disk = sb.fresh("disk").with_extension("img");
+    let o = keelctl(&[
+        "disk",
+        "create",
+        disk.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--boot",
+        boot.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let labels: Vec<&str> = j["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["label"].as_str().unwrap())
+        .collect();
+    assert_eq!(labels, ["img", "overlay", "newimg", "boot"], "{j}");
+    // Sparse: far fewer blocks than its length.
+    let m = fs::metadata(&disk).unwrap();
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&m) * 512 < m.len() / 2,
+        "{m:?}"
+    );
+    let d = sb.attach_gpt(&disk);
+    let r = sb.prepare(&d, "console=ttyS0");
+    assert_eq!((r.booted.name.as_str(), r.booted.version), ("demo", 1));
+    assert!(
+        r.actions[0].contains("adopted demo version 1"),
+        "{:?}",
+        r.actions
+    );
+    assert_eq!(sb.booted_version(), 1);
+    let roles: Vec<&str> = r.partitions.iter().map(|p| p.role.as_str()).collect();
+    assert!(roles.contains(&"boot"), "{roles:?}");
+
+    // An image that is not its manifest's, and sizes that cannot work: refused, no disk.
+    fs::write(&img, b"other bytes").unwrap();
+    let bad = sb.fresh("bad").with_extension("img");
+    let o = keelctl(&[
+        "disk",
+        "create",
+        bad.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+    ]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("is not the image"),
+        "{o:?}"
+    );
+    assert!(!bad.exists());
+    sb.finish();
+}

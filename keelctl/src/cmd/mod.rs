@@ -3,6 +3,7 @@
 pub mod build;
 pub mod control;
 pub mod cp;
+pub mod disk;
 pub mod exec;
 pub mod initramfs;
 pub mod keygen;
