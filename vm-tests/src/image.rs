@@ -231,7 +231,31 @@ fn build(version: u64, good: bool, fs_kind: Fs, ssh: Option<&Ssh>) -> PathBuf {
     }
     fs::create_dir_all(out.parent().unwrap()).unwrap();
     let root = k.work.join("images").join(format!("{name}.root"));
+    root_tree(&root, version, good, ssh);
+    let tmp = out.with_extension("tmp");
+    match fs_kind {
+        Fs::Squashfs => run(Command::new("mksquashfs").arg(&root).arg(&tmp).args([
+            "-noappend",
+            "-quiet",
+            "-comp",
+            "gzip",
+            "-all-root",
+        ])),
+        Fs::Erofs => run(Command::new("mkfs.erofs")
+            .arg("-zlz4hc")
+            .arg(&tmp)
+            .arg(&root)),
+    };
+    fs::rename(&tmp, &out).unwrap();
     let _ = fs::remove_dir_all(&root);
+    out
+}
+
+/// Writes the guest root of `version` into `root` (replacing it): busybox, the static keel
+/// binaries, the init script, keys, `agent.toml`, `/etc/keel-version`; with `ssh`, dropbear.
+pub fn root_tree(root: &Path, version: u64, good: bool, ssh: Option<&Ssh>) {
+    let k = kit();
+    let _ = fs::remove_dir_all(root);
     for d in [
         "bin", "sbin", "usr/bin", "etc/keel", "dev", "proc", "sys", "run", "tmp", "media", "var",
     ] {
@@ -256,7 +280,7 @@ fn build(version: u64, good: bool, fs_kind: Fs, ssh: Option<&Ssh>) -> PathBuf {
     fs::write(root.join("etc/keel/agent.toml"), AGENT_TOML).unwrap();
     fs::write(root.join("etc/keel-version"), format!("{version}\n")).unwrap();
     if let Some(ssh) = ssh {
-        copy_with_libs(Path::new(DROPBEAR), &root);
+        copy_with_libs(Path::new(DROPBEAR), root);
         fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         fs::create_dir_all(root.join("etc/dropbear")).unwrap();
         fs::copy(&ssh.host_key, root.join("etc/dropbear/host-ed25519")).unwrap();
@@ -271,23 +295,35 @@ fn build(version: u64, good: bool, fs_kind: Fs, ssh: Option<&Ssh>) -> PathBuf {
         )
         .unwrap();
     }
-    let tmp = out.with_extension("tmp");
-    match fs_kind {
-        Fs::Squashfs => run(Command::new("mksquashfs").arg(&root).arg(&tmp).args([
-            "-noappend",
-            "-quiet",
-            "-comp",
-            "gzip",
-            "-all-root",
-        ])),
-        Fs::Erofs => run(Command::new("mkfs.erofs")
-            .arg("-zlz4hc")
-            .arg(&tmp)
-            .arg(&root)),
-    };
-    fs::rename(&tmp, &out).unwrap();
+}
+
+/// An OCI image layout (`DIR:1`, made by `umoci`) of the v`version` root in two layers: the
+/// root without its keel parts, then the keel binaries, init script and configuration.
+pub fn oci_image(dir: &Path, version: u64) -> PathBuf {
+    let root = dir.join("tree");
+    root_tree(&root, version, true, None);
+    let umoci = |args: &[&str]| keel_tests::oci::umoci(dir, args);
+    umoci(&["init", "--layout", "img"]);
+    umoci(&["new", "--image", "img:1"]);
+    umoci(&["unpack", "--image", "img:1", "bundle"]);
+    let rootfs = dir.join("bundle/rootfs");
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(root.join("bin"))
+        .arg(&rootfs));
+    for d in [
+        "sbin", "usr/bin", "etc/keel", "dev", "proc", "sys", "run", "tmp", "media", "var",
+    ] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    umoci(&["repack", "--refresh-bundle", "--image", "img:1", "bundle"]);
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(format!("{}/.", root.display()))
+        .arg(&rootfs));
+    umoci(&["repack", "--refresh-bundle", "--image", "img:1", "bundle"]);
     let _ = fs::remove_dir_all(&root);
-    out
+    dir.join("img")
 }
 
 /// The signed manifest of `image`, written next to it as `<image>.manifest`.
