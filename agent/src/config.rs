@@ -109,6 +109,8 @@ pub struct Config {
     pub exec: Option<ExecConfig>,
     /// Pulling updates from a channel (`[pull]`); absent: off.
     pub pull: Option<PullConfig>,
+    /// keel as PID 1 (`[init]`): what follows the image's program.
+    pub init: crate::init::InitConfig,
 }
 
 /// The `[pull]` table.
@@ -228,6 +230,7 @@ impl Default for Config {
             reboot_command: None,
             exec: None,
             pull: None,
+            init: Default::default(),
         }
     }
 }

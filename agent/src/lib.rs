@@ -30,6 +30,8 @@
 //! | [`status`] | what the device runs and holds |
 //! | [`control`] | mark-good and reboot |
 //! | [`notify`] | sd_notify |
+//! | [`init`] | keel as a container image's PID 1: mounts, and a supervisor's decisions (pure) |
+//! | [`pid1`] | PID 1's syscalls: signals, the program and the agent started, reaping, power off |
 //! | [`memory`] | the heap kept small: one arena, freed pages given back when a connection ends |
 //! | [`error`] | the daemon's start-up errors |
 //!
@@ -49,9 +51,11 @@ pub mod exec;
 pub mod files;
 pub mod http;
 pub mod identity;
+pub mod init;
 pub mod intake;
 pub mod memory;
 pub mod notify;
+pub mod pid1;
 pub mod procs;
 pub mod pty;
 pub mod pull;

@@ -60,6 +60,10 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As a container image's init (the kernel's argv is not ours to parse).
+    if rustix::process::getpid().is_init() {
+        keel_agent::pid1::run();
+    }
     keel_agent::memory::tune();
     let a = Args::parse();
     tracing_subscriber::fmt()

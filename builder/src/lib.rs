@@ -5,10 +5,12 @@
 //! |---|---|
 //! | [`initramfs`] | `keelctl initramfs`: cpio newc + gzip with initstage, modules from `modules.dep`, keys |
 //! | [`rootimg`] | root images (squashfs, erofs) from a directory tree, reproducibly |
+//! | [`cpio_tree`] | a whole tree as a gzip cpio newc initramfs, streamed, reproducibly |
 //! | [`disk`] | factory disks: GPT, ext4 partitions labelled `img`, `overlay`, `newimg`, `boot` |
 //! | [`error`] | the builders' errors, each naming the path and what was wrong |
 #![warn(missing_docs)]
 
+pub mod cpio_tree;
 pub mod disk;
 pub mod error;
 pub mod initramfs;

@@ -119,9 +119,17 @@ enum Cmd {
         /// SRC:/DST: a file to add (repeatable).
         #[arg(long)]
         inject: Vec<String>,
-        /// The keel-agent binary to add at /usr/sbin/keel-agent.
+        /// The keel-agent binary to add at /usr/sbin/keel-agent (with --format initramfs, it
+        /// is the image's init).
         #[arg(long)]
         agent: Option<PathBuf>,
+        /// A kernel's lib/modules/<version> directory: pack --modules (and their
+        /// dependencies, unpacked to .ko) for keel's init to load at boot.
+        #[arg(long, requires = "modules")]
+        kernel_modules: Option<PathBuf>,
+        /// Modules to pack and load (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "kernel_modules")]
+        modules: Vec<String>,
         /// The platform to pick from a multi-platform image.
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
@@ -432,6 +440,8 @@ fn run(a: Args) -> anyhow::Result<()> {
             format,
             inject,
             agent,
+            kernel_modules,
+            modules,
             platform,
             sign,
             name,
@@ -443,6 +453,8 @@ fn run(a: Args) -> anyhow::Result<()> {
             format,
             inject,
             agent: agent.as_deref(),
+            kernel_modules: kernel_modules.as_deref(),
+            modules,
             platform,
             insecure: *insecure,
             creds: creds.as_deref(),

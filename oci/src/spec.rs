@@ -108,25 +108,7 @@ pub struct Manifest {
     pub layers: Vec<Descriptor>,
 }
 
-/// The part of an image config a guest needs to run it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-pub struct RunConfig {
-    /// `Entrypoint`.
-    #[serde(rename = "Entrypoint", default)]
-    pub entrypoint: Option<Vec<String>>,
-    /// `Cmd`.
-    #[serde(rename = "Cmd", default)]
-    pub cmd: Option<Vec<String>>,
-    /// `Env` (`K=V`).
-    #[serde(rename = "Env", default)]
-    pub env: Option<Vec<String>>,
-    /// `WorkingDir`.
-    #[serde(rename = "WorkingDir", default)]
-    pub working_dir: Option<String>,
-    /// `User`.
-    #[serde(rename = "User", default)]
-    pub user: Option<String>,
-}
+pub use keel_proto::runconfig::RunConfig;
 
 /// An image config.
 #[derive(Debug, Clone, Deserialize)]

@@ -385,6 +385,44 @@ impl Tree {
         Ok(n)
     }
 
+    /// Makes `dst` a symlink to `target` (root's, mtime the epoch), replacing what is there.
+    pub fn symlink(&mut self, dst: &str, target: &str) -> Result<(), OciError> {
+        let bad = |why: String| OciError::Entry {
+            layer: "(injected)".into(),
+            entry: dst.to_string(),
+            why,
+        };
+        let mut parts = entry::components(dst.trim_start_matches('/').as_bytes())
+            .map_err(|w| bad(w.to_string()))?;
+        let name = parts.pop().ok_or_else(|| bad("no file name".into()))?;
+        let dir = self
+            .open_dir(&parts, true)
+            .map_err(|e| bad(format!("its directory: {e}")))?;
+        remove_tree(&dir, &name).map_err(|e| bad(format!("replacing what was there: {e}")))?;
+        rfs::symlinkat(target, &dir, name.as_slice()).map_err(|e| bad(format!("symlink: {e}")))?;
+        rfs::utimensat(
+            &dir,
+            name.as_slice(),
+            &times(Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            }),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| bad(format!("mtime: {e}")))?;
+        Ok(())
+    }
+
+    /// Whether `rel` exists in the tree (not following a last symlink).
+    pub fn exists(&mut self, rel: &str) -> bool {
+        let Ok(mut parts) = entry::components(rel.trim_start_matches('/').as_bytes()) else {
+            return false;
+        };
+        let Some(name) = parts.pop() else { return true };
+        self.open_dir(&parts, false)
+            .is_ok_and(|d| rfs::statat(&d, name.as_slice(), AtFlags::SYMLINK_NOFOLLOW).is_ok())
+    }
+
     /// Sets every directory's mtime as its last layer gave it (deepest first, so setting one
     /// does not disturb its parent's).
     pub fn finish(mut self) -> Result<PathBuf, OciError> {

@@ -12,6 +12,7 @@
 //! | [`message`] | the typed requests and responses carried in frames |
 //! | [`exec`] | remote processes and key authentication: stream frame kinds, the signed challenge, key fingerprints |
 //! | [`channel`] | a pull channel's files: the manifest's and the images' paths under its URL |
+//! | [`runconfig`] | a container image's program: entrypoint, env, cwd, user, and what init starts |
 //! | [`moddep`] | `modules.dep`: which kernel modules to load or pack, in order |
 //!
 //! Everything here is pure: callers read and write the bytes.
@@ -28,4 +29,5 @@ pub mod manifest;
 pub mod message;
 pub mod moddep;
 pub mod report;
+pub mod runconfig;
 pub mod wire;

@@ -223,6 +223,47 @@ fn builds_are_reproducible_signed_and_injected() {
         let b = built(&from, &sb.fresh("b"), &["--format", format]);
         assert_eq!(a, b, "{format}: two builds of one image differ");
     }
+    // An initramfs: reproducible too, keel-agent its /init; without an init, refused.
+    let agent = bin("keel-agent");
+    let ia = sb.fresh("a").with_extension("initramfs");
+    let a = built(
+        &from,
+        &ia,
+        &["--format", "initramfs", "--agent", agent.to_str().unwrap()],
+    );
+    let ib = sb.fresh("b").with_extension("initramfs");
+    let b = built(
+        &from,
+        &ib,
+        &["--format", "initramfs", "--agent", agent.to_str().unwrap()],
+    );
+    assert_eq!(a, b, "two initramfs builds differ");
+    let list = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("zcat {} | cpio -itv --quiet", ia.display())));
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.contains("init -> usr/sbin/keel-agent"), "{list}");
+    for want in [
+        "data/a",
+        "data/b",
+        "dev/null",
+        "opq/new",
+        "etc/keel/image.json",
+    ] {
+        assert!(
+            list.lines().any(|l| l.ends_with(want)),
+            "{want} not in\n{list}"
+        );
+    }
+    let o = build(
+        &from,
+        &sb.fresh("c").with_extension("initramfs"),
+        &["--format", "initramfs"],
+    );
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("add --agent"),
+        "{o:?}"
+    );
     let key = sb.fresh("key.pem");
     fs::write(&key, keel_proto::manifest::signing_key_to_pem(&test_key())).unwrap();
     let pubkey = sb.fresh("pub.pem");

@@ -326,6 +326,60 @@ pub fn oci_image(dir: &Path, version: u64) -> PathBuf {
     dir.join("img")
 }
 
+/// A container image for a microVM (an OCI layout `DIR/img:1`, made by `umoci`): busybox,
+/// and `/app/run.sh` as its Entrypoint with `FOO=bar` in its Env and `/app` its WorkingDir,
+/// which prints `APP started …` and then sleeps. No init, no keel: `keelctl build` adds them.
+pub fn app_oci_image(dir: &Path) -> PathBuf {
+    let umoci = |args: &[&str]| keel_tests::oci::umoci(dir, args);
+    umoci(&["init", "--layout", "img"]);
+    umoci(&["new", "--image", "img:1"]);
+    umoci(&["unpack", "--image", "img:1", "bundle"]);
+    let r = dir.join("bundle/rootfs");
+    fs::create_dir_all(r.join("bin")).unwrap();
+    fs::create_dir_all(r.join("app")).unwrap();
+    fs::copy("/bin/busybox", r.join("bin/busybox")).expect("busybox-static installed");
+    let list = run(Command::new("/bin/busybox").arg("--list"));
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && applet != "init" {
+            let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(applet));
+        }
+    }
+    fs::write(
+        r.join("app/run.sh"),
+        "#!/bin/sh\necho \"APP started cwd=$(pwd) FOO=$FOO uid=$(id -u)\"\nexec sleep 3600\n",
+    )
+    .unwrap();
+    fs::set_permissions(r.join("app/run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    umoci(&["repack", "--refresh-bundle", "--image", "img:1", "bundle"]);
+    umoci(&[
+        "config",
+        "--image",
+        "img:1",
+        "--config.entrypoint",
+        "/app/run.sh",
+        "--config.env",
+        "FOO=bar",
+        "--config.workingdir",
+        "/app",
+    ]);
+    dir.join("img")
+}
+
+/// The agent.toml a microVM image gets: vsock, the ready announce, exec by the kit's key,
+/// power off when the program ends.
+pub const MICROVM_AGENT_TOML: &str = r#"unix = "/run/keel/agent.sock"
+vsock_port = 7447
+trusted_keys = "/etc/keel/trusted.pem"
+announce = "vsock://2:7448"
+
+[exec]
+enabled = true
+authorized_keys = "/etc/keel/authorized.pem"
+
+[init]
+on_exit = "poweroff"
+"#;
+
 /// The signed manifest of `image`, written next to it as `<image>.manifest`.
 pub fn sign(image: &Path, version: u64) -> SignedManifest {
     let m = Manifest {

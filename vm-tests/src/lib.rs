@@ -59,6 +59,31 @@ pub fn keelctl(args: &[&str]) -> Output {
     keel_tests::agent::keelctl_with(&kit().bins.join("keelctl"), &work(), args)
 }
 
+/// stdout of a keelctl run that must succeed (its output in the panic otherwise).
+pub fn ok(out: &std::process::Output) -> String {
+    let s = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keelctl failed: {s}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s
+}
+
+/// `keelctl status --json` of the agent forwarded to `port`.
+pub fn status(port: u16) -> serde_json::Value {
+    let out = keelctl(&["-e", &format!("tcp://127.0.0.1:{port}"), "status", "--json"]);
+    serde_json::from_str(&ok(&out)).unwrap()
+}
+
+/// A boot whose agent's TCP port is forwarded to `port`.
+pub fn tcp_boot(port: u16) -> Boot {
+    Boot {
+        tcp_port: Some(port),
+        ..Boot::default()
+    }
+}
+
 /// A scratch directory for one scenario.
 pub fn scenario_dir(name: &str) -> PathBuf {
     let d = work()

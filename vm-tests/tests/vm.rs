@@ -9,16 +9,6 @@ use std::time::Duration;
 use keel_proto::manifest::SigningKey;
 use keel_vm_tests::*;
 
-fn ok(out: &std::process::Output) -> String {
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "keelctl failed: {s}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    s
-}
-
 fn push(port: u16, image: &Path) -> std::process::Output {
     keelctl(&[
         "-e",
@@ -28,11 +18,6 @@ fn push(port: u16, image: &Path) -> std::process::Output {
         "push",
         image.to_str().unwrap(),
     ])
-}
-
-fn status(port: u16) -> serde_json::Value {
-    let out = keelctl(&["-e", &format!("tcp://127.0.0.1:{port}"), "status", "--json"]);
-    serde_json::from_str(&ok(&out)).unwrap()
 }
 
 /// The key the agent on `port` shows in its TLS handshake (keelctl names it on first contact,
@@ -48,13 +33,6 @@ fn tls_key(port: u16) -> String {
         .to_string();
     assert_eq!(st["identity"], shown.as_str(), "{st}");
     shown
-}
-
-fn tcp_boot(port: u16) -> Boot {
-    Boot {
-        tcp_port: Some(port),
-        ..Boot::default()
-    }
 }
 
 /// Scenario 1: first boot of v1, `/persistent` visible, a file written to `/` in one boot is
@@ -487,83 +465,6 @@ fn update_pulled_from_the_host_then_booted() {
         format!("http://10.0.2.2:{}/ch", nginx.port),
         "{st}"
     );
-    vm.kill();
-    let _ = fs::remove_dir_all(&d);
-}
-
-/// From a container image to a booted device: the v1 root as an OCI image of two layers
-/// (umoci), pushed to Debian's docker-registry on the host (skopeo), built by `keelctl build
-/// --from docker://…` into a signed squashfs, put on a factory disk by `keelctl disk
-/// create`, and booted: initstage adopts it, the agent answers, and `keelctl exec` reads the
-/// image's run config in the guest.
-#[test]
-fn image_built_from_a_registry_boots_from_a_factory_disk() {
-    let d = scenario_dir("oci");
-    fs::create_dir_all(d.join("oci")).unwrap();
-    let layout = oci_image(&d.join("oci"), 1);
-    let reg = keel_tests::registry::Registry::start(&d.join("registry"), None);
-    reg.push(&format!("oci:{}:1", layout.display()), "keel/vmdemo:1", &[]);
-    let key = d.join("signing.pem");
-    fs::write(&key, keel_proto::manifest::signing_key_to_pem(&kit().key)).unwrap();
-    let img = d.join("v1.squashfs");
-    ok(&keelctl(&[
-        "build",
-        "--from",
-        &format!("docker://{}/keel/vmdemo:1", reg.host),
-        "--insecure",
-        "-o",
-        img.to_str().unwrap(),
-        "--sign",
-        key.to_str().unwrap(),
-        "--name",
-        PRODUCT,
-        "--version",
-        "1",
-    ]));
-    let path = d.join("disk.img");
-    let out = ok(&keelctl(&[
-        "disk",
-        "create",
-        path.to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-        "--json",
-    ]));
-    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let layout = j["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            let label = match p["label"].as_str().unwrap() {
-                "img" => "img",
-                "overlay" => "overlay",
-                "newimg" => "newimg",
-                _ => "boot",
-            };
-            (label, p["size_mib"].as_u64().unwrap())
-        })
-        .collect();
-    let disk = Disk { path, layout };
-    let port = free_port();
-    let mut vm = Vm::start(&disk, "v1", &tcp_boot(port));
-    vm.wait_for("KEEL ready version=1");
-    let st = status(port);
-    assert_eq!(st["booted"]["version"], 1, "{st}");
-    assert_eq!(st["booted"]["name"], PRODUCT, "{st}");
-    let host_key = kit().host_key.to_str().unwrap().to_string();
-    let out = ok(&keelctl(&[
-        "-e",
-        &format!("tcp://127.0.0.1:{port}"),
-        "--key",
-        &host_key,
-        "exec",
-        "--",
-        "cat",
-        "/etc/keel/image.json",
-    ]));
-    let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(cfg.is_object(), "{out}");
     vm.kill();
     let _ = fs::remove_dir_all(&d);
 }

@@ -19,7 +19,7 @@ use keel_oci::unpack::Tree;
 use super::{hash_file, out};
 
 /// Where the image's run config goes in the tree.
-pub const RUN_CONFIG: &str = "/etc/keel/image.json";
+pub const RUN_CONFIG: &str = keel_proto::runconfig::PATH;
 /// Where `--agent` puts the agent.
 pub const AGENT_PATH: &str = "/usr/sbin/keel-agent";
 
@@ -36,6 +36,10 @@ pub struct Build<'a> {
     pub inject: &'a [String],
     /// The agent binary to add at [`AGENT_PATH`].
     pub agent: Option<&'a Path>,
+    /// A kernel's `lib/modules/<version>`, for `modules`.
+    pub kernel_modules: Option<&'a Path>,
+    /// Modules to pack, loaded by keel's init in order.
+    pub modules: &'a [String],
     /// `OS/ARCH[/VARIANT]`.
     pub platform: &'a str,
     /// Plain HTTP to the registry.
@@ -74,9 +78,10 @@ fn epoch() -> anyhow::Result<u64> {
 pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let format = match b.format {
-        "squashfs" => Format::Squashfs,
-        "erofs" => Format::Erofs,
-        f => bail!("--format {f:?}: expected squashfs or erofs"),
+        "squashfs" => Some(Format::Squashfs),
+        "erofs" => Some(Format::Erofs),
+        "initramfs" => None,
+        f => bail!("--format {f:?}: expected squashfs, erofs or initramfs"),
     };
     let platform = Platform::parse(b.platform)?;
     let injects: Vec<(PathBuf, String)> = b
@@ -135,6 +140,14 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
     if let Some(agent) = b.agent {
         inject(&mut tree, agent, AGENT_PATH, 0o755)?;
     }
+    if let Some(kdir) = b.kernel_modules {
+        pack_modules(
+            &mut tree,
+            kdir,
+            b.modules,
+            b.agent.unwrap_or(Path::new("/proc/self/exe")),
+        )?;
+    }
     for (src, dst) in &injects {
         let mode = fs::metadata(src)
             .with_context(|| format!("--inject {}", src.display()))?
@@ -146,9 +159,26 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             std::os::unix::fs::PermissionsExt::mode(&mode) & 0o7777,
         )?;
     }
+    if format.is_none() {
+        // The kernel runs /init from an initramfs: keel's init when the agent is in, else
+        // the image's own.
+        if b.agent.is_some() {
+            tree.symlink("/init", AGENT_PATH.trim_start_matches('/'))?;
+        } else if !tree.exists("/init") {
+            if !tree.exists("/sbin/init") {
+                bail!("--format initramfs: the image has no /init or /sbin/init: add --agent (keel-agent is then its init)");
+            }
+            tree.symlink("/init", "sbin/init")?;
+        }
+    }
     let tree_path = tree.finish()?;
     let t_pack = Instant::now();
-    rootimg::make(&tree_path, b.out, format, epoch)?;
+    match format {
+        Some(f) => rootimg::make(&tree_path, b.out, f, epoch)?,
+        None => {
+            keel_build::cpio_tree::pack(&tree_path, b.out)?;
+        }
+    }
     let pack_ms = t_pack.elapsed().as_millis();
     drop(scratch);
     let (size, sha256) = hash_file(b.out)?;
@@ -241,6 +271,46 @@ fn apply_registry(
         );
     }
     Ok(n)
+}
+
+/// The kernel modules `names` need (dependencies first, unpacked to `.ko`, as `keelctl
+/// initramfs` resolves them), written under `/lib/modules/<version>/` with their load order
+/// in [`keel_proto::runconfig::MODULES`] for keel's init.
+fn pack_modules(
+    tree: &mut Tree,
+    kdir: &Path,
+    names: &[String],
+    any_file: &Path,
+) -> anyhow::Result<()> {
+    let spec = keel_build::initramfs::Spec {
+        init: any_file.to_path_buf(),
+        kernel_modules: Some(kdir.to_path_buf()),
+        modules: names.to_vec(),
+        keys: None,
+        keep_compressed: false,
+        files: Vec::new(),
+    };
+    let (entries, packed) = keel_build::initramfs::entries(&spec)?;
+    let mut order = String::new();
+    for (path, node) in entries {
+        let keel_build::initramfs::Node::File { mode, data } = node else {
+            continue;
+        };
+        if !path.starts_with("lib/modules/") {
+            continue;
+        }
+        if path.ends_with(".ko") {
+            order.push_str(&format!("/{path}\n"));
+        }
+        tree.write_file(&path, &mut data.as_slice(), mode)?;
+    }
+    tree.write_file(keel_proto::runconfig::MODULES, &mut order.as_bytes(), 0o644)?;
+    eprintln!(
+        "modules: {} packed ({} built into the kernel)",
+        packed.modules.len(),
+        packed.builtin.len()
+    );
+    Ok(())
 }
 
 /// Keeps how to run the image (Entrypoint, Cmd, Env, WorkingDir, User) in the tree.
