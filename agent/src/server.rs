@@ -76,6 +76,11 @@ pub async fn run(
     if let Some(p) = shared.config.pull.clone() {
         let client = pull_client.clone().expect("made with the config");
         tracing::info!(url = %p.url, interval_secs = p.interval_secs, "pull: polling the channel");
+        // Set before any listener accepts: `status` names the channel from the first request.
+        *shared.pull.lock().expect("pull state") = Some(keel_proto::message::PullStatus {
+            url: p.url.clone(),
+            ..Default::default()
+        });
         tasks.push(tokio::spawn(crate::pull::run(shared.clone(), p, client)));
     }
     for l in listeners {
