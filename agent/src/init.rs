@@ -144,6 +144,10 @@ impl Supervisor {
 mod tests {
     use super::*;
 
+    fn exited(pid: i32, how: Ended) -> Event {
+        Event::Exited { pid, how }
+    }
+
     #[test]
     fn supervises() {
         let mut s = Supervisor {
@@ -155,47 +159,23 @@ mod tests {
             s.on(Event::Signal(libc::SIGTERM)),
             [Action::Forward(libc::SIGTERM)]
         );
+        assert_eq!(s.on(exited(99, Ended::Code(0))), []);
         assert_eq!(
-            s.on(Event::Exited {
-                pid: 99,
-                how: Ended::Code(0)
-            }),
-            []
-        );
-        assert_eq!(
-            s.on(Event::Exited {
-                pid: 11,
-                how: Ended::Signal(9)
-            }),
+            s.on(exited(11, Ended::Signal(9))),
             [Action::RestartAgent(1)]
         );
         s.agent = Some(12);
-        assert_eq!(
-            s.on(Event::Exited {
-                pid: 12,
-                how: Ended::Code(1)
-            }),
-            [Action::RestartAgent(2)]
-        );
+        assert_eq!(s.on(exited(12, Ended::Code(1))), [Action::RestartAgent(2)]);
         s.agent = Some(13);
         assert_eq!(
-            s.on(Event::Exited {
-                pid: 10,
-                how: Ended::Code(3)
-            }),
+            s.on(exited(10, Ended::Code(3))),
             [
                 Action::Report(Ended::Code(3)),
                 Action::Shutdown(OnExit::Poweroff)
             ]
         );
         // Stopping: the agent is not restarted, signals go nowhere.
-        assert_eq!(
-            s.on(Event::Exited {
-                pid: 13,
-                how: Ended::Code(0)
-            }),
-            []
-        );
+        assert_eq!(s.on(exited(13, Ended::Code(0))), []);
         assert_eq!(s.on(Event::Signal(libc::SIGTERM)), []);
 
         let mut stay = Supervisor {
@@ -204,10 +184,7 @@ mod tests {
             ..Supervisor::default()
         };
         assert_eq!(
-            stay.on(Event::Exited {
-                pid: 5,
-                how: Ended::Code(0)
-            }),
+            stay.on(exited(5, Ended::Code(0))),
             [Action::Report(Ended::Code(0))]
         );
         assert_eq!(

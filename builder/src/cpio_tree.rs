@@ -189,11 +189,6 @@ pub fn pack(root: &Path, out: &Path) -> Result<Packed> {
             return Err(e);
         }
     };
-    let bw = w.w.finish().ctx("write", &tmp)?;
-    bw.into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|f| f.sync_all())
-        .ctx("write", &tmp)?;
-    fs::rename(&tmp, out).ctx("rename into place", out)?;
+    crate::initramfs::finish_gzip(w.w, &tmp, out)?;
     Ok(packed)
 }

@@ -257,13 +257,22 @@ pub fn build(spec: &Spec, out: &Path) -> Result<Packed> {
     let f = fs::File::create(&tmp).ctx("create", &tmp)?;
     let mut gz = flate2::write::GzEncoder::new(io::BufWriter::new(f), flate2::Compression::best());
     write_cpio(&entries, &mut gz).ctx("write", &tmp)?;
-    let w = gz.finish().ctx("write", &tmp)?;
+    finish_gzip(gz, &tmp, out)?;
+    Ok(packed)
+}
+
+/// Ends the gzip stream written to `tmp`, syncs the file and renames it to `out`.
+pub(crate) fn finish_gzip(
+    gz: flate2::write::GzEncoder<io::BufWriter<fs::File>>,
+    tmp: &Path,
+    out: &Path,
+) -> Result<()> {
+    let w = gz.finish().ctx("write", tmp)?;
     w.into_inner()
         .map_err(|e| e.into_error())
         .and_then(|f| f.sync_all())
-        .ctx("write", &tmp)?;
-    fs::rename(&tmp, out).ctx("rename", out)?;
-    Ok(packed)
+        .ctx("write", tmp)?;
+    fs::rename(tmp, out).ctx("rename into place", out)
 }
 
 #[cfg(test)]

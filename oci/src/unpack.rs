@@ -341,6 +341,20 @@ impl Tree {
         }
     }
 
+    /// The directory (made if missing) and name where an injected `dst` goes, whatever was
+    /// there removed.
+    fn injected_slot(&mut self, dst: &str) -> Result<(OwnedFd, Vec<u8>), OciError> {
+        let bad = |why: String| injected_error(dst, why);
+        let mut parts = entry::components(dst.trim_start_matches('/').as_bytes())
+            .map_err(|w| bad(w.to_string()))?;
+        let name = parts.pop().ok_or_else(|| bad("no file name".into()))?;
+        let dir = self
+            .open_dir(&parts, true)
+            .map_err(|e| bad(format!("its directory: {e}")))?;
+        remove_tree(&dir, &name).map_err(|e| bad(format!("replacing what was there: {e}")))?;
+        Ok((dir, name))
+    }
+
     /// Writes a regular file at `dst` (a path inside the tree, `/` or not at its start) from
     /// `src`, owned by root with `mode`, replacing what is there; missing directories are
     /// made. For what `keelctl build` injects (the agent, keys, the run config).
@@ -350,18 +364,8 @@ impl Tree {
         src: &mut R,
         mode: u32,
     ) -> Result<u64, OciError> {
-        let bad = |why: String| OciError::Entry {
-            layer: "(injected)".into(),
-            entry: dst.to_string(),
-            why,
-        };
-        let mut parts = entry::components(dst.trim_start_matches('/').as_bytes())
-            .map_err(|w| bad(w.to_string()))?;
-        let name = parts.pop().ok_or_else(|| bad("no file name".into()))?;
-        let dir = self
-            .open_dir(&parts, true)
-            .map_err(|e| bad(format!("its directory: {e}")))?;
-        remove_tree(&dir, &name).map_err(|e| bad(format!("replacing what was there: {e}")))?;
+        let bad = |why: String| injected_error(dst, why);
+        let (dir, name) = self.injected_slot(dst)?;
         let fd = rfs::openat(
             &dir,
             name.as_slice(),
@@ -387,18 +391,8 @@ impl Tree {
 
     /// Makes `dst` a symlink to `target` (root's, mtime the epoch), replacing what is there.
     pub fn symlink(&mut self, dst: &str, target: &str) -> Result<(), OciError> {
-        let bad = |why: String| OciError::Entry {
-            layer: "(injected)".into(),
-            entry: dst.to_string(),
-            why,
-        };
-        let mut parts = entry::components(dst.trim_start_matches('/').as_bytes())
-            .map_err(|w| bad(w.to_string()))?;
-        let name = parts.pop().ok_or_else(|| bad("no file name".into()))?;
-        let dir = self
-            .open_dir(&parts, true)
-            .map_err(|e| bad(format!("its directory: {e}")))?;
-        remove_tree(&dir, &name).map_err(|e| bad(format!("replacing what was there: {e}")))?;
+        let bad = |why: String| injected_error(dst, why);
+        let (dir, name) = self.injected_slot(dst)?;
         rfs::symlinkat(target, &dir, name.as_slice()).map_err(|e| bad(format!("symlink: {e}")))?;
         rfs::utimensat(
             &dir,
@@ -574,4 +568,13 @@ fn clear_dir(fd: &OwnedFd, prefix: &[u8], created: &HashSet<Vec<u8>>) -> Result<
         }
     }
     Ok(())
+}
+
+/// An error about a file `keelctl build` injects.
+fn injected_error(dst: &str, why: String) -> OciError {
+    OciError::Entry {
+        layer: "(injected)".into(),
+        entry: dst.to_string(),
+        why,
+    }
 }
