@@ -568,6 +568,7 @@ mod tests {
             sha256: hex::encode(&Sha256::digest(data)),
             created: 0,
             min_version: None,
+            verity: None,
         }
         .sign(&SigningKey::from_bytes(&[3; 32]))
     }

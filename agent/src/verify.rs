@@ -163,6 +163,7 @@ mod tests {
             sha256: format!("{byte:02x}").repeat(32),
             created: 1,
             min_version: min,
+            verity: None,
         }
         .sign(&key(1))
     }

@@ -400,6 +400,7 @@ mod tests {
             sha256: "00".repeat(32),
             created: 0,
             min_version: None,
+            verity: None,
         });
         let facts = promote::Facts {
             current_exists: true,

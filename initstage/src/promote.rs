@@ -384,6 +384,7 @@ mod tests {
             sha256: format!("{v:064x}"),
             created: 0,
             min_version: None,
+            verity: None,
         }
     }
 

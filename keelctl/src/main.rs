@@ -86,6 +86,10 @@ enum Cmd {
         /// Output file.
         #[arg(long, short = 'o')]
         out: Option<PathBuf>,
+        /// Append a dm-verity hash tree to IMAGE (in place) and sign its root hash: the
+        /// device then checks every block it reads (manifest format 2).
+        #[arg(long)]
+        verity: bool,
     },
     /// Checks a manifest's signature and, with the image, its size and digest.
     Verify {
@@ -142,6 +146,9 @@ enum Cmd {
         /// Image version (with --sign).
         #[arg(long)]
         version: Option<u64>,
+        /// With --sign: append a dm-verity hash tree and sign its root hash (root images).
+        #[arg(long, requires = "sign")]
+        verity: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -386,6 +393,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             min_version,
             created,
             out,
+            verity,
         } => cmd::sign::run(&cmd::sign::Sign {
             image,
             key,
@@ -394,6 +402,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             min_version: *min_version,
             created: *created,
             out,
+            verity: *verity,
         }),
         Cmd::Verify {
             image,
@@ -446,6 +455,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             sign,
             name,
             version,
+            verity,
             json,
         } => cmd::build::run(&cmd::build::Build {
             from,
@@ -462,6 +472,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                 (Some(k), Some(n), Some(v)) => Some((k.as_path(), n.as_str(), *v)),
                 _ => None,
             },
+            verity: *verity,
             json: *json,
         }),
         Cmd::Push {

@@ -26,6 +26,21 @@ pub fn decode<const N: usize>(s: &str) -> Option<[u8; N]> {
     Some(out)
 }
 
+/// Decodes hex (either case) of any even length.
+pub fn decode_vec(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.chunks_exact(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16)?;
+            let lo = (pair[1] as char).to_digit(16)?;
+            u8::try_from(hi * 16 + lo).ok()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,6 +50,8 @@ mod tests {
         let b = [0u8, 1, 0xab, 0xff];
         assert_eq!(encode(&b), "0001abff");
         assert_eq!(decode::<4>("0001ABff"), Some(b));
+        assert_eq!(decode_vec("0001ABff"), Some(b.to_vec()));
+        assert_eq!(decode_vec("abc"), None);
     }
 
     #[test]

@@ -5,6 +5,10 @@
 //! user can sign it with `openssl pkeyutl -sign -rawin` in their own CI. The signature is a
 //! detached ed25519 signature; keys are the PEM files `openssl genpkey -algorithm ed25519`
 //! makes (PKCS#8 private, SPKI public). Several trusted keys may be configured (rotation).
+//!
+//! Format 2 adds [`VerityInfo`]: the image carries a dm-verity tree after its data, and the
+//! tree's root hash, salt and layout are signed with the rest, so every block the device
+//! reads is checked against the signing key. Format 1 stays accepted.
 
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
 use ed25519_dalek::{Signature, Signer};
@@ -13,8 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::hex;
 
-/// The manifest format this code writes and accepts.
+/// The manifest format of an image without a verity tree.
 pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest format of an image that carries a dm-verity tree ([`Manifest::verity`]).
+pub const MANIFEST_FORMAT_VERITY: u32 = 2;
 /// The first line of the canonical encoding.
 const CANONICAL_MAGIC: &str = "keel-manifest";
 /// Longest product name accepted.
@@ -28,7 +34,7 @@ pub enum ManifestError {
     Json(String),
     /// The format version is not one this build knows.
     #[error(
-        "manifest format {found} is not supported (this build reads format {MANIFEST_FORMAT})"
+        "manifest format {found} is not supported (this build reads formats {MANIFEST_FORMAT} and {MANIFEST_FORMAT_VERITY})"
     )]
     Format {
         /// Format found in the manifest.
@@ -60,6 +66,9 @@ pub enum ManifestError {
         /// The parser's message.
         detail: String,
     },
+    /// The verity fields are missing, unexpected, or describe a layout that cannot be.
+    #[error("manifest verity: {0}")]
+    Verity(String),
     /// `min_version` is above `version`.
     #[error("min_version {min} is above version {version}")]
     MinVersion {
@@ -88,6 +97,63 @@ pub struct Manifest {
     /// If set, a device must run at least this version to install the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_version: Option<u64>,
+    /// The image's dm-verity tree (format 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityInfo>,
+}
+
+/// Where an image's dm-verity tree is and what it hashes to (SHA-256, 4 KiB blocks, format
+/// 1 of the kernel's `verity` target, the superblock `veritysetup` writes at `hash_offset`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerityInfo {
+    /// Bytes of filesystem data the tree covers, from the image's start.
+    pub data_size: u64,
+    /// Offset of the verity superblock; the tree follows it, top level first.
+    pub hash_offset: u64,
+    /// The salt, hex.
+    pub salt: String,
+    /// The root hash, lower-case hex.
+    pub root_hash: String,
+}
+
+impl VerityInfo {
+    /// The salt's bytes (`None` when it is not hex).
+    pub fn salt_bytes(&self) -> Option<Vec<u8>> {
+        hex::decode_vec(&self.salt)
+    }
+
+    /// What a stream check of the `size`-byte image expects (after [`Manifest::validate`]).
+    pub fn expected(&self, size: u64) -> Option<keel_verity::check::Expected> {
+        Some(keel_verity::check::Expected {
+            data_size: self.data_size,
+            hash_offset: self.hash_offset,
+            salt: self.salt_bytes()?,
+            root: hex::decode::<32>(&self.root_hash)?,
+            image_size: size,
+        })
+    }
+
+    fn validate(&self, size: u64) -> Result<(), ManifestError> {
+        let bad = |s: String| ManifestError::Verity(s);
+        match self.salt_bytes() {
+            Some(s) if !s.is_empty() && s.len() <= keel_verity::MAX_SALT_LEN => {}
+            _ => {
+                return Err(bad(format!(
+                    "salt {:?} is not 1-256 bytes of hex",
+                    self.salt
+                )))
+            }
+        }
+        if hex::decode::<32>(&self.root_hash).is_none() {
+            return Err(bad(format!(
+                "root hash {:?} is not 64 hex digits",
+                self.root_hash
+            )));
+        }
+        keel_verity::Geometry::new(self.data_size)
+            .and_then(|g| g.check_layout(self.hash_offset, size))
+            .map_err(|e| bad(e.to_string()))
+    }
 }
 
 /// A manifest with its detached signature, as stored next to a staged image and sent on the wire.
@@ -102,8 +168,20 @@ pub struct SignedManifest {
 impl Manifest {
     /// Checks the fields that have rules of their own (name, digest, min_version, format).
     pub fn validate(&self) -> Result<(), ManifestError> {
-        if self.format != MANIFEST_FORMAT {
-            return Err(ManifestError::Format { found: self.format });
+        match (self.format, &self.verity) {
+            (MANIFEST_FORMAT, None) => {}
+            (MANIFEST_FORMAT, Some(_)) => {
+                return Err(ManifestError::Verity(format!(
+                    "format {MANIFEST_FORMAT} has no verity fields (format {MANIFEST_FORMAT_VERITY} does)"
+                )))
+            }
+            (MANIFEST_FORMAT_VERITY, None) => {
+                return Err(ManifestError::Verity(format!(
+                    "format {MANIFEST_FORMAT_VERITY} needs the verity fields"
+                )))
+            }
+            (MANIFEST_FORMAT_VERITY, Some(v)) => v.validate(self.size)?,
+            (found, _) => return Err(ManifestError::Format { found }),
         }
         if self.name.is_empty()
             || self.name.len() > MAX_NAME_LEN
@@ -133,12 +211,22 @@ impl Manifest {
         hex::decode::<32>(&self.sha256)
     }
 
-    /// The exact bytes that are signed: one `key value` pair a line, fixed order, `\n` endings.
+    /// The exact bytes that are signed: one `key value` pair a line, fixed order, `\n` endings
+    /// (format 2 appends the four `verity-*` lines).
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let min = self
             .min_version
             .map(|v| v.to_string())
             .unwrap_or_else(|| "-".to_string());
+        let verity = self.verity.as_ref().map_or_else(String::new, |v| {
+            format!(
+                "verity-data-size {}\nverity-hash-offset {}\nverity-salt {}\nverity-root {}\n",
+                v.data_size,
+                v.hash_offset,
+                v.salt.to_ascii_lowercase(),
+                v.root_hash.to_ascii_lowercase()
+            )
+        });
         format!(
             "{CANONICAL_MAGIC} {}\nname {}\nversion {}\nsize {}\nsha256 {}\ncreated {}\nmin-version {}\n",
             self.format,
@@ -150,6 +238,9 @@ impl Manifest {
             min
         )
         .into_bytes()
+        .into_iter()
+        .chain(verity.into_bytes())
+        .collect()
     }
 
     /// Signs the manifest with `key`.
@@ -295,6 +386,7 @@ mod tests {
             sha256: "ab".repeat(32),
             created: 1_700_000_000,
             min_version: None,
+            verity: None,
         }
     }
 
@@ -368,6 +460,60 @@ mod tests {
             SignedManifest::from_json(b"{not json"),
             Err(ManifestError::Json(_))
         ));
+    }
+
+    fn verity_sample() -> Manifest {
+        Manifest {
+            format: MANIFEST_FORMAT_VERITY,
+            size: 305 * 4096,
+            verity: Some(VerityInfo {
+                data_size: 300 * 4096,
+                hash_offset: 300 * 4096,
+                salt: "11".repeat(32),
+                root_hash: "CD".repeat(32),
+            }),
+            ..sample()
+        }
+    }
+
+    #[test]
+    fn verity_fields_are_signed_and_checked() {
+        let m = verity_sample();
+        m.validate().unwrap();
+        let text = String::from_utf8(m.canonical_bytes()).unwrap();
+        assert!(text.starts_with("keel-manifest 2\n"), "{text}");
+        assert!(
+            text.ends_with(&format!(
+                "min-version -\nverity-data-size 1228800\nverity-hash-offset 1228800\nverity-salt {}\nverity-root {}\n",
+                "11".repeat(32),
+                "cd".repeat(32)
+            )),
+            "{text}"
+        );
+        let k = key(4);
+        let signed = m.clone().sign(&k);
+        let back = SignedManifest::from_json(&signed.to_json()).unwrap();
+        assert!(back.verify(&[k.verifying_key()]).is_ok());
+        let mut t = signed.clone();
+        t.manifest.verity.as_mut().unwrap().root_hash = "ab".repeat(32);
+        assert!(matches!(
+            t.verify(&[k.verifying_key()]),
+            Err(ManifestError::BadSignature { .. })
+        ));
+        // Formats and fields must agree; the layout must be one the geometry gives.
+        let mut bad = m.clone();
+        bad.format = MANIFEST_FORMAT;
+        assert!(matches!(bad.validate(), Err(ManifestError::Verity(_))));
+        let mut bad = sample();
+        bad.format = MANIFEST_FORMAT_VERITY;
+        assert!(matches!(bad.validate(), Err(ManifestError::Verity(_))));
+        let mut bad = m.clone();
+        bad.size += 4096;
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("1253376"), "{e}");
+        let mut bad = m;
+        bad.verity.as_mut().unwrap().salt = "zz".into();
+        assert!(bad.validate().unwrap_err().to_string().contains("salt"));
     }
 
     #[test]

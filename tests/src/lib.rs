@@ -84,6 +84,7 @@ pub fn manifest_for(image: &Path, name: &str, version: u64) -> SignedManifest {
         sha256: sha256_file(image),
         created: 1_700_000_000,
         min_version: None,
+        verity: None,
     }
     .sign(&test_key())
 }

@@ -42,6 +42,7 @@ fn manifest() -> Manifest {
         sha256: "5a".repeat(32),
         created: 1_700_000_000,
         min_version: Some(3),
+        verity: None,
     }
 }
 

@@ -390,6 +390,7 @@ pub fn sign(image: &Path, version: u64) -> SignedManifest {
         sha256: sha256_file(image),
         created: 1_700_000_000,
         min_version: None,
+        verity: None,
     }
     .sign(&kit().key);
     let mut p = image.as_os_str().to_owned();

@@ -299,6 +299,7 @@ pub fn manifest(b: &[u8], version: u64, name: &str) -> Manifest {
         sha256: digest(b),
         created: 0,
         min_version: None,
+        verity: None,
     }
 }
 

@@ -48,6 +48,8 @@ pub struct Build<'a> {
     pub creds: Option<&'a str>,
     /// Sign with this key, as `name` `version`.
     pub sign: Option<(&'a Path, &'a str, u64)>,
+    /// With `sign`: append a dm-verity tree and sign its root hash.
+    pub verity: bool,
     /// Print the result as JSON.
     pub json: bool,
 }
@@ -83,6 +85,9 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
         "initramfs" => None,
         f => bail!("--format {f:?}: expected squashfs, erofs or initramfs"),
     };
+    if b.verity && format.is_none() {
+        bail!("--verity protects a root image a device mounts from disk; an initramfs is checked whole by its boot loader: drop --verity or build --format squashfs|erofs");
+    }
     let platform = Platform::parse(b.platform)?;
     let injects: Vec<(PathBuf, String)> = b
         .inject
@@ -181,7 +186,6 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
     }
     let pack_ms = t_pack.elapsed().as_millis();
     drop(scratch);
-    let (size, sha256) = hash_file(b.out)?;
     if let Some((key, name, version)) = b.sign {
         super::sign::run(&super::sign::Sign {
             image: b.out,
@@ -191,8 +195,10 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             min_version: None,
             created: Some(epoch),
             out: &None,
+            verity: b.verity,
         })?;
     }
+    let (size, sha256) = hash_file(b.out)?;
     let secs = t0.elapsed().as_secs_f64();
     if b.json {
         out!(

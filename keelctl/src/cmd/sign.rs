@@ -1,11 +1,19 @@
-//! `keelctl sign IMAGE`: the signed manifest of an image.
+//! `keelctl sign IMAGE`: the signed manifest of an image; with `--verity`, the dm-verity
+//! tree appended to the image first and its root hash signed with the rest.
 
-use std::fs;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::Context as _;
-use keel_proto::manifest::{signing_key_from_pem, Manifest, MANIFEST_FORMAT};
+use anyhow::{bail, Context as _};
+use keel_proto::hex;
+use keel_proto::manifest::{
+    signing_key_from_pem, Manifest, VerityInfo, MANIFEST_FORMAT, MANIFEST_FORMAT_VERITY,
+};
+use keel_verity::superblock::Superblock;
+use keel_verity::{Geometry, TreeBuilder, BLOCK, BLOCK_USIZE, SALT_LEN};
 
 use super::{hash_file, manifest_path, out};
 
@@ -26,12 +34,19 @@ pub struct Sign<'a> {
     pub created: Option<u64>,
     /// Output file (default IMAGE.manifest).
     pub out: &'a Option<PathBuf>,
+    /// Append (or refresh) a dm-verity tree and sign its root hash (manifest format 2).
+    pub verity: bool,
 }
 
 /// Hashes the image and writes its signed manifest.
 pub fn run(s: &Sign<'_>) -> anyhow::Result<()> {
     let pem = fs::read_to_string(s.key).with_context(|| format!("read key {}", s.key.display()))?;
     let sk = signing_key_from_pem(&pem).with_context(|| format!("key {}", s.key.display()))?;
+    let verity = if s.verity {
+        Some(append_tree(s.image)?)
+    } else {
+        None
+    };
     let (size, sha256) = hash_file(s.image)?;
     let created = s.created.unwrap_or_else(|| {
         SystemTime::now()
@@ -40,24 +55,104 @@ pub fn run(s: &Sign<'_>) -> anyhow::Result<()> {
             .unwrap_or(0)
     });
     let m = Manifest {
-        format: MANIFEST_FORMAT,
+        format: if verity.is_some() {
+            MANIFEST_FORMAT_VERITY
+        } else {
+            MANIFEST_FORMAT
+        },
         name: s.name.to_string(),
         version: s.version,
         size,
         sha256,
         created,
         min_version: s.min_version,
+        verity,
     };
     m.validate()?;
     let signed = m.sign(&sk);
     let out = manifest_path(s.image, s.out);
     fs::write(&out, signed.to_json()).with_context(|| format!("write {}", out.display()))?;
     out!(
-        "signed {} version {} ({} bytes) -> {}",
+        "signed {} version {} ({} bytes{}) -> {}",
         signed.manifest.name,
         signed.manifest.version,
         signed.manifest.size,
+        signed
+            .manifest
+            .verity
+            .as_ref()
+            .map(|v| format!(", verity root {}", v.root_hash))
+            .unwrap_or_default(),
         out.display()
     );
     Ok(())
+}
+
+/// The tree an image already carries: its data size and superblock, if its size and the
+/// block at the data's end say it has one.
+fn existing_tree(f: &File, size: u64) -> Option<(u64, Superblock)> {
+    let data_size = Geometry::data_size_for_image(size)?;
+    let mut block = vec![0u8; BLOCK_USIZE];
+    f.read_exact_at(&mut block, data_size).ok()?;
+    let sb = Superblock::decode(&block).ok()?;
+    (sb.data_blocks * BLOCK == data_size).then_some((data_size, sb))
+}
+
+/// Appends a dm-verity superblock and tree to `image` (its data first padded with zeros to
+/// whole 4 KiB blocks) and returns what the manifest signs. An image that already carries a
+/// tree gets it rebuilt over the same data with the same salt and UUID: signing twice
+/// changes nothing. Memory: the tree (1/127 of the data).
+pub fn append_tree(image: &Path) -> anyhow::Result<VerityInfo> {
+    let ctx = |what: &str| format!("{what} {}", image.display());
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| ctx("open"))?;
+    let size = f.metadata().with_context(|| ctx("stat"))?.len();
+    if size == 0 {
+        bail!("{} is empty: there is nothing to protect", image.display());
+    }
+    let (data_size, salt, uuid) = match existing_tree(&f, size) {
+        Some((d, sb)) => (d, sb.salt, sb.uuid),
+        None => {
+            let mut salt = vec![0u8; SALT_LEN];
+            let mut uuid = [0u8; 16];
+            keel_sys::random::fill(&mut salt).context("random salt")?;
+            keel_sys::random::fill(&mut uuid).context("random uuid")?;
+            uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
+            uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+            (size.div_ceil(BLOCK) * BLOCK, salt, uuid)
+        }
+    };
+    f.set_len(data_size).with_context(|| ctx("pad"))?;
+    let mut b = TreeBuilder::new(data_size, &salt)?;
+    let mut levels: Vec<Vec<u8>> = vec![Vec::new(); b.geometry().levels()];
+    let mut sink = |l: usize, block: &[u8]| levels[l].extend_from_slice(block);
+    f.seek(SeekFrom::Start(0)).with_context(|| ctx("seek"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).with_context(|| ctx("read"))?;
+        if n == 0 {
+            break;
+        }
+        b.update(&buf[..n], &mut sink)?;
+    }
+    let root = b.finish(&mut sink)?;
+    let sb = Superblock {
+        uuid,
+        data_blocks: data_size / BLOCK,
+        salt: salt.clone(),
+    };
+    f.write_all(&sb.encode()?).with_context(|| ctx("write"))?;
+    for level in levels.iter().rev() {
+        f.write_all(level).with_context(|| ctx("write"))?;
+    }
+    f.sync_all().with_context(|| ctx("fsync"))?;
+    Ok(VerityInfo {
+        data_size,
+        hash_offset: data_size,
+        salt: hex::encode(&salt),
+        root_hash: hex::encode(&root),
+    })
 }
