@@ -30,12 +30,11 @@ use std::sync::mpsc;
 use std::thread;
 
 use keel_proto::bootstate::ImageRecord;
-use keel_proto::hex;
+use keel_proto::imagecheck::ImageCheck;
 use keel_proto::layout::Names;
 use keel_proto::manifest::SignedManifest;
 use keel_proto::message::ErrorCode;
 use keel_sys::durable::{self, no_hook, IoError};
-use sha2::{Digest, Sha256};
 
 use crate::verify::Refusal;
 
@@ -274,7 +273,12 @@ impl Slot {
                 }
             }
         }
-        let mut hasher = Sha256::new();
+        let mut hasher = ImageCheck::new(&signed.manifest).map_err(|e| {
+            Refusal::new(
+                ErrorCode::HashMismatch,
+                format!("cannot check this image: {e}"),
+            )
+        })?;
         if have > 0 {
             let mut f = &file;
             let mut buf = vec![0u8; CHUNK];
@@ -307,7 +311,7 @@ pub struct Upload {
     signed: SignedManifest,
     file: File,
     offset: u64,
-    hasher: Sha256,
+    hasher: ImageCheck,
 }
 
 /// One buffer moving through the pipeline.
@@ -325,7 +329,7 @@ pub struct Chunk {
 pub struct Pipeline {
     free: tokio::sync::mpsc::UnboundedReceiver<Chunk>,
     full: Option<mpsc::SyncSender<Chunk>>,
-    hasher: Option<thread::JoinHandle<Sha256>>,
+    hasher: Option<thread::JoinHandle<ImageCheck>>,
     writer: Option<thread::JoinHandle<Result<(File, u64), Refusal>>>,
     upload: UploadMeta,
 }
@@ -499,15 +503,11 @@ impl Pipeline {
                 keep_partial,
             );
         }
-        let digest = hex::encode(&hasher.finalize());
-        if !digest.eq_ignore_ascii_case(&m.sha256) {
+        if let Err(e) = hasher.finish() {
             return fail(
                 Refusal::new(
                     ErrorCode::HashMismatch,
-                    format!(
-                        "received {end} bytes hash to {digest}, the manifest says {}",
-                        m.sha256
-                    ),
+                    format!("received {end} bytes: {e}"),
                 ),
                 false,
             );
@@ -550,7 +550,9 @@ impl Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keel_proto::hex;
     use keel_proto::manifest::{Manifest, SigningKey, MANIFEST_FORMAT};
+    use sha2::{Digest, Sha256};
 
     fn tmpdir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("keel-stage-{tag}-{}", std::process::id()));
@@ -645,6 +647,49 @@ mod tests {
         feed(&mut p, &a[..10]);
         let _ = p.finish(false, true);
         assert_eq!(slot.begin(&manifest(&a, 6), true).unwrap().offset(), 0);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A verity image and its manifest (format 2), with the root hash `root` signed.
+    fn verity_image(blocks: usize, root: Option<&str>) -> (Vec<u8>, SignedManifest) {
+        let mut img = data(blocks * 4096, 5);
+        let r = keel_verity::check::append_tree(&mut img, &[8; 32], [0; 16]).unwrap();
+        let mut m = manifest(&img, 7);
+        m.manifest.format = keel_proto::manifest::MANIFEST_FORMAT_VERITY;
+        m.manifest.verity = Some(keel_proto::manifest::VerityInfo {
+            data_size: (blocks * 4096) as u64,
+            hash_offset: (blocks * 4096) as u64,
+            salt: "08".repeat(32),
+            root_hash: root.map_or_else(|| hex::encode(&r), str::to_string),
+        });
+        m.manifest.validate().unwrap();
+        (img, m)
+    }
+
+    #[test]
+    fn a_verity_tree_is_checked_while_it_arrives_and_across_a_resume() {
+        let d = tmpdir("verity");
+        let slot = Slot::new(&d, "root.img");
+        let (img, m) = verity_image(700, None);
+        let mut p = slot.begin(&m, false).unwrap().start();
+        feed(&mut p, &img[..CHUNK + 100]);
+        let _ = p.finish(false, true);
+        let mut p = slot.begin(&m, true).unwrap().start();
+        feed(&mut p, &img[CHUNK + 100..]);
+        p.finish(true, false).unwrap();
+        assert_eq!(slot.staged().unwrap(), m);
+
+        // Signed over the right bytes, but a root the tree does not give: never staged.
+        let (img, bad) = verity_image(700, Some(&"ab".repeat(32)));
+        let mut bad = bad;
+        bad.manifest.version = 8;
+        let mut p = slot.begin(&bad, false).unwrap().start();
+        feed(&mut p, &img);
+        let e = p.finish(true, false).unwrap_err();
+        assert_eq!(e.code, ErrorCode::HashMismatch);
+        assert!(e.message.contains("verity root hash"), "{}", e.message);
+        assert_eq!(slot.staged().unwrap(), m);
+        assert!(!slot.partial_path().exists());
         fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -8,8 +8,9 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use keel_proto::bootstate::BootState;
+use keel_proto::imagecheck::{CheckError, ImageCheck};
 use keel_proto::layout::Names;
-use keel_proto::manifest::{Manifest, SignedManifest, VerifyingKey};
+use keel_proto::manifest::{Manifest, SignedManifest, VerifyingKey, VerityInfo};
 use keel_proto::{bootstate::ImageRecord, hex};
 use keel_sys::durable;
 use keel_sys::state::{self, StateError};
@@ -182,17 +183,21 @@ fn check_record(path: &Path, rec: &ImageRecord) -> (ImageRecord, Option<String>)
 
 fn hash_file(path: &Path) -> Result<(u64, String)> {
     let f = File::open(path).ctx("open", path)?;
-    read_hashing(f, path, |_| Ok(()))
+    let mut hasher = Sha256::new();
+    let total = read_through(f, path, |chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })?;
+    Ok((total, hex::encode(&hasher.finalize())))
 }
 
-/// Reads `f` (opened from `path`) to its end, handing each chunk to `sink` while hashing
-/// it: its size and sha256. The one read loop of the adoption check and the promotion copy.
-fn read_hashing(
+/// Reads `f` (opened from `path`) to its end, handing each chunk to `sink`; the bytes read.
+/// The one read loop of the adoption check and the promotion copy.
+fn read_through(
     mut f: File,
     path: &Path,
     mut sink: impl FnMut(&[u8]) -> Result<()>,
-) -> Result<(u64, String)> {
-    let mut hasher = Sha256::new();
+) -> Result<u64> {
     let mut buf = vec![0u8; CHUNK];
     let mut total = 0u64;
     loop {
@@ -200,15 +205,25 @@ fn read_hashing(
         if n == 0 {
             break;
         }
-        hasher.update(&buf[..n]);
         sink(&buf[..n])?;
         total += n as u64;
     }
-    Ok((total, hex::encode(&hasher.finalize())))
+    Ok(total)
 }
 
-/// Copies `src` to `dst` hashing as it goes, fsyncs, and checks size and digest.
-pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()> {
+/// Copies `src` to `dst` checking as it goes (the digest, and the verity tree when the
+/// manifest has one), fsyncs, and refuses a copy that is not the manifest's image.
+pub fn copy_verify(
+    src: &Path,
+    dst: &Path,
+    size: u64,
+    sha256: &str,
+    verity: Option<&VerityInfo>,
+) -> Result<()> {
+    let mut check = ImageCheck::of(size, sha256, verity).map_err(|e| Error::Verity {
+        path: src.to_path_buf(),
+        detail: e.to_string(),
+    })?;
     let input = File::open(src).ctx("open", src)?;
     let mut out = OpenOptions::new()
         .write(true)
@@ -216,7 +231,10 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
         .truncate(true)
         .open(dst)
         .ctx("create", dst)?;
-    let (total, found) = read_hashing(input, src, |chunk| out.write_all(chunk).ctx("write", dst))?;
+    let total = read_through(input, src, |chunk| {
+        check.update(chunk);
+        out.write_all(chunk).ctx("write", dst)
+    })?;
     failpoint::hit("copy image");
     out.sync_all().ctx("fsync", dst)?;
     failpoint::hit("fsync image");
@@ -227,14 +245,18 @@ pub fn copy_verify(src: &Path, dst: &Path, size: u64, sha256: &str) -> Result<()
             found: total,
         });
     }
-    if !found.eq_ignore_ascii_case(sha256) {
-        return Err(Error::HashMismatch {
+    match check.finish() {
+        Ok(_) => Ok(()),
+        Err(CheckError::Digest { found, expected }) => Err(Error::HashMismatch {
             path: src.to_path_buf(),
-            expected: sha256.to_string(),
+            expected,
             found,
-        });
+        }),
+        Err(e @ CheckError::Verity(_)) => Err(Error::Verity {
+            path: src.to_path_buf(),
+            detail: e.to_string(),
+        }),
     }
-    Ok(())
 }
 
 /// Keeps the installed image's signed manifest beside it on `img` (from the staged slot,
@@ -280,12 +302,16 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
                 fsync_dir(&dirs.img)?;
             }
         }
-        Step::CopyStaged { size, sha256 } => {
+        Step::CopyStaged {
+            size,
+            sha256,
+            verity,
+        } => {
             let src = dirs
                 .newimg(&n.staged)
                 .ok_or_else(|| Error::Usage("no newimg partition to copy from".into()))?;
             let dst = dirs.img(&n.new_tmp);
-            copy_verify(&src, &dst, *size, sha256)?;
+            copy_verify(&src, &dst, *size, sha256, verity.as_ref())?;
             fsync_dir(&dirs.img)?;
         }
         Step::WriteState(s) => save_state(&dirs.img, s)?,

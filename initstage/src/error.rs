@@ -93,6 +93,14 @@ pub enum Error {
         /// Computed.
         found: String,
     },
+    /// A copied image's verity tree is not the one its manifest signed.
+    #[error("{path}: {detail}")]
+    Verity {
+        /// The image.
+        path: PathBuf,
+        /// What did not match.
+        detail: String,
+    },
     /// A copied image does not have its manifest's size.
     #[error("{path}: {found} bytes, the manifest says {expected}")]
     SizeMismatch {

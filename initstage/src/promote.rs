@@ -19,7 +19,7 @@
 //! `WriteState(current A)`.
 
 use keel_proto::bootstate::{BootState, EventKind, ImageRecord, Pending, Trial};
-use keel_proto::manifest::Manifest;
+use keel_proto::manifest::{Manifest, VerityInfo};
 
 /// What is on disk, read before planning.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -65,6 +65,8 @@ pub enum Step {
         size: u64,
         /// Expected sha256, hex.
         sha256: String,
+        /// The verity tree the copy must carry (a format 2 manifest).
+        verity: Option<VerityInfo>,
     },
     /// Persist this state atomically.
     WriteState(Box<BootState>),
@@ -256,6 +258,7 @@ pub fn plan(state: &BootState, facts: &Facts, tries: u32) -> Plan {
                 steps.push(Step::CopyStaged {
                     size: m.size,
                     sha256: rec.sha256.clone(),
+                    verity: m.verity.clone(),
                 });
                 let mut mid = s.clone();
                 mid.pending = Some(Pending::Promote { new: rec.clone() });

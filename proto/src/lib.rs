@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`hex`] | lower-case hex for digests and signatures |
 //! | [`manifest`] | the signed image manifest, its canonical bytes, key loading and verification |
+//! | [`imagecheck`] | an image's bytes against its manifest as they stream: SHA-256 and the verity tree |
 //! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
 //! | [`endpoint`] | `tcp://`, `unix://`, `vsock://`, `hvsock://` endpoint strings |
@@ -24,6 +25,7 @@ pub mod channel;
 pub mod endpoint;
 pub mod exec;
 pub mod hex;
+pub mod imagecheck;
 pub mod layout;
 pub mod manifest;
 pub mod message;

@@ -89,6 +89,31 @@ pub fn manifest_for(image: &Path, name: &str, version: u64) -> SignedManifest {
     .sign(&test_key())
 }
 
+/// Appends a verity tree to `image` (salt of 0x5a bytes) and signs it as format 2; with
+/// `root`, that root hash is signed instead of the tree's (a manifest that lies).
+pub fn verity_manifest_for(
+    image: &Path,
+    name: &str,
+    version: u64,
+    root: Option<&str>,
+) -> SignedManifest {
+    let mut b = fs::read(image).unwrap();
+    b.resize(b.len().div_ceil(4096) * 4096, 0);
+    let data_size = b.len() as u64;
+    let r = keel_verity::check::append_tree(&mut b, &[0x5a; 32], [1; 16]).unwrap();
+    fs::write(image, &b).unwrap();
+    let mut m = manifest_for(image, name, version).manifest;
+    m.format = keel_proto::manifest::MANIFEST_FORMAT_VERITY;
+    m.verity = Some(keel_proto::manifest::VerityInfo {
+        data_size,
+        hash_offset: data_size,
+        salt: "5a".repeat(32),
+        root_hash: root.map_or_else(|| keel_proto::hex::encode(&r), str::to_string),
+    });
+    m.validate().unwrap();
+    m.sign(&test_key())
+}
+
 /// One partition to build.
 #[derive(Debug)]
 pub struct Part {

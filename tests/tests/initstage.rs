@@ -294,6 +294,42 @@ fn corrupt_staged_image_never_becomes_current() {
 }
 
 #[test]
+fn a_verity_root_that_is_not_the_trees_is_refused_at_promotion() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("verity-root");
+    let disk = standard_disk(&mut sb);
+    sb.prepare(&disk, "");
+    sb.teardown();
+    // Signed over exactly the staged bytes, but with a root hash the tree does not give.
+    let v2 = sb.squashfs(2);
+    let lie = "ab".repeat(32);
+    let m = verity_manifest_for(&v2, "demo", 2, Some(&lie));
+    sb.with_partition(&disk, NEWIMG, |d| stage(d, &v2, &m));
+    let r = sb.prepare(&disk, "");
+    assert_eq!(sb.booted_version(), 1);
+    let msg = r
+        .actions
+        .iter()
+        .find(|a| a.contains("refused"))
+        .unwrap_or_else(|| panic!("no refusal in {:?}", r.actions));
+    assert!(
+        msg.contains("verity root hash") && msg.contains(&lie),
+        "{msg}"
+    );
+    assert!(!sb.run_dir().join("img/root-squashfs.img.new").exists());
+    sb.teardown();
+    // The same image with its true root is promoted.
+    let v3 = sb.squashfs(3);
+    let m = verity_manifest_for(&v3, "demo", 3, None);
+    sb.with_partition(&disk, NEWIMG, |d| stage(d, &v3, &m));
+    let r = sb.prepare(&disk, "");
+    assert_eq!(sb.booted_version(), 3, "{:?}", r.actions);
+    sb.finish();
+}
+
+#[test]
 fn unmountable_new_image_rolls_back_in_the_same_boot() {
     if !privileged() {
         return;
