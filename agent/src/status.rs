@@ -3,7 +3,7 @@
 
 use keel_proto::bootstate::{BootState, ImageRecord};
 use keel_proto::layout::DEFAULT_IMAGE;
-use keel_proto::message::{PartialUpload, StatusReport};
+use keel_proto::message::{PartialUpload, StatusReport, VerityStatus};
 use keel_proto::report::BootReport;
 
 use keel_sys::{durable, state};
@@ -111,5 +111,33 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
             .unwrap_or_default(),
         state_error: facts.state_error.clone(),
         identity: None,
+        verity: r.and_then(|r| r.verity.as_ref()).map(verity_status),
     }
+}
+
+/// What initstage set up, and the kernel's live view of the device: its table (with the
+/// root hash it checks against) and its status (`V`, or `C` once a corrupt block was read).
+fn verity_status(v: &keel_proto::report::BootVerity) -> VerityStatus {
+    let mut st = VerityStatus {
+        root_hash: v.root_hash.clone(),
+        device: v.device.clone(),
+        on_corruption: v.on_corruption.clone(),
+        ..Default::default()
+    };
+    let name = v.device.rsplit('/').next().unwrap_or_default();
+    let one = |table: bool| -> Result<String, String> {
+        let ctl = keel_sys::dm::Control::open().map_err(|e| e.to_string())?;
+        let t = ctl.table(name, table).map_err(|e| e.to_string())?;
+        t.first()
+            .map(|t| format!("{} {}", t.kind, t.params))
+            .ok_or_else(|| format!("{name} has no table"))
+    };
+    match (one(true), one(false)) {
+        (Ok(t), Ok(s)) => {
+            st.kernel_table = Some(t);
+            st.kernel_status = s.split(' ').nth(1).map(str::to_string);
+        }
+        (Err(e), _) | (_, Err(e)) => st.error = Some(e),
+    }
+    st
 }

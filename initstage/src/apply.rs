@@ -334,6 +334,9 @@ pub fn run_step(step: &Step, dirs: &Dirs) -> Result<()> {
             record_manifest(dirs)?;
         }
         Step::RestoreOld => {
+            // Best effort, like KeepCurrentAsOld: the manifest comes back with its image
+            // (the verity root of the image now current is read from it).
+            copy_manifest(&dirs.img(&format!("{}.manifest", n.old)), dirs, &n.current)?;
             fs::rename(dirs.img(&n.old), dirs.img(&n.current))
                 .ctx("rename", dirs.img(&n.current))?;
             failpoint::hit("rename old to current");

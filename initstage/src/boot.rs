@@ -21,6 +21,7 @@ use crate::mounts::Mounts;
 use crate::probe::{self, Partitions, Scope};
 use crate::promote::{self, Step};
 use crate::switch_root::init_present;
+use crate::verity;
 
 /// Inputs of one boot.
 #[derive(Debug, Clone)]
@@ -69,19 +70,51 @@ fn image_fstype(path: &Path) -> Result<String> {
     }
 }
 
-/// Loop-mounts the image read-only at `<run>/ro`.
-fn mount_image(image: &Path, layout: &Layout, mounts: &mut Mounts) -> Result<String> {
+/// Loop-mounts the image read-only at `<run>/ro`, through dm-verity when `verity` says so.
+fn mount_image(
+    image: &Path,
+    layout: &Layout,
+    mounts: &mut Mounts,
+    verity: &verity::Decision,
+) -> Result<String> {
+    if let verity::Decision::Refuse(why) = verity {
+        return Err(Error::Dm(why.clone()));
+    }
     let fstype = image_fstype(image)?;
     let dev = loopdev::attach_read_only(image)?;
-    mounts.mount(&MountOp {
-        source: dev.path.display().to_string(),
+    let source = match verity {
+        verity::Decision::Use(v) => verity::setup(&dev, v)?,
+        _ => dev.path.clone(),
+    };
+    let r = mounts.mount(&MountOp {
+        source: source.display().to_string(),
         target: layout.ro(),
         fstype: fstype.clone(),
         access: Access::ReadOnly,
         data: String::new(),
-    })?;
-    // `dev` drops here: the mount holds the device; autoclear frees it at unmount.
+    });
+    if let (Err(_), verity::Decision::Use(_)) = (&r, verity) {
+        verity::teardown();
+    }
+    r?;
+    // `dev` drops here: the mount (or the verity device) holds it; autoclear frees it.
     Ok(fstype)
+}
+
+/// What verity does for the image the state names current.
+fn verity_decision(opts: &Options, image: &Path, state: &BootState) -> verity::Decision {
+    if opts.cfg.verity == crate::cmdline::VerityMode::Off {
+        return verity::Decision::Plain(None);
+    }
+    let release = rustix::system::uname();
+    let modules = Path::new("/lib/modules").join(release.release().to_string_lossy().as_ref());
+    verity::decide(
+        opts.cfg.verity,
+        state.current.as_ref(),
+        verity::read_manifest(image),
+        &opts.keys,
+        verity::ensure_kernel_support(&modules),
+    )
 }
 
 /// Moves the old upper and work into `.trash` (a rename: O(1) whatever they hold) and makes
@@ -286,13 +319,18 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
     let image = dirs.img.join(&dirs.names.current);
     let up = mountplan::upper_plan(cfg, parts.overlay.is_some(), layout);
     let mut attempt = 0;
-    let (fstype, trash) = loop {
+    let (fstype, trash, decision) = loop {
         attempt += 1;
         let mark = mounts.mark();
+        let decision = verity_decision(opts, &image, &state);
+        if let verity::Decision::Plain(Some(why)) = &decision {
+            log::warn!("{why}");
+            actions.push(why.clone());
+        }
         let r = step(
             "mount image and overlay",
             || -> Result<(String, Option<PathBuf>)> {
-                let fstype = mount_image(&image, layout, mounts)?;
+                let fstype = mount_image(&image, layout, mounts, &decision)?;
                 let trash = prepare_upper(&up, mounts)?;
                 mounts.mount(&mountplan::overlay_mount(&up, layout))?;
                 if !init_present(&layout.sysroot, &cfg.init) {
@@ -305,9 +343,12 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
             },
         );
         match r {
-            Ok(v) => break v,
+            Ok((f, t)) => break (f, t, decision),
             Err(e) if attempt == 1 => {
                 mounts.unwind_to(mark);
+                if matches!(decision, verity::Decision::Use(_)) {
+                    verity::teardown();
+                }
                 let facts = apply::gather_facts(&dirs, &[]);
                 let reason = format!("image failed: {e}");
                 let Some(rb) = promote::plan_rollback(&state, &facts, &reason) else {
@@ -320,6 +361,16 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
             }
             Err(e) => return Err(e),
         }
+    };
+    let boot_verity = match &decision {
+        verity::Decision::Use(v) => Some(step("verity: restart on corruption", || {
+            verity::arm_restart(v).map(|on| keel_proto::report::BootVerity {
+                root_hash: v.root_hash.to_ascii_lowercase(),
+                device: format!("/dev/mapper/{}", verity::DM_NAME),
+                on_corruption: on,
+            })
+        })?),
+        _ => None,
     };
     step("layer views", || -> Result<()> {
         for b in mountplan::layer_binds(&up, layout) {
@@ -353,6 +404,7 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         upper: up.kind.into(),
         actions,
         run_dir: layout.run.display().to_string(),
+        verity: boot_verity,
     };
     let rp = layout.report();
     std::fs::write(&rp, report.to_json()).ctx("write", &rp)?;

@@ -65,6 +65,20 @@ pub struct Config {
     pub debug: bool,
     /// `keel.failpoint=N` (failpoints builds only): abort at the N-th write step.
     pub failpoint: Option<u64>,
+    /// `keel.verity=required|auto|off`: when the image is mounted through dm-verity.
+    pub verity: VerityMode,
+}
+
+/// `keel.verity=`: whether the image is read through dm-verity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerityMode {
+    /// Every image must carry a verity tree in its signed manifest and be mounted through it.
+    Required,
+    /// The image is mounted through dm-verity whenever its manifest carries a tree.
+    #[default]
+    Auto,
+    /// Never (the image's digest is still checked at staging and promotion).
+    Off,
 }
 
 impl Default for Config {
@@ -81,6 +95,7 @@ impl Default for Config {
             wait: Duration::from_secs(DEFAULT_WAIT_SECS),
             debug: false,
             failpoint: None,
+            verity: VerityMode::Auto,
         }
     }
 }
@@ -231,6 +246,12 @@ pub fn parse(line: &str) -> (Config, Vec<Warning>) {
                 Some(b) => cfg.debug = b,
                 None => warn("expected nothing, yes or no; using on".into()),
             },
+            "keel.verity" => match value {
+                Some("required") => cfg.verity = VerityMode::Required,
+                Some("auto") => cfg.verity = VerityMode::Auto,
+                Some("off") => cfg.verity = VerityMode::Off,
+                _ => warn("expected required, auto or off; using auto".into()),
+            },
             "keel.failpoint" => match value.and_then(|v| v.parse::<u64>().ok()) {
                 Some(n) if n > 0 => cfg.failpoint = Some(n),
                 _ => warn("expected a step number from 1; ignoring".into()),
@@ -261,8 +282,11 @@ mod tests {
             "init=/lib/systemd/systemd init_args=\"--unit rescue.target\" modules=virtio_blk,loop,squashfs \
              overlaytmpfs=yes overlaytmpfsflags=size=64m,nr_inodes=1000 keel.image=rootfs.erofs \
              keel.label.img=IMG keel.label.overlay=OV keel.label.newimg=NEW keel.label.boot=BOOT \
-             keel.tries=5 keel.wait=30 keel.debug",
+             keel.tries=5 keel.wait=30 keel.debug keel.verity=required",
         );
+        assert_eq!(c.verity, VerityMode::Required);
+        assert_eq!(parse("keel.verity=off").0.verity, VerityMode::Off);
+        assert_eq!(parse("").0.verity, VerityMode::Auto);
         assert!(w.is_empty(), "{w:?}");
         assert_eq!(c.init, "/lib/systemd/systemd");
         assert_eq!(c.init_args, vec!["--unit", "rescue.target"]);
@@ -304,6 +328,7 @@ mod tests {
             ("overlaytmpfsflags=", "using none"),
             ("modules=../x", "loading none"),
             ("keel.debug=perhaps", "using on"),
+            ("keel.verity=yes", "required, auto or off; using auto"),
         ];
         for (line, expect) in cases {
             let (c, w) = parse(line);

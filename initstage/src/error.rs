@@ -93,6 +93,9 @@ pub enum Error {
         /// Computed.
         found: String,
     },
+    /// A device-mapper step failed, or verity refused the image.
+    #[error("verity: {0}")]
+    Dm(String),
     /// A copied image's verity tree is not the one its manifest signed.
     #[error("{path}: {detail}")]
     Verity {

@@ -9,6 +9,7 @@
 //! | [`promote`] | the promotion / rollback / trial state machine (pure, returns a plan) |
 //! | [`apply`] | runs a plan: copy-verify, atomic state writes, renames, fsyncs |
 //! | [`loopdev`] | read-only autoclear loop devices with LOOP_CONFIGURE |
+//! | [`verity`] | whether the image is read through dm-verity (pure), and its device-mapper device |
 //! | [`mountplan`] | what to mount where (pure) |
 //! | [`mounts`] | mount(2) with undo |
 //! | [`boot`] | one boot: steps 2–9, shared by PID 1 and `prepare` |
@@ -33,3 +34,4 @@ pub mod pid1;
 pub mod probe;
 pub mod promote;
 pub mod switch_root;
+pub mod verity;

@@ -318,6 +318,27 @@ pub struct StatusReport {
     /// Pull mode's state, when `[pull]` is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullStatus>,
+    /// The dm-verity device the booted image is read through, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<VerityStatus>,
+}
+
+/// The booted image's dm-verity device: what initstage set up and what the kernel says now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerityStatus {
+    /// The root hash from the signed manifest (initstage's report).
+    pub root_hash: String,
+    /// The device-mapper device.
+    pub device: String,
+    /// What a corrupt block does (`restart_on_corruption`).
+    pub on_corruption: String,
+    /// The live table as the kernel reports it (`verity 1 7:0 7:0 4096 ...`).
+    pub kernel_table: Option<String>,
+    /// The target's status: `V` (verified so far) or `C` (corruption seen).
+    pub kernel_status: Option<String>,
+    /// Why the kernel could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Where pull mode stands.

@@ -44,6 +44,20 @@ pub struct BootReport {
     pub actions: Vec<String>,
     /// The run directory holding the partitions' mounts.
     pub run_dir: String,
+    /// The dm-verity device the image is read through, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verity: Option<BootVerity>,
+}
+
+/// How the booted image is protected by dm-verity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootVerity {
+    /// The root hash the kernel checks every block against (from the signed manifest).
+    pub root_hash: String,
+    /// The device-mapper device (`/dev/mapper/<name>`).
+    pub device: String,
+    /// What a corrupt block does at run time (`restart_on_corruption`).
+    pub on_corruption: String,
 }
 
 impl BootReport {

@@ -3,6 +3,7 @@
 //!
 //! | module | what it is for |
 //! |---|---|
+//! | [`dm`] | device-mapper ioctls: create, load a table, resume, read the table, remove |
 //! | [`durable`] | crash-safe writes (exclusive temp file, fsync, rename, fsync dir) and bounded reads of regular files only |
 //! | [`random`] | random bytes from the kernel (auth challenges) |
 //! | [`state`] | the one loader and writer of `keel-state.json` |
@@ -13,6 +14,7 @@
 //! [`durable::no_hook`].
 #![warn(missing_docs)]
 
+pub mod dm;
 pub mod durable;
 pub mod random;
 pub mod state;

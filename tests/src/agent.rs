@@ -124,6 +124,7 @@ pub fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
         upper: "partition".into(),
         actions: vec!["promoted".into()],
         run_dir: "/run/keel".into(),
+        verity: None,
     };
     fs::write(etc.join("boot.json"), report.to_json()).unwrap();
     let mut st = BootState {

@@ -101,3 +101,45 @@ pub fn hex(bytes: &[u8]) -> String {
             s
         })
 }
+
+/// The parameters of the kernel's `verity` target for an image whose data and tree are on
+/// the same device (`major:minor`), and its length in 512-byte sectors. `restart`: the
+/// machine restarts when a corrupt block is read (`restart_on_corruption`); otherwise the
+/// read fails with EIO.
+pub fn table(
+    device: &str,
+    data_size: u64,
+    hash_offset: u64,
+    root_hex: &str,
+    salt_hex: &str,
+    restart: bool,
+) -> (u64, String) {
+    let mut p = format!(
+        "1 {device} {device} {BLOCK} {BLOCK} {} {} sha256 {} {}",
+        data_size / BLOCK,
+        // The tree starts one block after the superblock.
+        hash_offset / BLOCK + 1,
+        root_hex.to_ascii_lowercase(),
+        salt_hex.to_ascii_lowercase()
+    );
+    if restart {
+        p.push_str(" 1 restart_on_corruption");
+    }
+    (data_size / 512, p)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_table_names_the_tree_after_the_superblock() {
+        let (sectors, p) = super::table("7:0", 300 * 4096, 300 * 4096, "AB", "cd", true);
+        assert_eq!(sectors, 2400);
+        assert_eq!(
+            p,
+            "1 7:0 7:0 4096 4096 300 301 sha256 ab cd 1 restart_on_corruption"
+        );
+        assert!(!super::table("7:0", 4096, 8192, "a", "b", false)
+            .1
+            .contains("restart"));
+    }
+}

@@ -73,6 +73,7 @@ impl Dev {
             upper: "partition".into(),
             actions: vec![],
             run_dir: "/run/keel".into(),
+            verity: None,
         };
         fs::write(root.join("boot.json"), report.to_json()).unwrap();
         let st = BootState {

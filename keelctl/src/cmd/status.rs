@@ -93,6 +93,21 @@ fn print(s: &StatusReport) -> anyhow::Result<()> {
             out!("next poll    {} (keelctl pull-now: at once)", within(t));
         }
     }
+    if let Some(v) = &s.verity {
+        out!(
+            "verity       root {} on {} ({}), kernel: {}",
+            v.root_hash,
+            v.device,
+            v.on_corruption,
+            match (&v.kernel_status, &v.error) {
+                (Some(st), _) if st == "V" => "verified so far".to_string(),
+                (Some(st), _) if st == "C" => "CORRUPTION SEEN".to_string(),
+                (Some(st), _) => st.clone(),
+                (None, Some(e)) => e.clone(),
+                (None, None) => "-".into(),
+            }
+        );
+    }
     for a in &s.boot_actions {
         out!("this boot    {a}");
     }
