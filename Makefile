@@ -84,12 +84,14 @@ bench-smoke: build static vm-bins
 # the profile's settings (-Z build-std: panic=abort without the backtrace symbolizer, std's
 # optimize_for_size), no unwind tables (nothing unwinds), ed25519's portable backend only (one
 # signature check a promotion needs no AVX2 copy), linked non-PIE, and panic messages without
-# file:line (-Z location-detail=none: 21 KB, the room the gzip and xz module decoders take).
+# file:line (-Z location-detail=none: 21 KB, the room the gzip and xz module decoders take),
+# and no .eh_frame_hdr (the unwinder's index, 15 KB: nothing unwinds; the room dm-verity takes).
 # RUSTC_BOOTSTRAP lets the
 # stable toolchain take the -Z flags; rust-src comes from `make deps`. Own target dir: other
 # RUSTFLAGS than the rest.
 INITSTAGE_RUSTFLAGS := -C target-feature=+crt-static -C relocation-model=static \
-	-C force-unwind-tables=no --cfg curve25519_dalek_backend="serial" -Zlocation-detail=none
+	-C force-unwind-tables=no --cfg curve25519_dalek_backend="serial" -Zlocation-detail=none \
+	-C link-arg=-Wl,--no-eh-frame-hdr
 INITSTAGE_BUILD = RUSTC_BOOTSTRAP=1 RUSTFLAGS='$(INITSTAGE_RUSTFLAGS)' \
 	$(CARGO) build --release -p initstage --target $(TARGET) \
 	-Z build-std=std,panic_abort -Z build-std-features=optimize_for_size

@@ -10,7 +10,7 @@
 //! tree's root hash, salt and layout are signed with the rest, so every block the device
 //! reads is checked against the signing key. Format 1 stays accepted.
 
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey};
+use ed25519_dalek::pkcs8::DecodePrivateKey;
 use ed25519_dalek::{Signature, Signer};
 pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -297,6 +297,33 @@ impl SignedManifest {
     }
 }
 
+/// The DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID
+/// 1.3.101.112 }, BIT STRING (0 unused bits) } before the 32 key bytes. The encoding is fixed,
+/// so a byte comparison decodes it (no DER parser linked into initstage).
+const SPKI_ED25519_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// The ed25519 key in the base64 body of one PEM `PUBLIC KEY` block.
+fn spki_ed25519(body: &str) -> Result<VerifyingKey, String> {
+    use base64ct::Encoding;
+    let b64: String = body.split_ascii_whitespace().collect();
+    let mut der = [0u8; 45];
+    let der = base64ct::Base64::decode(&b64, &mut der)
+        .map_err(|e| format!("not an ed25519 public key (base64: {e})"))?;
+    let raw = der
+        .strip_prefix(&SPKI_ED25519_PREFIX)
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or_else(|| {
+            format!(
+                "not an ed25519 public key ({} DER bytes, expected the 44 of an ed25519 \
+                 SubjectPublicKeyInfo)",
+                der.len()
+            )
+        })?;
+    VerifyingKey::from_bytes(&raw).map_err(|e| format!("not an ed25519 public key ({e})"))
+}
+
 /// Parses every `-----BEGIN PUBLIC KEY-----` block in `pem` (one file may hold several keys).
 pub fn public_keys_from_pem(pem: &str) -> Result<Vec<VerifyingKey>, ManifestError> {
     const BEGIN: &str = "-----BEGIN ";
@@ -326,10 +353,7 @@ pub fn public_keys_from_pem(pem: &str) -> Result<Vec<VerifyingKey>, ManifestErro
             .ok_or_else(|| bad("unterminated PEM block".into()))?
             + END.len();
         let block = &after[..end];
-        keys.push(
-            VerifyingKey::from_public_key_pem(block)
-                .map_err(|e| bad(format!("not an ed25519 public key ({e})")))?,
-        );
+        keys.push(spki_ed25519(&block[KEY_BEGIN.len()..block.len() - END.len()]).map_err(bad)?);
         rest = &after[end..];
     }
     if keys.is_empty() {
