@@ -129,7 +129,7 @@ sizes:
 
 ## vm: only the VM scenarios (one alone: make vm VM=update_cycle)
 vm: build vm-bins vsock-device
-	$(CARGO) test -p keel-vm-tests --test vm --test oci -- $(VM)
+	$(CARGO) test -p keel-vm-tests --test vm --test oci --test verity -- $(VM)
 
 ## demo: boots v1 in QEMU, pushes v2, reboots into it, pushes a bad v3, shows the rollback
 demo: build vm-bins vsock-device

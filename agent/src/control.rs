@@ -4,12 +4,14 @@ use std::path::Path;
 
 use keel_proto::bootstate::MarkGood;
 use keel_proto::message::ErrorCode;
-use keel_sys::durable::no_hook;
+use keel_sys::durable::{self, no_hook};
 use keel_sys::state;
 
 use crate::verify::Refusal;
 
-/// Ends the trial recorded in `<img>/keel-state.json`; returns what happened.
+/// Ends the trial recorded in `<img>/keel-state.json`, and confirms a boot through dm-verity
+/// (removes initstage's marker, so the next boot does not check every block); returns what
+/// happened.
 pub fn mark_good(img: &Path) -> Result<String, Refusal> {
     let mut state = match state::load(img) {
         Ok(Some(s)) => s,
@@ -25,15 +27,22 @@ pub fn mark_good(img: &Path) -> Result<String, Refusal> {
         Err(e) => return Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
     };
     let version = state.current.as_ref().map(|c| c.version).unwrap_or(0);
-    match state.mark_good() {
+    let said = match state.mark_good() {
         Ok(MarkGood::Ended) => {
             state::save(img, &state, no_hook)
                 .map_err(|e| Refusal::new(ErrorCode::Io, e.to_string()))?;
-            Ok(format!("version {version} marked good: its trial is over"))
+            format!("version {version} marked good: its trial is over")
         }
-        Ok(MarkGood::NotOnTrial) => Ok(format!("version {version} is not on trial: nothing to do")),
-        Err(e) => Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
+        Ok(MarkGood::NotOnTrial) => format!("version {version} is not on trial: nothing to do"),
+        Err(e) => return Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
+    };
+    let io = |e: durable::IoError| Refusal::new(ErrorCode::Io, e.to_string());
+    let marker = img.join(keel_proto::layout::VERITY_UNCONFIRMED_FILE);
+    if durable::remove(&marker, no_hook).map_err(io)? {
+        durable::fsync_dir(img, no_hook).map_err(io)?;
+        return Ok(format!("{said}; its boot through dm-verity is confirmed"));
     }
+    Ok(said)
 }
 
 /// Flushes filesystems and reboots: `command` through `/bin/sh -c` when configured; under

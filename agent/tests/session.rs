@@ -207,10 +207,29 @@ async fn control_is_for_local_root_or_an_authorized_key() {
     }
     let state = || keel_sys::state::load(&d.root.join("img")).unwrap().unwrap();
     assert!(state().trial.is_some());
+    // A boot through dm-verity that initstage marked unconfirmed: mark-good confirms it.
+    let marker = d
+        .root
+        .join("img")
+        .join(keel_proto::layout::VERITY_UNCONFIRMED_FILE);
+    fs::write(&marker, b"ab\n").unwrap();
     let mut c = d.client(local_root()).await;
     c.send(&Request::MarkGood).await;
-    assert!(matches!(c.recv().await, Response::Done { .. }));
+    let Response::Done { message } = c.recv().await else {
+        panic!("mark-good")
+    };
+    assert!(message.contains("dm-verity is confirmed"), "{message}");
     assert!(state().trial.is_none());
+    assert!(!marker.exists());
+    // Marked good again: nothing to confirm.
+    c.send(&Request::MarkGood).await;
+    let Response::Done { message } = c.recv().await else {
+        panic!("mark-good")
+    };
+    assert!(
+        message.contains("not on trial") && !message.contains("verity"),
+        "{message}"
+    );
     // A corrupt state file: status says so, mark-good refuses, nothing is rewritten.
     let p = keel_sys::state::path(&d.root.join("img"));
     fs::write(&p, b"{garbage").unwrap();

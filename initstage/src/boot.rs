@@ -70,12 +70,14 @@ fn image_fstype(path: &Path) -> Result<String> {
     }
 }
 
-/// Loop-mounts the image read-only at `<run>/ro`, through dm-verity when `verity` says so.
+/// Loop-mounts the image read-only at `<run>/ro`, through dm-verity when `verity` says so
+/// (every block read first when `check_all`: the last boot of this image was not confirmed).
 fn mount_image(
     image: &Path,
     layout: &Layout,
     mounts: &mut Mounts,
     verity: &verity::Decision,
+    check_all: bool,
 ) -> Result<String> {
     if let verity::Decision::Refuse(why) = verity {
         return Err(Error::Dm(why.clone()));
@@ -83,7 +85,19 @@ fn mount_image(
     let fstype = image_fstype(image)?;
     let dev = loopdev::attach_read_only(image)?;
     let source = match verity {
-        verity::Decision::Use(v) => verity::setup(&dev, v)?,
+        verity::Decision::Use(v) => {
+            let node = verity::setup(&dev, v)?;
+            if check_all {
+                let r = step("verity: check every block", || {
+                    verity::check_all(&node, image, v)
+                });
+                if let Err(e) = r {
+                    verity::teardown();
+                    return Err(e);
+                }
+            }
+            node
+        }
         _ => dev.path.clone(),
     };
     let r = mounts.mount(&MountOp {
@@ -93,9 +107,14 @@ fn mount_image(
         access: Access::ReadOnly,
         data: String::new(),
     });
-    if let (Err(_), verity::Decision::Use(_)) = (&r, verity) {
-        verity::teardown();
-    }
+    let r = match (r, verity) {
+        (Err(e), verity::Decision::Use(v)) => {
+            let e = verity::explain(e, image, v);
+            verity::teardown();
+            Err(e)
+        }
+        (r, _) => r,
+    };
     r?;
     // `dev` drops here: the mount (or the verity device) holds it; autoclear frees it.
     Ok(fstype)
@@ -327,10 +346,24 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
             log::warn!("{why}");
             actions.push(why.clone());
         }
+        let check_all = matches!(decision, verity::Decision::Use(_))
+            && state
+                .current
+                .as_ref()
+                .is_some_and(|c| verity::unconfirmed(&dirs.img, &c.sha256));
+        if check_all {
+            let why = format!(
+                "verity: the last boot of version {} was not confirmed (a restart on a corrupt \
+                 block, a crash or a power cut): every block checked before it boots again",
+                state.current.as_ref().map_or(0, |c| c.version)
+            );
+            log::warn!("{why}");
+            actions.push(why);
+        }
         let r = step(
             "mount image and overlay",
             || -> Result<(String, Option<PathBuf>)> {
-                let fstype = mount_image(&image, layout, mounts, &decision)?;
+                let fstype = mount_image(&image, layout, mounts, &decision, check_all)?;
                 let trash = prepare_upper(&up, mounts)?;
                 mounts.mount(&mountplan::overlay_mount(&up, layout))?;
                 if !init_present(&layout.sysroot, &cfg.init) {
@@ -345,6 +378,10 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         match r {
             Ok((f, t)) => break (f, t, decision),
             Err(e) if attempt == 1 => {
+                let e = match &decision {
+                    verity::Decision::Use(v) => verity::explain(e, &image, v),
+                    _ => e,
+                };
                 mounts.unwind_to(mark);
                 if matches!(decision, verity::Decision::Use(_)) {
                     verity::teardown();
@@ -364,6 +401,11 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
     };
     let boot_verity = match &decision {
         verity::Decision::Use(v) => Some(step("verity: restart on corruption", || {
+            // Written before the restart is armed: a restart from here on is found at the
+            // next boot, which then checks every block first.
+            if let Some(c) = &state.current {
+                verity::mark_unconfirmed(&dirs.img, &c.sha256)?;
+            }
             verity::arm_restart(v).map(|on| keel_proto::report::BootVerity {
                 root_hash: v.root_hash.to_ascii_lowercase(),
                 device: format!("/dev/mapper/{}", verity::DM_NAME),

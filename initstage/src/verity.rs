@@ -153,6 +153,86 @@ pub fn teardown() {
     }
 }
 
+/// Whether the device found a corrupt block (its status is `C`).
+pub fn corrupt() -> bool {
+    Control::open()
+        .and_then(|c| c.table(DM_NAME, false))
+        .is_ok_and(|t| t.first().is_some_and(|t| t.params.trim() == "C"))
+}
+
+/// `e`, named for what it was when the device met a corrupt block: the mount, or the look
+/// for init, failed because a block does not match the signed root hash.
+pub fn explain(e: Error, image: &Path, v: &VerityInfo) -> Error {
+    if matches!(e, Error::Verity { .. }) || !corrupt() {
+        return e;
+    }
+    Error::Verity {
+        path: image.to_path_buf(),
+        detail: format!(
+            "corrupt: a block fails dm-verity against root hash {} (the image changed on disk \
+             after it was checked): {e}",
+            v.root_hash
+        ),
+    }
+}
+
+/// Whether the last boot through verity of the image with `sha256` was never confirmed
+/// (the marker on `img` names it).
+pub fn unconfirmed(img: &Path, sha256: &str) -> bool {
+    let p = img.join(keel_proto::layout::VERITY_UNCONFIRMED_FILE);
+    matches!(durable::read_regular(&p, 128), Ok(Some(b)) if b.trim_ascii().eq_ignore_ascii_case(sha256.as_bytes()))
+}
+
+/// Writes the marker for the image with `sha256` (unless it is there already).
+pub fn mark_unconfirmed(img: &Path, sha256: &str) -> Result<()> {
+    if unconfirmed(img, sha256) {
+        return Ok(());
+    }
+    durable::write_atomic(
+        img,
+        keel_proto::layout::VERITY_UNCONFIRMED_TMP,
+        keel_proto::layout::VERITY_UNCONFIRMED_FILE,
+        format!("{}\n", sha256.to_ascii_lowercase()).as_bytes(),
+        |_| {},
+    )
+    .map_err(|e| Error::Dm(format!("mark the boot unconfirmed: {e}")))
+}
+
+/// Reads every block of the (EIO-mode) verity device at `node`: `Ok(bytes)` when all verify,
+/// else the first failing offset. Constant memory (one 1 MiB buffer).
+pub fn check_all(node: &Path, image: &Path, v: &VerityInfo) -> Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(node)
+        .map_err(|e| Error::Dm(format!("open {}: {e}", node.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => at += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Error::Verity {
+                    path: image.to_path_buf(),
+                    detail: format!(
+                        "corrupt: the block at byte {at} (or within the next MiB) fails dm-verity \
+                         against root hash {} ({e}); the image changed on disk after it was checked",
+                        v.root_hash
+                    ),
+                })
+            }
+        }
+    }
+    if at != v.data_size {
+        return Err(Error::Dm(format!(
+            "{} gave {at} bytes, the manifest says {}",
+            node.display(),
+            v.data_size
+        )));
+    }
+    Ok(at)
+}
+
 /// Swaps the live table for one with `restart_on_corruption`: from now on a corrupt block
 /// restarts the machine (and counts against a trial) instead of failing a read.
 pub fn arm_restart(v: &VerityInfo) -> Result<String> {
@@ -299,5 +379,24 @@ mod tests {
             matches!(d, Decision::Refuse(ref w) if w.contains("signature")),
             "{d:?}"
         );
+    }
+
+    #[test]
+    fn the_unconfirmed_marker_names_one_image() {
+        let dir = std::env::temp_dir().join(format!("keel-verity-mark-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let a = "AB".repeat(32);
+        assert!(!unconfirmed(&dir, &a));
+        mark_unconfirmed(&dir, &a).unwrap();
+        assert!(unconfirmed(&dir, &a.to_ascii_lowercase()));
+        assert!(!unconfirmed(&dir, &"cd".repeat(32)));
+        // Not a regular file: not trusted, never followed.
+        let p = dir.join(keel_proto::layout::VERITY_UNCONFIRMED_FILE);
+        std::fs::remove_file(&p).unwrap();
+        std::fs::write(dir.join("elsewhere"), format!("{a}\n")).unwrap();
+        std::os::unix::fs::symlink("elsewhere", &p).unwrap();
+        assert!(!unconfirmed(&dir, &a));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

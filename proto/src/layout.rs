@@ -9,6 +9,14 @@
 pub const STATE_FILE: &str = "keel-state.json";
 /// Temporary name the state is written to before the atomic rename.
 pub const STATE_TMP: &str = "keel-state.json.tmp";
+/// On `img`, while a boot through dm-verity has not been confirmed: the booted image's
+/// SHA-256. initstage writes it once the verity root is mounted; `mark-good` (every boot, by
+/// the shipped units) removes it. Found at the next boot, the previous one ended before that
+/// — perhaps restarted by dm-verity on a corrupt block — and initstage checks every block of
+/// the image before it boots it again.
+pub const VERITY_UNCONFIRMED_FILE: &str = "keel-verity-unconfirmed";
+/// Temporary name of [`VERITY_UNCONFIRMED_FILE`] before its rename.
+pub const VERITY_UNCONFIRMED_TMP: &str = "keel-verity-unconfirmed.tmp";
 /// The default image file name.
 pub const DEFAULT_IMAGE: &str = "root-squashfs.img";
 
@@ -42,6 +50,7 @@ pub fn valid_image_name(name: &str) -> bool {
         && name != "."
         && name != ".."
         && name != STATE_FILE
+        && name != VERITY_UNCONFIRMED_FILE
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-+".contains(&b))

@@ -107,18 +107,21 @@ impl Disk {
         Disk { path, layout }
     }
 
-    /// Reads `path` from the partition labelled `label` with debugfs (no mount).
-    pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
+    /// The partition labelled `label`: (first MiB, MiB).
+    fn extent(&self, label: &str) -> (u64, u64) {
         let mut start = 1;
-        let mut size = 0;
         for &(l, s) in &self.layout {
             if l == label {
-                size = s;
-                break;
+                return (start, s);
             }
             start += s;
         }
-        assert!(size > 0, "no partition {label}");
+        panic!("no partition {label}");
+    }
+
+    /// The partition labelled `label` copied out to a file of its own.
+    fn extract(&self, label: &str) -> PathBuf {
+        let (start, size) = self.extent(label);
         let part = self.path.with_extension(format!("{label}.part"));
         run(Command::new("dd")
             .arg(format!("if={}", self.path.display()))
@@ -126,16 +129,84 @@ impl Disk {
             .args(["bs=1M", "status=none"])
             .arg(format!("skip={start}"))
             .arg(format!("count={size}")));
+        part
+    }
+
+    /// Flips the bits of `mask` in the byte at `offset` of file `path` on partition `label`,
+    /// in place on the disk (as a failing flash cell or an attacker with the disk would): the
+    /// byte's block found with debugfs `bmap` on a copy of the partition whose journal e2fsck
+    /// has replayed (the guest's last boot was a power cut), and nothing else changed.
+    pub fn flip(&self, label: &str, path: &str, offset: u64, mask: u8) {
+        use std::os::unix::fs::FileExt;
+        let part = self.extract_replayed(label);
+        let debugfs = |req: &str| {
+            let out = run(Command::new("debugfs").args(["-R", req]).arg(&part));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let bs: u64 = debugfs("stats")
+            .lines()
+            .find_map(|l| l.strip_prefix("Block size:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("block size");
+        let pblk: u64 = debugfs(&format!("bmap {path} {}", offset / bs))
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no block {} of {path} on {label}", offset / bs));
+        assert!(pblk > 0, "{path} has a hole at {offset}");
+        let _ = fs::remove_file(&part);
+        let (start, _) = self.extent(label);
+        let at = (start << 20) + pblk * bs + offset % bs;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        b[0] ^= mask;
+        f.write_all_at(&b, at).unwrap();
+        f.sync_all().unwrap();
+        let part = self.extract_replayed(label);
+        let now = self.read_part(&part, path).unwrap();
+        let _ = fs::remove_file(&part);
+        let at = usize::try_from(offset).unwrap();
+        assert_eq!(now[at], b[0], "the flip of byte {offset} of {path} shows");
+    }
+
+    /// [`Disk::extract`], its journal replayed by e2fsck (the copy only: the disk is not
+    /// touched, and the guest replays the same journal at its next mount).
+    fn extract_replayed(&self, label: &str) -> PathBuf {
+        let part = self.extract(label);
+        let st = Command::new("e2fsck")
+            .args(["-fy"])
+            .arg(&part)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.code().is_some_and(|c| c <= 1), "e2fsck {label}: {st}");
+        part
+    }
+
+    /// Reads `path` from the partition labelled `label` with debugfs (no mount).
+    pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
+        let part = self.extract(label);
+        let r = self.read_part(&part, path);
+        let _ = fs::remove_file(&part);
+        r
+    }
+
+    /// Reads `path` from an extracted partition.
+    fn read_part(&self, part: &Path, path: &str) -> Option<Vec<u8>> {
         let out = self.path.with_extension("dump");
         let _ = fs::remove_file(&out);
         let _ = Command::new("debugfs")
             .arg("-R")
             .arg(format!("dump -p {path} {}", out.display()))
-            .arg(&part)
+            .arg(part)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
-        let _ = fs::remove_file(&part);
         let r = fs::read(&out).ok();
         let _ = fs::remove_file(&out);
         r

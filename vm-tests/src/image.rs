@@ -55,6 +55,8 @@ while ! keelctl --wait 0 status > /dev/null 2>&1; do
   i=$((i+1)); [ $i -gt 200 ] && echo "KEEL agent-failed" && cat /tmp/agent.log
   sleep 0.05
 done
+# The verity scenario's file, read only here, after switch_root (its block is not met at mount).
+if [ -e /var/verity-later.bin ]; then cat /var/verity-later.bin > /dev/null && echo "KEEL read-later"; fi
 # Health check: the agent answers and reports the version this image says it is.
 if keelctl status --json | grep -q "\"version\": $V"; then
   {mark}
@@ -396,6 +398,62 @@ pub fn sign(image: &Path, version: u64) -> SignedManifest {
     let mut p = image.as_os_str().to_owned();
     p.push(".manifest");
     fs::write(PathBuf::from(p), m.to_json()).unwrap();
+    m
+}
+
+/// The v`version` root as squashfs at `out` with `/var/verity-later.bin` added: 256 KiB that
+/// do not compress (stored as they are, so a test finds them in the image) and that only the
+/// init script reads. Returns the file's bytes.
+pub fn verity_later_image(out: &Path, version: u64) -> Vec<u8> {
+    let root = out.with_extension("root");
+    root_tree(&root, version, true, None);
+    // xorshift64: incompressible and reproducible.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let later: Vec<u8> = (0..256 * 1024 / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    fs::write(root.join("var/verity-later.bin"), &later).unwrap();
+    let _ = fs::remove_file(out);
+    run(Command::new("mksquashfs").arg(&root).arg(out).args([
+        "-noappend",
+        "-quiet",
+        "-comp",
+        "gzip",
+        "-all-root",
+    ]));
+    let _ = fs::remove_dir_all(&root);
+    later
+}
+
+/// A copy of `image` at `out` with a dm-verity tree appended and its format-2 manifest beside
+/// it, both made by `keelctl sign --verity` (the user's command) with the kit's key.
+pub fn sign_verity(image: &Path, out: &Path, version: u64) -> SignedManifest {
+    let key = kit().work.join("signing.pem");
+    if !key.exists() {
+        fs::write(&key, keel_proto::manifest::signing_key_to_pem(&kit().key)).unwrap();
+    }
+    fs::copy(image, out).unwrap();
+    ok(&keelctl(&[
+        "sign",
+        "--verity",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        PRODUCT,
+        "--version",
+        &version.to_string(),
+        "--created",
+        "1700000000",
+        out.to_str().unwrap(),
+    ]));
+    let m = SignedManifest::from_json(&fs::read(format!("{}.manifest", out.display())).unwrap())
+        .unwrap();
+    assert!(m.manifest.verity.is_some(), "{m:?}");
     m
 }
 

@@ -151,7 +151,11 @@ pub fn recompressed_modules(dir: &Path, tools: &[&str]) -> PathBuf {
     fs::create_dir_all(&out).unwrap();
     let dep_text = fs::read_to_string(k.modules.join("modules.dep")).unwrap();
     let builtin_text = fs::read_to_string(k.modules.join("modules.builtin")).unwrap_or_default();
-    let wanted: Vec<String> = MODULES.split(',').map(str::to_string).collect();
+    let wanted: Vec<String> = MODULES
+        .split(',')
+        .chain(VERITY_MODULES.split(','))
+        .map(str::to_string)
+        .collect();
     let (order, missing) = resolve(
         &wanted,
         &ModuleDeps::parse(&dep_text),
@@ -219,7 +223,7 @@ fn pack(bins: &Path, modules: &Path, trusted: &Path, out: &Path, extra: &[&str])
         .arg(bins.join("initstage"))
         .arg("--kernel-modules")
         .arg(modules)
-        .args(["--modules", MODULES])
+        .args(["--modules", &format!("{MODULES},{VERITY_MODULES}")])
         .arg("--keys")
         .arg(trusted)
         .args(extra)

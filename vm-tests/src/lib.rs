@@ -32,6 +32,9 @@ use std::time::Duration;
 /// Modules the guest needs, by name; `keelctl initramfs` adds their dependencies.
 pub const MODULES: &str =
     "virtio_pci,virtio_blk,virtio_net,vmw_vsock_virtio_transport,loop,squashfs,overlay,erofs";
+/// Packed into the kit's initramfs but not loaded at boot: initstage loads dm-verity (and
+/// through its dependencies device-mapper) itself, when an image's manifest carries a tree.
+pub const VERITY_MODULES: &str = "dm_verity";
 /// The product name of the test images.
 pub const PRODUCT: &str = "vmdemo";
 /// The agent's port in the guest (TCP and vsock).
@@ -68,6 +71,18 @@ pub fn ok(out: &std::process::Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     s
+}
+
+/// `keelctl push IMAGE` to the agent forwarded to `port`.
+pub fn push(port: u16, image: &Path) -> Output {
+    keelctl(&[
+        "-e",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--wait",
+        "20",
+        "push",
+        image.to_str().unwrap(),
+    ])
 }
 
 /// `keelctl status --json` of the agent forwarded to `port`.

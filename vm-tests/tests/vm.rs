@@ -9,17 +9,6 @@ use std::time::Duration;
 use keel_proto::manifest::SigningKey;
 use keel_vm_tests::*;
 
-fn push(port: u16, image: &Path) -> std::process::Output {
-    keelctl(&[
-        "-e",
-        &format!("tcp://127.0.0.1:{port}"),
-        "--wait",
-        "20",
-        "push",
-        image.to_str().unwrap(),
-    ])
-}
-
 /// The key the agent on `port` shows in its TLS handshake (keelctl names it on first contact,
 /// and each keelctl run here is a first contact), checked against the one status reports.
 fn tls_key(port: u16) -> String {
