@@ -8,7 +8,9 @@ use std::os::unix::process::ExitStatusExt;
 
 use keel_tests::*;
 
-fn disk_with_v1(sb: &mut Sandbox) -> (Disk, String, String) {
+/// A disk with v1 booted once and v2 staged (with `verity`, v2 carries a dm-verity tree and a
+/// format-2 manifest: the promotion checks the tree as it copies).
+fn disk_with_v1(sb: &mut Sandbox, verity: bool) -> (Disk, String, String) {
     let v1 = sb.squashfs(1);
     let m1 = manifest_for(&v1, "demo", 1);
     let disk = sb.disk(&[
@@ -19,7 +21,11 @@ fn disk_with_v1(sb: &mut Sandbox) -> (Disk, String, String) {
         Part::new("newimg", 24),
     ]);
     let v2 = sb.squashfs(2);
-    let m2 = manifest_for(&v2, "demo", 2);
+    let m2 = if verity {
+        verity_manifest_for(&v2, "demo", 2, None)
+    } else {
+        manifest_for(&v2, "demo", 2)
+    };
     sb.prepare(&disk, "");
     sb.teardown();
     sb.with_partition(&disk, 3, |d| stage(d, &v2, &m2));
@@ -67,13 +73,23 @@ fn boot_with_failpoint(sb: &mut Sandbox, disk: &Disk, line: &str, n: u64) -> boo
 
 #[test]
 fn power_cut_at_every_step_of_a_promotion() {
+    cut_every_promotion_step("cut-promote", false);
+}
+
+/// The same with an image that carries a verity tree (checked during the copy).
+#[test]
+fn power_cut_at_every_step_of_a_verity_promotion() {
+    cut_every_promotion_step("cut-promote-verity", true);
+}
+
+fn cut_every_promotion_step(tag: &str, verity: bool) {
     if !privileged() {
         return;
     }
     let mut steps = 0;
     for n in 1.. {
-        let mut sb = Sandbox::new(&format!("cut-promote-{n}"));
-        let (disk, sha1, sha2) = disk_with_v1(&mut sb);
+        let mut sb = Sandbox::new(&format!("{tag}-{n}"));
+        let (disk, sha1, sha2) = disk_with_v1(&mut sb, verity);
         if !boot_with_failpoint(&mut sb, &disk, "", n) {
             sb.finish();
             break;
@@ -91,7 +107,7 @@ fn power_cut_at_every_step_of_a_promotion() {
     }
     // copy, fsyncs, intent, link, renames, state, staged removal: the loop really covered them.
     assert!(steps >= 15, "only {steps} steps were cut");
-    eprintln!("cut a promotion at each of its {steps} steps");
+    eprintln!("cut a promotion (verity: {verity}) at each of its {steps} steps");
 }
 
 #[test]
@@ -102,7 +118,7 @@ fn power_cut_at_every_step_of_a_rollback() {
     let mut steps = 0;
     for n in 1.. {
         let mut sb = Sandbox::new(&format!("cut-rollback-{n}"));
-        let (disk, sha1, sha2) = disk_with_v1(&mut sb);
+        let (disk, sha1, sha2) = disk_with_v1(&mut sb, false);
         // Promote v2 with one try; it is never marked good.
         sb.prepare(&disk, "keel.tries=1");
         sb.teardown();
