@@ -125,15 +125,30 @@ fn verity_decision(opts: &Options, image: &Path, state: &BootState) -> verity::D
     if opts.cfg.verity == crate::cmdline::VerityMode::Off {
         return verity::Decision::Plain(None);
     }
-    let release = rustix::system::uname();
-    let modules = Path::new("/lib/modules").join(release.release().to_string_lossy().as_ref());
-    verity::decide(
-        opts.cfg.verity,
-        state.current.as_ref(),
-        verity::read_manifest(image),
-        &opts.keys,
-        verity::ensure_kernel_support(&modules),
+    let manifest = verity::read_manifest(image);
+    // device-mapper is loaded only for an image that carries a tree: a plain boot pays nothing.
+    let has_tree = matches!(&manifest, Ok(Some(m)) if m.manifest.verity.is_some());
+    let kernel_has_dm = has_tree
+        && step("verity: kernel support", || -> Result<bool> {
+            let release = rustix::system::uname();
+            let modules =
+                Path::new("/lib/modules").join(release.release().to_string_lossy().as_ref());
+            Ok(verity::ensure_kernel_support(&modules))
+        })
+        .unwrap_or(false);
+    step(
+        "verity: check the manifest",
+        || -> Result<verity::Decision> {
+            Ok(verity::decide(
+                opts.cfg.verity,
+                state.current.as_ref(),
+                manifest,
+                &opts.keys,
+                kernel_has_dm,
+            ))
+        },
     )
+    .unwrap_or_else(|e| verity::Decision::Refuse(e.to_string()))
 }
 
 /// Moves the old upper and work into `.trash` (a rename: O(1) whatever they hold) and makes

@@ -44,6 +44,11 @@ pub fn decide(
     if mode == VerityMode::Off {
         return Decision::Plain(None);
     }
+    // An image signed without a tree is an ordinary plain image under `auto`: no warning,
+    // and no signature check at boot (under `auto` nothing is refused; `required` checks).
+    if mode == VerityMode::Auto && matches!(&manifest, Ok(Some(m)) if m.manifest.verity.is_none()) {
+        return Decision::Plain(None);
+    }
     let info = (|| -> std::result::Result<VerityInfo, String> {
         let m = manifest?.ok_or("the image has no manifest on img")?;
         if !keys.is_empty() {
@@ -93,8 +98,33 @@ pub fn read_manifest(image: &Path) -> std::result::Result<Option<SignedManifest>
     }
 }
 
+/// The CPU-accelerated SHA-256 drivers dm-verity picks when they are loaded (the kernel asks
+/// for them through modprobe, which an initramfs does not have): SHA-NI/AVX2/SSSE3 on x86-64,
+/// the ARMv8 crypto extensions on arm64. Loaded when packed; without them the kernel's
+/// generic C SHA-256 checks every block.
+/// Each with the `/proc/cpuinfo` flags of which any one makes it load (else it is not tried:
+/// a module whose init fails with ENODEV still costs its load).
+const SHA256_ACCEL: &[(&str, &[&str])] = if cfg!(target_arch = "x86_64") {
+    &[("sha256_ssse3", &["sha_ni", "avx2", "avx", "ssse3"])]
+} else if cfg!(target_arch = "aarch64") {
+    &[("sha2_ce", &["sha2"])]
+} else {
+    &[]
+};
+
+/// Whether the CPU flags line of `cpuinfo` (`flags` on x86, `Features` on arm64) names any
+/// of `wanted`.
+fn cpu_has_any(cpuinfo: &str, wanted: &[&str]) -> bool {
+    cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags") || l.starts_with("Features"))
+        .and_then(|l| l.split_once(':'))
+        .is_some_and(|(_, f)| f.split_ascii_whitespace().any(|f| wanted.contains(&f)))
+}
+
 /// Loads `dm_verity` (and through its dependencies `dm_mod`) when the control node is
-/// missing and this is PID 1 (never into a host's kernel from `initstage prepare`).
+/// missing and this is PID 1 (never into a host's kernel from `initstage prepare`), with
+/// the accelerated SHA-256 driver when it is packed.
 pub fn ensure_kernel_support(modules_dir: &Path) -> bool {
     if Control::available() {
         return true;
@@ -104,6 +134,19 @@ pub fn ensure_kernel_support(modules_dir: &Path) -> bool {
             Ok(missing) if missing.is_empty() => {}
             Ok(_) => log::warn!("module dm_verity not found in {}", modules_dir.display()),
             Err(e) => log::warn!("loading dm_verity: {e}"),
+        }
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        for (m, flags) in SHA256_ACCEL {
+            if !cpu_has_any(&cpuinfo, flags) {
+                log::debug!("verity: the CPU has none of {flags:?}: generic SHA-256");
+                continue;
+            }
+            // Optional: not packed, or refused by the kernel.
+            match crate::modules::load_all(modules_dir, &[m.to_string()]) {
+                Ok(missing) if missing.is_empty() => log::debug!("verity: {m} loaded"),
+                Ok(_) => log::debug!("verity: {m} not packed: generic SHA-256"),
+                Err(e) => log::debug!("verity: {m}: {e}: generic SHA-256"),
+            }
         }
     }
     Control::available()
@@ -329,9 +372,10 @@ mod tests {
             &key(),
             true,
         );
-        assert!(
-            matches!(d, Decision::Plain(Some(ref w)) if w.contains("no verity tree")),
-            "{d:?}"
+        assert_eq!(
+            d,
+            Decision::Plain(None),
+            "a plain image is no cause for a warning"
         );
         let d = decide(VerityMode::Auto, Some(&rec), Ok(Some(m)), &key(), false);
         assert!(
@@ -398,5 +442,15 @@ mod tests {
         std::os::unix::fs::symlink("elsewhere", &p).unwrap();
         assert!(!unconfirmed(&dir, &a));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cpu_flags_are_read_from_the_first_flags_line() {
+        let x86 = "processor\t: 0\nflags\t\t: fpu sse2 ssse3 avx\nbugs\t: x\n";
+        assert!(cpu_has_any(x86, &["sha_ni", "ssse3"]));
+        assert!(!cpu_has_any(x86, &["sha_ni", "avx2"]));
+        assert!(cpu_has_any("Features\t: fp asimd sha1 sha2\n", &["sha2"]));
+        assert!(!cpu_has_any("flags: sse3\n", &["sse"]));
+        assert!(!cpu_has_any("", &["ssse3"]));
     }
 }

@@ -5,6 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use keel_proto::manifest::SignedManifest;
+
 use crate::*;
 
 /// Partition sizes in MiB, in disk order.
@@ -42,6 +44,12 @@ impl Disk {
         Disk::build(dir, v1, image_name, files, true, None)
     }
 
+    /// [`Disk::steady`] with `image` and its own signed manifest `m` (one with a verity
+    /// tree, say) instead of a plain one made here.
+    pub fn steady_signed(dir: &Path, image: &Path, m: &SignedManifest, image_name: &str) -> Disk {
+        Disk::build_with(dir, image, Some(m), image_name, 0, true, None)
+    }
+
     fn build(
         dir: &Path,
         v1: &Path,
@@ -50,9 +58,21 @@ impl Disk {
         adopted: bool,
         newimg_mib: Option<u64>,
     ) -> Disk {
+        Disk::build_with(dir, v1, None, image_name, files, adopted, newimg_mib)
+    }
+
+    fn build_with(
+        dir: &Path,
+        v1: &Path,
+        signed: Option<&SignedManifest>,
+        image_name: &str,
+        files: usize,
+        adopted: bool,
+        newimg_mib: Option<u64>,
+    ) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
-        let m = sign(v1, 1);
+        let m = signed.cloned().unwrap_or_else(|| sign(v1, 1));
         // 100,000 inodes need room: the overlay grows with the files.
         let layout: Vec<(&'static str, u64)> = PARTS
             .iter()

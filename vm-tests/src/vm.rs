@@ -50,6 +50,8 @@ pub struct Boot {
     pub verbose: bool,
     /// Virtual CPUs (0 means 1). More than one use multi-threaded TCG: one host thread each.
     pub cpus: u32,
+    /// QEMU's CPU model (`-cpu`; QEMU's default `qemu64` when `None`).
+    pub cpu: Option<String>,
 }
 
 /// A free TCP port on 127.0.0.1.
@@ -88,6 +90,13 @@ impl Vm {
             "-no-user-config",
         ])
         .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+        .args(
+            b.cpu
+                .as_ref()
+                .map(|c| ["-cpu", c.as_str()])
+                .into_iter()
+                .flatten(),
+        )
         .arg("-m")
         .arg(format!("{mem}M"))
         .arg("-serial")

@@ -2,7 +2,7 @@
 //! initramfs sizes, the update round trip vs a plain boot, and exec over hybrid vsock (round
 //! trip vs its floor, stdout and cp throughput, the agent's RSS). Prints Markdown.
 //!
-//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip|exec ...]
+//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip|exec|verity ...]
 //!
 //! RUNS per configuration (default 3); naming sections runs only those (all by default).
 //! With `KEEL_BENCH_STEPS=1` the boot-stage runs print their serial log from `Run /init` on
@@ -13,6 +13,8 @@ use std::fs;
 use std::time::Instant;
 
 use keel_vm_tests::*;
+
+mod verity;
 
 /// Medians with the min–max range, of seconds.
 fn stats(v: &[f64]) -> (f64, f64, f64) {
@@ -44,14 +46,15 @@ fn kernel_timestamp(line: &str) -> Option<f64> {
 /// this line when `/sbin/init` is executed.
 const EXEC_INIT: &str = "Not activating Mandatory Access Control";
 
-/// One boot: (seconds from `Run /init` to the exec of the real init, seconds of module
-/// loading). The exec's time is the kernel's timestamp of [`EXEC_INIT`]; a kernel without
+/// One boot (`extra` added to the kernel command line): (seconds from `Run /init` to the exec
+/// of the real init, seconds of module loading). The exec's time is the kernel's timestamp of [`EXEC_INIT`]; a kernel without
 /// that line falls back to the real init's first output (`KEEL t-init=`, its uptime).
 fn stage_time(
     disk: &Disk,
     tag: &str,
     initramfs: Option<&std::path::Path>,
     cpus: u32,
+    extra: &str,
 ) -> (f64, f64, Vec<(String, f64)>) {
     let mut vm = Vm::start(
         disk,
@@ -60,7 +63,10 @@ fn stage_time(
             initramfs: initramfs.map(|p| p.to_path_buf()),
             verbose: true,
             cpus,
-            cmdline: std::env::var("KEEL_BENCH_CMDLINE").unwrap_or_default(),
+            cmdline: format!(
+                "{} {extra}",
+                std::env::var("KEEL_BENCH_CMDLINE").unwrap_or_default()
+            ),
             ..Boot::default()
         },
     );
@@ -136,6 +142,9 @@ fn main() {
     if want("exec") {
         exec_bench(runs, &v1, &dir);
     }
+    if want("verity") {
+        verity::bench(runs, &dir);
+    }
     let _ = fs::remove_dir_all(&dir);
 }
 
@@ -187,7 +196,7 @@ fn boot_stage(runs: usize, script: &std::path::Path, v1: &std::path::Path, dir: 
                     "{}-{cpus}-{files}-{r}",
                     if initrd.is_some() { "script" } else { "keel" }
                 );
-                let (t, m, st) = stage_time(&disk, &tag, *initrd, cpus);
+                let (t, m, st) = stage_time(&disk, &tag, *initrd, cpus, "");
                 tot[w].push(t);
                 mods[w].push(m);
                 excl[w].push(t - m);
