@@ -119,25 +119,26 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
 /// root hash it checks against) and its status (`V`, or `C` once a corrupt block was read).
 fn verity_status(v: &keel_proto::report::BootVerity) -> VerityStatus {
     let mut st = VerityStatus {
-        root_hash: v.root_hash.clone(),
-        device: v.device.clone(),
-        on_corruption: v.on_corruption.clone(),
+        setup: v.clone(),
         ..Default::default()
     };
     let name = v.device.rsplit('/').next().unwrap_or_default();
-    let one = |table: bool| -> Result<String, String> {
+    let live = || -> Result<(String, String), String> {
         let ctl = keel_sys::dm::Control::open().map_err(|e| e.to_string())?;
-        let t = ctl.table(name, table).map_err(|e| e.to_string())?;
-        t.first()
-            .map(|t| format!("{} {}", t.kind, t.params))
-            .ok_or_else(|| format!("{name} has no table"))
+        let one = |table: bool| -> Result<String, String> {
+            let t = ctl.table(name, table).map_err(|e| e.to_string())?;
+            t.first()
+                .map(|t| format!("{} {}", t.kind, t.params))
+                .ok_or_else(|| format!("{name} has no table"))
+        };
+        Ok((one(true)?, one(false)?))
     };
-    match (one(true), one(false)) {
-        (Ok(t), Ok(s)) => {
+    match live() {
+        Ok((t, s)) => {
             st.kernel_table = Some(t);
             st.kernel_status = s.split(' ').nth(1).map(str::to_string);
         }
-        (Err(e), _) | (_, Err(e)) => st.error = Some(e),
+        Err(e) => st.error = Some(e),
     }
     st
 }

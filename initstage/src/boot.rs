@@ -2,6 +2,7 @@
 //! flow): find partitions, promote or roll back, mount the image and the overlay, write
 //! `boot.json`. Shared by PID 1 mode and `initstage prepare`.
 
+use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -88,34 +89,22 @@ fn mount_image(
         verity::Decision::Use(v) => {
             let node = verity::setup(&dev, v)?;
             if check_all {
-                let r = step("verity: check every block", || {
+                step("verity: check every block", || {
                     verity::check_all(&node, image, v)
-                });
-                if let Err(e) = r {
-                    verity::teardown();
-                    return Err(e);
-                }
+                })?;
             }
             node
         }
         _ => dev.path.clone(),
     };
-    let r = mounts.mount(&MountOp {
+    // On an error the caller names a corrupt block and removes the verity device.
+    mounts.mount(&MountOp {
         source: source.display().to_string(),
         target: layout.ro(),
         fstype: fstype.clone(),
         access: Access::ReadOnly,
         data: String::new(),
-    });
-    let r = match (r, verity) {
-        (Err(e), verity::Decision::Use(v)) => {
-            let e = verity::explain(e, image, v);
-            verity::teardown();
-            Err(e)
-        }
-        (r, _) => r,
-    };
-    r?;
+    })?;
     // `dev` drops here: the mount (or the verity device) holds it; autoclear frees it.
     Ok(fstype)
 }
@@ -128,17 +117,21 @@ fn verity_decision(opts: &Options, image: &Path, state: &BootState) -> verity::D
     let manifest = verity::read_manifest(image);
     // device-mapper is loaded only for an image that carries a tree: a plain boot pays nothing.
     let has_tree = matches!(&manifest, Ok(Some(m)) if m.manifest.verity.is_some());
+    // Both steps only time what they do: neither can fail.
     let kernel_has_dm = has_tree
-        && step("verity: kernel support", || -> Result<bool> {
-            let release = rustix::system::uname();
-            let modules =
-                Path::new("/lib/modules").join(release.release().to_string_lossy().as_ref());
-            Ok(verity::ensure_kernel_support(&modules))
-        })
-        .unwrap_or(false);
+        && step(
+            "verity: kernel support",
+            || -> std::result::Result<_, Infallible> {
+                let release = rustix::system::uname();
+                let modules =
+                    Path::new("/lib/modules").join(release.release().to_string_lossy().as_ref());
+                Ok(verity::ensure_kernel_support(&modules))
+            },
+        )
+        .unwrap_or_else(|e| match e {});
     step(
         "verity: check the manifest",
-        || -> Result<verity::Decision> {
+        || -> std::result::Result<_, Infallible> {
             Ok(verity::decide(
                 opts.cfg.verity,
                 state.current.as_ref(),
@@ -148,7 +141,7 @@ fn verity_decision(opts: &Options, image: &Path, state: &BootState) -> verity::D
             ))
         },
     )
-    .unwrap_or_else(|e| verity::Decision::Refuse(e.to_string()))
+    .unwrap_or_else(|e| match e {})
 }
 
 /// Moves the old upper and work into `.trash` (a rename: O(1) whatever they hold) and makes
@@ -392,7 +385,9 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         );
         match r {
             Ok((f, t)) => break (f, t, decision),
-            Err(e) if attempt == 1 => {
+            Err(e) => {
+                // The one place a failed attempt is undone: a corrupt block named, the
+                // mounts unwound, then the verity device (no longer held) removed.
                 let e = match &decision {
                     verity::Decision::Use(v) => verity::explain(e, &image, v),
                     _ => e,
@@ -400,6 +395,9 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
                 mounts.unwind_to(mark);
                 if matches!(decision, verity::Decision::Use(_)) {
                     verity::teardown();
+                }
+                if attempt > 1 {
+                    return Err(e);
                 }
                 let facts = apply::gather_facts(&dirs, &[]);
                 let reason = format!("image failed: {e}");
@@ -411,7 +409,6 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
                 actions.extend(rb.actions.iter().cloned());
                 state = rb.state;
             }
-            Err(e) => return Err(e),
         }
     };
     let boot_verity = match &decision {

@@ -100,10 +100,9 @@ pub fn read_manifest(image: &Path) -> std::result::Result<Option<SignedManifest>
 
 /// The CPU-accelerated SHA-256 drivers dm-verity picks when they are loaded (the kernel asks
 /// for them through modprobe, which an initramfs does not have): SHA-NI/AVX2/SSSE3 on x86-64,
-/// the ARMv8 crypto extensions on arm64. Loaded when packed; without them the kernel's
-/// generic C SHA-256 checks every block.
-/// Each with the `/proc/cpuinfo` flags of which any one makes it load (else it is not tried:
-/// a module whose init fails with ENODEV still costs its load).
+/// the ARMv8 crypto extensions on arm64; without them the kernel's generic C SHA-256 checks
+/// every block. Each comes with the `/proc/cpuinfo` flags of which one must be present for
+/// it to be tried (a module whose init fails with ENODEV still costs its load).
 const SHA256_ACCEL: &[(&str, &[&str])] = if cfg!(target_arch = "x86_64") {
     &[("sha256_ssse3", &["sha_ni", "avx2", "avx", "ssse3"])]
 } else if cfg!(target_arch = "aarch64") {

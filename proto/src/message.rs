@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::bootstate::{Event, ImageRecord, Trial};
 use crate::exec::{ExecSpec, ExitStatus, ProcInfo, WinSize, KIND_STDERR, KIND_STDIN, KIND_STDOUT};
 use crate::manifest::SignedManifest;
+use crate::report::BootVerity;
 use crate::wire::{FrameError, KIND_DATA, KIND_MESSAGE};
 
 /// A client's request.
@@ -326,12 +327,9 @@ pub struct StatusReport {
 /// The booted image's dm-verity device: what initstage set up and what the kernel says now.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerityStatus {
-    /// The root hash from the signed manifest (initstage's report).
-    pub root_hash: String,
-    /// The device-mapper device.
-    pub device: String,
-    /// What a corrupt block does (`restart_on_corruption`).
-    pub on_corruption: String,
+    /// What initstage set up (its `boot.json`): root hash, device, what a corrupt block does.
+    #[serde(flatten)]
+    pub setup: BootVerity,
     /// The live table as the kernel reports it (`verity 1 7:0 7:0 4096 ...`).
     pub kernel_table: Option<String>,
     /// The target's status: `V` (verified so far) or `C` (corruption seen).
@@ -460,6 +458,25 @@ impl Response {
 mod tests {
     use super::*;
     use crate::wire::Decoder;
+
+    #[test]
+    fn verity_status_keeps_initstage_fields_at_its_top_level() {
+        let st = VerityStatus {
+            setup: BootVerity {
+                root_hash: "ab".into(),
+                device: "/dev/mapper/keel-root".into(),
+                on_corruption: "restart_on_corruption".into(),
+            },
+            kernel_status: Some("V".into()),
+            ..Default::default()
+        };
+        let v: serde_json::Value = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["root_hash"], "ab");
+        assert_eq!(v["device"], "/dev/mapper/keel-root");
+        assert_eq!(v["on_corruption"], "restart_on_corruption");
+        assert_eq!(v["kernel_status"], "V");
+        assert_eq!(serde_json::from_value::<VerityStatus>(v).unwrap(), st);
+    }
 
     fn round_trip(req: Request) {
         let f = message_frame(&req).unwrap();

@@ -50,7 +50,7 @@ pub struct BootReport {
 }
 
 /// How the booted image is protected by dm-verity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BootVerity {
     /// The root hash the kernel checks every block against (from the signed manifest).
     pub root_hash: String,

@@ -52,6 +52,32 @@ fn boot_verity_v2(d: &Path, v2: &Path, m2: &SignedManifest) -> (Disk, u16, Vm) {
     (disk, port, vm)
 }
 
+/// A boot of `disk` that falls back from the corrupt v2 to v1 (plain): the reason names the
+/// corrupt block, the disk's state has v1 current and v2 rejected. Returns the status and its
+/// boot actions.
+fn back_on_v1(
+    disk: &Disk,
+    port: u16,
+    tag: &str,
+    m2: &SignedManifest,
+) -> (serde_json::Value, String) {
+    let mut vm = Vm::start(disk, tag, &tcp_boot(port));
+    vm.wait_for("KEEL booted version=1");
+    vm.wait_for("KEEL ready version=1");
+    let st = status(port);
+    let why = st["boot_actions"].to_string();
+    assert!(
+        why.contains("rolled back") && why.contains("corrupt") && why.contains("dm-verity"),
+        "{st}"
+    );
+    assert!(st["verity"].is_null(), "v1 is plain: {st}");
+    vm.kill();
+    let state = disk.state();
+    assert_eq!(state.current.as_ref().unwrap().version, 1);
+    assert!(state.is_rejected(&m2.manifest.sha256));
+    (st, why)
+}
+
 /// Where `needle` (unique) is in `hay`.
 fn find(hay: &[u8], needle: &[u8]) -> u64 {
     let at: Vec<usize> = hay
@@ -74,20 +100,7 @@ fn verity_root_boots_and_a_block_corrupt_at_mount_falls_back_in_the_same_boot() 
     // Byte 8 of squashfs is its superblock's mkfs_time: the mount reads it, and without verity
     // nothing would notice the change.
     disk.flip("img", &format!("/{IMAGE}"), 8, 0x01);
-    let mut vm = Vm::start(&disk, "flipped", &tcp_boot(port));
-    vm.wait_for("KEEL booted version=1");
-    vm.wait_for("KEEL ready version=1");
-    let st = status(port);
-    let why = st["boot_actions"].to_string();
-    assert!(
-        why.contains("rolled back") && why.contains("corrupt") && why.contains("dm-verity"),
-        "{st}"
-    );
-    assert!(st["verity"].is_null(), "v1 is plain: {st}");
-    vm.kill();
-    let state = disk.state();
-    assert_eq!(state.current.as_ref().unwrap().version, 1);
-    assert!(state.is_rejected(&m2.manifest.sha256));
+    back_on_v1(&disk, port, "flipped", &m2);
     let _ = fs::remove_dir_all(&d);
 }
 
@@ -115,22 +128,10 @@ fn verity_corruption_met_at_run_time_restarts_and_the_next_boot_checks_and_falls
         "{log}"
     );
     // The next boot finds the boot unconfirmed, reads every block, and boots v1 instead.
-    let mut vm = Vm::start(&disk, "checked", &tcp_boot(port));
-    vm.wait_for("KEEL booted version=1");
-    vm.wait_for("KEEL ready version=1");
-    let st = status(port);
-    let why = st["boot_actions"].to_string();
+    let (st, why) = back_on_v1(&disk, port, "checked", &m2);
     assert!(
         why.contains("not confirmed") && why.contains("every block checked"),
         "{st}"
     );
-    assert!(
-        why.contains("rolled back") && why.contains("corrupt") && why.contains("dm-verity"),
-        "{st}"
-    );
-    vm.kill();
-    let state = disk.state();
-    assert_eq!(state.current.as_ref().unwrap().version, 1);
-    assert!(state.is_rejected(&m2.manifest.sha256));
     let _ = fs::remove_dir_all(&d);
 }

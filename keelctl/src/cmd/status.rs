@@ -96,9 +96,9 @@ fn print(s: &StatusReport) -> anyhow::Result<()> {
     if let Some(v) = &s.verity {
         out!(
             "verity       root {} on {} ({}), kernel: {}",
-            v.root_hash,
-            v.device,
-            v.on_corruption,
+            v.setup.root_hash,
+            v.setup.device,
+            v.setup.on_corruption,
             match (&v.kernel_status, &v.error) {
                 (Some(st), _) if st == "V" => "verified so far".to_string(),
                 (Some(st), _) if st == "C" => "CORRUPTION SEEN".to_string(),
