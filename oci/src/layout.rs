@@ -31,7 +31,8 @@ pub struct Resolved {
     pub config: ImageConfig,
 }
 
-fn open_regular(path: &Path) -> Result<File, OciError> {
+/// Opens `path` for reading: never through a symlink, and only a regular file.
+pub(crate) fn open_regular(path: &Path) -> Result<File, OciError> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits().cast_signed())

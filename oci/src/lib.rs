@@ -6,6 +6,7 @@
 //! | module | what |
 //! |---|---|
 //! | [`mod@reference`] | `docker://`, `oci:`, `docker-archive:`, `dir:` references |
+//! | [`archive`] | a `docker save` archive: members located, config and layers checked |
 //! | [`spec`] | index, manifest and config documents; platform choice |
 //! | [`digest`] | `sha256:` digests, checked over a blob before it is used |
 //! | [`layout`] | an OCI image layout on disk |
@@ -15,6 +16,7 @@
 //! | [`error`] | errors naming the image, blob or entry |
 #![warn(missing_docs)]
 
+pub mod archive;
 pub mod digest;
 pub mod entry;
 pub mod error;

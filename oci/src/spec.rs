@@ -111,7 +111,7 @@ pub struct Manifest {
 pub use keel_proto::runconfig::RunConfig;
 
 /// An image config.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct ImageConfig {
     /// Its architecture.
     #[serde(default)]

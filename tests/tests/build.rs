@@ -502,6 +502,119 @@ fn built_from_a_registry_as_from_its_layout() {
     sb.finish();
 }
 
+/// `skopeo copy oci:… docker-archive:…` of the reference image, built as from its layout;
+/// the legacy `<id>/layer.tar` symlinks followed inside the archive; a corrupt layer and a
+/// missing one refused with nothing written.
+#[test]
+fn built_from_a_docker_archive_as_from_its_layout() {
+    if !privileged() {
+        return;
+    }
+    let mut sb = Sandbox::new("build-archive");
+    let dir = sb.fresh("oci");
+    fs::create_dir_all(&dir).unwrap();
+    let img = reference_image(&dir);
+    let layout = format!("oci:{}:t", img.display());
+    let want = built(&layout, &sb.fresh("layout"), &[]);
+    let tar = dir.join("app.tar");
+    let out = Command::new("skopeo")
+        .args(["copy", "-q", &layout])
+        .arg(format!("docker-archive:{}:keel/app:t", tar.display()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "skopeo copy: {out:?}");
+    let from = format!("docker-archive:{}", tar.display());
+    assert_eq!(built(&from, &sb.fresh("archive"), &[]), want);
+    let o = build(&from, &sb.fresh("json.squashfs"), &["--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["layers"], 3, "{v}");
+    assert!(v["image"].as_str().unwrap().starts_with("sha256:"), "{v}");
+
+    // The same archive with manifest.json naming each layer by its legacy symlink.
+    let x = sb.fresh("x");
+    fs::create_dir_all(&x).unwrap();
+    run(Command::new("tar").arg("-xf").arg(&tar).arg("-C").arg(&x));
+    let mut m: serde_json::Value =
+        serde_json::from_slice(&fs::read(x.join("manifest.json")).unwrap()).unwrap();
+    let mut links = Vec::new();
+    for e in fs::read_dir(&x).unwrap() {
+        let p = e.unwrap().path().join("layer.tar");
+        if let Ok(t) = fs::read_link(&p) {
+            links.push((t.file_name().unwrap().to_string_lossy().into_owned(), p));
+        }
+    }
+    for l in m[0]["Layers"].as_array_mut().unwrap() {
+        let (_, p) = links
+            .iter()
+            .find(|(t, _)| t == l.as_str().unwrap())
+            .unwrap();
+        *l = p
+            .strip_prefix(&x)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+            .into();
+    }
+    assert_eq!(links.len(), 3);
+    fs::write(x.join("manifest.json"), m.to_string()).unwrap();
+    let legacy = dir.join("legacy.tar");
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(&legacy)
+        .arg("-C")
+        .arg(&x)
+        .arg("."));
+    assert_eq!(
+        built(
+            &format!("docker-archive:{}", legacy.display()),
+            &sb.fresh("legacy"),
+            &[]
+        ),
+        want
+    );
+
+    // A flipped byte in the last layer's data; a layer the manifest names that is not there.
+    let layer = links[0]
+        .1
+        .parent()
+        .unwrap()
+        .join(fs::read_link(&links[0].1).unwrap());
+    let mut bytes = fs::read(&layer).unwrap();
+    bytes[600] ^= 1;
+    fs::write(&layer, bytes).unwrap();
+    let corrupt = dir.join("corrupt.tar");
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(&corrupt)
+        .arg("-C")
+        .arg(&x)
+        .arg("."));
+    refused(
+        &mut sb,
+        &format!("docker-archive:{}", corrupt.display()),
+        "the config's rootfs.diff_ids",
+    );
+    fs::remove_file(&layer).unwrap();
+    let missing = dir.join("missing.tar");
+    run(Command::new("tar")
+        .arg("-cf")
+        .arg(&missing)
+        .arg("-C")
+        .arg(&x)
+        .arg("."));
+    refused(
+        &mut sb,
+        &format!("docker-archive:{}", missing.display()),
+        "not in the archive",
+    );
+    refused(
+        &mut sb,
+        &format!("docker-archive:{}", img.display()),
+        "not a regular file",
+    );
+    sb.finish();
+}
+
 #[test]
 fn a_factory_disk_from_a_built_image_boots_it() {
     if !privileged() {

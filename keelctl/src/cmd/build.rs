@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use keel_build::rootimg::{self, Format};
+use keel_oci::archive::Archive;
 use keel_oci::layout::{Layout, Resolved};
 use keel_oci::reference::{self, ImageRef};
 use keel_oci::registry::Registry;
-use keel_oci::spec::Platform;
-use keel_oci::unpack::Tree;
+use keel_oci::spec::{Platform, RunConfig};
+use keel_oci::unpack::{LayerStats, Tree};
 
 use super::{hash_file, out};
 
@@ -120,7 +121,7 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             let layout = Layout::open(Path::new(dir))?;
             let img = layout.resolve(tag.as_deref(), &platform)?;
             let n = apply_layout(&layout, &img, &mut tree)?;
-            write_run_config(&mut tree, &img)?;
+            write_run_config(&mut tree, &img.config.config)?;
             (n, Some(img.digest.to_string()))
         }
         ImageRef::Dir { path } => {
@@ -135,11 +136,14 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             let mut reg = Registry::new(host, repo, b.insecure, b.creds);
             let img = reg.resolve(reference, &platform)?;
             let n = apply_registry(&mut reg, &img, &mut tree, dir, &name)?;
-            write_run_config(&mut tree, &img)?;
+            write_run_config(&mut tree, &img.config.config)?;
             (n, Some(img.digest.to_string()))
         }
-        ImageRef::DockerArchive { .. } => {
-            bail!("{}: docker archives are not read yet; convert it (skopeo copy docker-archive:FILE oci:DIR:TAG) and build from oci:DIR:TAG", b.from)
+        ImageRef::DockerArchive { file } => {
+            let archive = Archive::open(Path::new(file))?;
+            let n = apply_archive(&archive, &mut tree)?;
+            write_run_config(&mut tree, &archive.config.config)?;
+            (n, Some(archive.id.to_string()))
         }
     };
     if let Some(agent) = b.agent {
@@ -232,16 +236,34 @@ fn apply_layout(layout: &Layout, img: &Resolved, tree: &mut Tree) -> anyhow::Res
         let t = Instant::now();
         let blob = layout.blob(l)?;
         let st = tree.apply_layer(&l.digest, blob)?;
-        let secs = t.elapsed().as_secs_f64();
-        eprintln!(
-            "layer {}/{n} {}: {} entries, {} whiteouts, {:.1} MiB ({:.1} MiB compressed) in {secs:.2} s",
-            i + 1,
-            &l.digest[..19.min(l.digest.len())],
-            st.entries,
-            st.whiteouts,
-            st.bytes as f64 / (1u64 << 20) as f64,
-            l.size as f64 / (1u64 << 20) as f64,
-        );
+        progress(i, n, &l.digest, &st, l.size, t);
+    }
+    Ok(n)
+}
+
+/// The progress line of layer `i` of `n`, `size` bytes as stored, applied since `t`.
+fn progress(i: usize, n: usize, digest: &str, st: &LayerStats, size: u64, t: Instant) {
+    eprintln!(
+        "layer {}/{n} {}: {} entries, {} whiteouts, {:.1} MiB ({:.1} MiB stored) in {:.2} s",
+        i + 1,
+        &digest[..19.min(digest.len())],
+        st.entries,
+        st.whiteouts,
+        st.bytes as f64 / (1u64 << 20) as f64,
+        size as f64 / (1u64 << 20) as f64,
+        t.elapsed().as_secs_f64(),
+    );
+}
+
+/// Applies a docker archive's layers, lowest first, each hashed against its diff ID first;
+/// one progress line each on stderr.
+fn apply_archive(archive: &Archive, tree: &mut Tree) -> anyhow::Result<usize> {
+    let n = archive.layer_count();
+    for i in 0..n {
+        let t = Instant::now();
+        let (diff_id, blob, size) = archive.layer(i)?;
+        let st = tree.apply_layer(diff_id.as_str(), blob)?;
+        progress(i, n, diff_id.as_str(), &st, size, t);
     }
     Ok(n)
 }
@@ -320,8 +342,8 @@ fn pack_modules(
 }
 
 /// Keeps how to run the image (Entrypoint, Cmd, Env, WorkingDir, User) in the tree.
-fn write_run_config(tree: &mut Tree, img: &Resolved) -> anyhow::Result<()> {
-    let json = serde_json::to_vec_pretty(&img.config.config)?;
+fn write_run_config(tree: &mut Tree, config: &RunConfig) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(config)?;
     tree.write_file(RUN_CONFIG, &mut json.as_slice(), 0o644)?;
     Ok(())
 }
