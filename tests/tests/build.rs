@@ -499,6 +499,46 @@ fn built_from_a_registry_as_from_its_layout() {
         ),
         want
     );
+
+    // Token auth: the registry's challenge names the realm; without credentials the realm
+    // says 401 and keelctl says so; with them the token it hands out is what the registry
+    // checks (signature, issuer, audience, expiry, access to keel/app).
+    let tok = Registry::start_token(&sb.fresh("token"), "keel:t0ken", "keel/app");
+    tok.push(&layout, "keel/app:t", &[]);
+    let from = format!("docker://{}/keel/app:t", tok.host);
+    let o = build(&from, &outdir.join("r.squashfs"), &["--insecure"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("token request: HTTP 401"),
+        "{err}"
+    );
+    let o = build(
+        &from,
+        &outdir.join("r.squashfs"),
+        &["--insecure", "--creds", "keel:wrong"],
+    );
+    assert!(!o.status.success(), "{o:?}");
+    assert_eq!(fs::read_dir(&outdir).unwrap().count(), 0);
+    assert_eq!(
+        built(
+            &from,
+            &sb.fresh("token-built"),
+            &["--insecure", "--creds", "keel:t0ken"]
+        ),
+        want
+    );
+    let realm = tok.realm.as_ref().unwrap();
+    let asked: Vec<_> = realm
+        .requests()
+        .into_iter()
+        .filter(|r| r.1 == 200)
+        .collect();
+    assert!(
+        asked.iter().any(|r| r
+            .0
+            .contains("/token?service=keel-registry&scope=repository%3Akeel%2Fapp%3Apull")),
+        "{asked:?}"
+    );
     sb.finish();
 }
 
