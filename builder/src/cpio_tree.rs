@@ -1,4 +1,4 @@
-//! A whole directory tree as a cpio "newc" archive, gzip-compressed: the initramfs a microVM
+//! A whole directory tree as a cpio "newc" archive, gzip- or zstd-compressed: the initramfs a microVM
 //! boots from RAM with no disk (`keelctl build --format initramfs`). Entries sorted, parents
 //! first; owners, modes, mtimes, symlinks, device nodes and FIFOs kept; hard links share an
 //! inode number and the data goes with the first name (as the kernel's unpacker links the
@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use crate::compress::{Compression, Effort, Encoder};
 use crate::error::{Error, IoContext, Result};
 
 /// What was packed.
@@ -111,14 +112,14 @@ fn walk(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Packs `root` into `out` (gzip), through a temporary name.
-pub fn pack(root: &Path, out: &Path) -> Result<Packed> {
+/// Packs `root` into `out`, compressed, through a temporary name.
+pub fn pack(root: &Path, out: &Path, compression: Compression) -> Result<Packed> {
     let mut paths = Vec::new();
     walk(root, Path::new(""), &mut paths)?;
     let tmp = out.with_extension("keel-build.tmp");
     let f = fs::File::create(&tmp).ctx("create", &tmp)?;
-    let gz = flate2::write::GzEncoder::new(io::BufWriter::new(f), flate2::Compression::default());
-    let mut w = Writer { w: gz, at: 0 };
+    let enc = Encoder::new(compression, Effort::Default, f).ctx("create", &tmp)?;
+    let mut w = Writer { w: enc, at: 0 };
     let r = (|| -> Result<Packed> {
         let mut packed = Packed::default();
         let mut inodes: HashMap<(u64, u64), u64> = HashMap::new();
@@ -189,6 +190,6 @@ pub fn pack(root: &Path, out: &Path) -> Result<Packed> {
             return Err(e);
         }
     };
-    crate::initramfs::finish_gzip(w.w, &tmp, out)?;
+    w.w.finish(&tmp, out)?;
     Ok(packed)
 }

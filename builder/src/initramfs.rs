@@ -1,6 +1,6 @@
 //! `keelctl initramfs`: an initramfs with initstage as `/init`, the kernel modules it needs
 //! (resolved from `modules.dep`, dependencies included) and the trusted keys, written as a
-//! cpio "newc" archive by this module, gzip-compressed.
+//! cpio "newc" archive by this module, gzip- or zstd-compressed ([`crate::compress`]).
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use keel_proto::moddep::{name_of, parse_builtin, resolve, ModuleDeps};
 use keel_unpack::Format;
 
+use crate::compress::{Compression, Effort, Encoder};
 use crate::error::{Error, IoContext, Result};
 
 /// One archive member.
@@ -250,29 +251,18 @@ pub fn entries(spec: &Spec) -> Result<(Vec<(String, Node)>, Packed)> {
     Ok((out, packed))
 }
 
-/// Writes the gzip-compressed initramfs to `out` (temporary file, then rename).
-pub fn build(spec: &Spec, out: &Path) -> Result<Packed> {
+/// Writes the compressed initramfs to `out` (temporary file, then rename).
+pub fn build(spec: &Spec, out: &Path, compression: Compression) -> Result<Packed> {
     let (entries, packed) = entries(spec)?;
     let tmp = out.with_extension("tmp");
     let f = fs::File::create(&tmp).ctx("create", &tmp)?;
-    let mut gz = flate2::write::GzEncoder::new(io::BufWriter::new(f), flate2::Compression::best());
-    write_cpio(&entries, &mut gz).ctx("write", &tmp)?;
-    finish_gzip(gz, &tmp, out)?;
+    let mut w = Encoder::new(compression, Effort::Best, f).ctx("create", &tmp)?;
+    if let Err(e) = write_cpio(&entries, &mut w).ctx("write", &tmp) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    w.finish(&tmp, out)?;
     Ok(packed)
-}
-
-/// Ends the gzip stream written to `tmp`, syncs the file and renames it to `out`.
-pub(crate) fn finish_gzip(
-    gz: flate2::write::GzEncoder<io::BufWriter<fs::File>>,
-    tmp: &Path,
-    out: &Path,
-) -> Result<()> {
-    let w = gz.finish().ctx("write", tmp)?;
-    w.into_inner()
-        .map_err(|e| e.into_error())
-        .and_then(|f| f.sync_all())
-        .ctx("write", tmp)?;
-    fs::rename(tmp, out).ctx("rename into place", out)
 }
 
 #[cfg(test)]

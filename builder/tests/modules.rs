@@ -104,7 +104,8 @@ fn a_corrupt_compressed_module_is_named_and_nothing_is_written() {
     bad.truncate(n - 6);
     fs::write(&p, &bad).unwrap();
     let out = kdir.join("out.cpio.gz");
-    let e = keel_build::initramfs::build(&spec(&kdir, false), &out).unwrap_err();
+    let e =
+        keel_build::initramfs::build(&spec(&kdir, false), &out, Default::default()).unwrap_err();
     let msg = e.to_string();
     assert!(
         msg.contains("b.ko.gz") && msg.contains("truncated gzip data"),

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use keel_build::compress::Compression;
 use keel_build::initramfs::Spec;
 use keel_proto::message::Request;
 use keelctl::client::{Client, Dial};
@@ -105,7 +106,8 @@ enum Cmd {
     /// Builds a root image from a container image: its layers checked and applied
     /// (whiteouts, owners, modes, xattrs), files injected, packed reproducibly.
     Build {
-        /// The image: docker://HOST[:PORT]/REPO[:TAG|@sha256:…], oci:DIR[:TAG] or dir:PATH.
+        /// The image: docker://HOST[:PORT]/REPO[:TAG|@sha256:…], oci:DIR[:TAG],
+        /// docker-archive:FILE.tar (docker save) or dir:PATH.
         #[arg(long)]
         from: String,
         /// Plain HTTP to the registry (a local one).
@@ -117,9 +119,13 @@ enum Cmd {
         /// The output file.
         #[arg(long, short = 'o')]
         out: PathBuf,
-        /// squashfs or erofs.
+        /// squashfs, erofs or initramfs.
         #[arg(long, default_value = "squashfs")]
         format: String,
+        /// With --format initramfs: gzip (the default; any kernel) or zstd (CONFIG_RD_ZSTD,
+        /// faster to unpack).
+        #[arg(long)]
+        compress: Option<Compression>,
         /// SRC:/DST: a file to add (repeatable).
         #[arg(long)]
         inject: Vec<String>,
@@ -279,7 +285,10 @@ enum Cmd {
         /// modules itself); by default they are unpacked to .ko.
         #[arg(long)]
         keep_compressed: bool,
-        /// Output (gzip-compressed cpio newc).
+        /// gzip (any kernel) or zstd (CONFIG_RD_ZSTD, faster to unpack).
+        #[arg(long, default_value = "gzip")]
+        compress: Compression,
+        /// Output (compressed cpio newc).
         #[arg(long, short = 'o')]
         out: PathBuf,
     },
@@ -447,6 +456,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             creds,
             out,
             format,
+            compress,
             inject,
             agent,
             kernel_modules,
@@ -461,6 +471,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             from,
             out,
             format,
+            compress: *compress,
             inject,
             agent: agent.as_deref(),
             kernel_modules: kernel_modules.as_deref(),
@@ -546,6 +557,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             keys,
             files,
             keep_compressed,
+            compress,
             out,
         } => cmd::initramfs::run(
             Spec {
@@ -557,6 +569,7 @@ fn run(a: Args) -> anyhow::Result<()> {
                 keep_compressed: *keep_compressed,
             },
             files,
+            *compress,
             out,
         ),
         Cmd::WaitReady { listen, within } => {

@@ -84,8 +84,8 @@ fn image_built_from_a_registry_boots_from_a_factory_disk() {
     let _ = fs::remove_dir_all(&d);
 }
 
-/// A microVM from a container image and RAM alone: `keelctl build --format initramfs` of an
-/// OCI image with no init and no keel, keel-agent added as its init with the vsock modules;
+/// A microVM from a container image and RAM alone: `keelctl build --format initramfs
+/// --compress zstd` (the kernel unpacks it) of an OCI image with no init and no keel, keel-agent added as its init with the vsock modules;
 /// QEMU boots it with no disk: the agent announces itself over vsock, the image's
 /// entrypoint runs with its Env and WorkingDir, `keelctl exec` answers in it, and when the
 /// program is killed the VM powers off by itself.
@@ -111,6 +111,8 @@ fn microvm_from_a_container_image_as_initramfs() {
         &from,
         "--format",
         "initramfs",
+        "--compress",
+        "zstd",
         "-o",
         initrd.to_str().unwrap(),
         "--agent",

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context as _};
+use keel_build::compress::Compression;
 use keel_build::rootimg::{self, Format};
 use keel_oci::archive::Archive;
 use keel_oci::layout::{Layout, Resolved};
@@ -33,6 +34,8 @@ pub struct Build<'a> {
     pub out: &'a Path,
     /// `squashfs`, `erofs`.
     pub format: &'a str,
+    /// With `--format initramfs`: gzip (none given) or zstd.
+    pub compress: Option<Compression>,
     /// `SRC:DST` files to add.
     pub inject: &'a [String],
     /// The agent binary to add at [`AGENT_PATH`].
@@ -88,6 +91,9 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
     };
     if b.verity && format.is_none() {
         bail!("--verity protects a root image a device mounts from disk; an initramfs is checked whole by its boot loader: drop --verity or build --format squashfs|erofs");
+    }
+    if b.compress.is_some() && format.is_some() {
+        bail!("--compress is for --format initramfs: a squashfs or erofs image is compressed by its own filesystem");
     }
     let platform = Platform::parse(b.platform)?;
     let injects: Vec<(PathBuf, String)> = b
@@ -185,7 +191,7 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
     match format {
         Some(f) => rootimg::make(&tree_path, b.out, f, epoch)?,
         None => {
-            keel_build::cpio_tree::pack(&tree_path, b.out)?;
+            keel_build::cpio_tree::pack(&tree_path, b.out, b.compress.unwrap_or_default())?;
         }
     }
     let pack_ms = t_pack.elapsed().as_millis();

@@ -1,23 +1,29 @@
-//! `keelctl initramfs`: initstage, modules and keys as a gzip'd cpio newc archive.
+//! `keelctl initramfs`: initstage, modules and keys as a gzip or zstd cpio newc archive.
 
 use std::fs;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
+use keel_build::compress::Compression;
 use keel_build::initramfs::{build, Spec};
 use keel_unpack::Format;
 
 use super::out;
 
 /// Builds the archive of `spec` with `files` (`SRC:PATH-IN-INITRAMFS`) added.
-pub fn run(mut spec: Spec, files: &[String], out: &PathBuf) -> anyhow::Result<()> {
+pub fn run(
+    mut spec: Spec,
+    files: &[String],
+    compression: Compression,
+    out: &PathBuf,
+) -> anyhow::Result<()> {
     for f in files {
         let (src, dst) = f
             .split_once(':')
             .with_context(|| format!("--file {f:?}: expected SRC:PATH"))?;
         spec.files.push((PathBuf::from(src), dst.to_string()));
     }
-    let packed = build(&spec, out)?;
+    let packed = build(&spec, out, compression)?;
     let size = fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     out!(
         "wrote {} ({size} bytes): {} module file(s){}{}",
