@@ -215,24 +215,7 @@ pub async fn start(sh: &Arc<Shared>, spec: ExecSpec, owner: String) -> Result<Ar
             }
         },
     };
-    // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (signal, sigemptyset, sigprocmask) on its own stack data.
-    unsafe {
-        cmd.pre_exec(|| {
-            // Ignored signals survive exec: an agent started with SIGINT ignored (a
-            // background job of a non-interactive shell) would hand that on, and Ctrl-C
-            // forwarded by keelctl would do nothing. Every process starts with the defaults.
-            for sig in 1..=64 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
-                }
-            }
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&raw mut set);
-            libc::sigprocmask(libc::SIG_SETMASK, &raw const set, std::ptr::null_mut());
-            Ok(())
-        });
-    }
+    crate::child::default_signals(cmd.as_std_mut());
     if let Some((uid, gid)) = p.ids {
         // std drops the supplementary groups when root switches uid.
         cmd.uid(uid).gid(gid);

@@ -17,8 +17,9 @@
 //! | [`procs`] | the processes started: registry, bounded output ring for attach and replay |
 //! | [`attach`] | a client watching a process: its output out, the client's input in |
 //! | [`files`] | `cp` both ways: crash-safe writes, regular files only, size-capped |
+//! | [`child`] | how every child starts: default signal dispositions, an empty mask |
 //! | [`pty`] | pseudo-terminals for `exec` with a tty |
-//! | [`users`] | `/etc/passwd` lookups for `exec --user` |
+//! | [`users`] | `/etc/passwd` and `/etc/group` lookups for `exec --user` and an image's `User` |
 //! | [`conn`] | framed reads and writes with the idle timeout |
 //! | [`intake`] | a push: lock, facts, slot, admit, begin, receive, commit |
 //! | [`pull`] | pull mode: poll a channel, admit its manifest as a push, fetch the image into staging |
@@ -43,6 +44,7 @@ pub mod admission;
 pub mod attach;
 pub mod auth;
 pub mod authz;
+pub mod child;
 pub mod config;
 pub mod conn;
 pub mod control;

@@ -74,20 +74,6 @@ fn load_modules() {
     }
 }
 
-/// Gives a child the empty signal mask a process expects (std's spawn keeps the parent's,
-/// and PID 1 blocks what it waits for).
-fn unblock_in_child(c: &mut Command) {
-    // SAFETY: the closure runs in the child between fork and exec and only calls
-    // sigprocmask on a local, initialized set, which is async-signal-safe.
-    unsafe {
-        c.pre_exec(|| {
-            let set = sigset(&[]);
-            libc::sigprocmask(libc::SIG_SETMASK, &raw const set, std::ptr::null_mut());
-            Ok(())
-        });
-    }
-}
-
 fn sigset(sigs: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initializes it before any use.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
@@ -117,20 +103,15 @@ fn program() -> Option<Command> {
     c.args(&l.argv[1..]).env_clear().current_dir(&l.cwd);
     let mut home = None;
     if let Some(u) = &l.user {
-        let (who, group) = u
-            .split_once(':')
-            .map_or((u.as_str(), None), |(a, b)| (a, Some(b)));
         let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-        match crate::users::lookup(&passwd, who) {
-            Some(user) => {
-                let gid = group.and_then(|g| g.parse().ok()).unwrap_or(user.gid);
-                c.uid(user.uid).gid(gid);
+        let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        match crate::users::resolve(&passwd, &group, u) {
+            Ok(user) => {
+                c.uid(user.uid).gid(user.gid);
                 home = Some(user.home);
             }
-            None => {
-                say(&format!(
-                    "user {who:?} is not in /etc/passwd: not starting the program"
-                ));
+            Err(e) => {
+                say(&format!("{e}: not starting the program"));
                 return None;
             }
         }
@@ -145,7 +126,7 @@ fn program() -> Option<Command> {
         l.cwd,
         l.user.as_deref().unwrap_or("root")
     ));
-    unblock_in_child(&mut c);
+    crate::child::default_signals(&mut c);
     Some(c)
 }
 
@@ -154,7 +135,7 @@ fn start_agent() -> Option<i32> {
     if Path::new(DEFAULT_CONFIG).exists() {
         c.arg("--config").arg(DEFAULT_CONFIG);
     }
-    unblock_in_child(&mut c);
+    crate::child::default_signals(&mut c);
     match c.spawn() {
         Ok(child) => {
             let pid = i32::try_from(child.id()).ok();
@@ -238,7 +219,7 @@ pub fn run() -> ! {
     if prog.is_none() && Path::new("/sbin/init").exists() {
         say("the image names no program and has /sbin/init: handing over to it");
         let mut c = Command::new("/sbin/init");
-        unblock_in_child(&mut c);
+        crate::child::default_signals(&mut c);
         let e = c.exec();
         say(&format!("/sbin/init: {e}"));
     }

@@ -420,11 +420,10 @@ pub async fn run(sh: Arc<Shared>, cfg: PullConfig, client: http::Client) {
     let mut st = PollState::default();
     let policy = RebootPolicy::parse(&cfg.reboot).unwrap_or(RebootPolicy::Never);
     let set = |f: &dyn Fn(&mut PullStatus)| {
-        let mut g = sh.pull.lock().expect("pull state");
-        f(g.get_or_insert_with(|| PullStatus {
-            url: cfg.url.clone(),
-            ..PullStatus::default()
-        }));
+        // The server sets the state before it accepts a connection or starts this task.
+        if let Some(p) = sh.pull.lock().expect("pull state").as_mut() {
+            f(p);
+        }
     };
     let mut wait = next_wait(Duration::ZERO, jitter.min(interval), 0, random());
     loop {

@@ -1,8 +1,10 @@
 //! The VM half of `make bench`: boot stage time (initstage vs a busybox-script initramfs),
 //! initramfs sizes, the update round trip vs a plain boot, and exec over hybrid vsock (round
-//! trip vs its floor, stdout and cp throughput, the agent's RSS). Prints Markdown.
+//! trip vs its floor, stdout and cp throughput, the agent's RSS), dm-verity's costs, and a
+//! microVM's start from a container image (keel-agent as init vs a busybox script). Prints
+//! Markdown.
 //!
-//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip|exec|verity ...]
+//!     keel-vm-bench [RUNS] [boot|initramfs|roundtrip|exec|verity|microvm ...]
 //!
 //! RUNS per configuration (default 3); naming sections runs only those (all by default).
 //! With `KEEL_BENCH_STEPS=1` the boot-stage runs print their serial log from `Run /init` on
@@ -14,6 +16,7 @@ use std::time::Instant;
 
 use keel_vm_tests::*;
 
+mod microvm;
 mod verity;
 
 /// Medians with the min–max range, of seconds.
@@ -144,6 +147,9 @@ fn main() {
     }
     if want("verity") {
         verity::bench(runs, &dir);
+    }
+    if want("microvm") {
+        microvm::bench(runs, &dir);
     }
     let _ = fs::remove_dir_all(&dir);
 }
