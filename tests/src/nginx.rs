@@ -39,13 +39,15 @@ pub struct Certs {
     pub stranger_key: PathBuf,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+/// Runs `openssl ARGS` in `dir`, asserting it succeeds; gives its stdout.
+pub(crate) fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
         .current_dir(dir)
         .args(args)
         .output()
         .expect("openssl");
     assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    out.stdout
 }
 
 impl Certs {

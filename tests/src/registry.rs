@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::nginx::Nginx;
+use crate::nginx::{openssl, Nginx};
 
 /// A running registry (and its token realm); killed on drop.
 #[derive(Debug)]
@@ -27,16 +27,6 @@ pub struct Registry {
 /// The service and issuer names the token registry checks.
 const SERVICE: &str = "keel-registry";
 const ISSUER: &str = "keel-token-issuer";
-
-fn openssl(dir: &Path, args: &[&str]) -> Vec<u8> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    out.stdout
-}
 
 /// base64url without padding, as JWTs are written.
 fn b64url(dir: &Path, file: &str) -> String {
