@@ -382,6 +382,41 @@ authorized_keys = "/etc/keel/authorized.pem"
 on_exit = "poweroff"
 "#;
 
+/// `keelctl build --format initramfs` of the app image in `layout` (tag 1) into `dir/name`,
+/// with [`MICROVM_AGENT_TOML`], the kit's keys and the vsock modules in it; `extra` are more
+/// arguments for `keelctl build` (`--agent`, `--compress`).
+pub fn microvm_initramfs(dir: &Path, name: &str, layout: &Path, extra: &[&str]) -> PathBuf {
+    let k = kit();
+    let toml = dir.join("agent.toml");
+    fs::write(&toml, MICROVM_AGENT_TOML).unwrap();
+    let out = dir.join(name);
+    let from = format!("oci:{}:1", layout.display());
+    let injects = [
+        format!("{}:/etc/keel/agent.toml", toml.display()),
+        format!("{}:/etc/keel/authorized.pem", k.authorized.display()),
+        format!("{}:/etc/keel/trusted.pem", k.trusted.display()),
+    ];
+    let mut args = vec![
+        "build",
+        "--from",
+        &from,
+        "--format",
+        "initramfs",
+        "-o",
+        out.to_str().unwrap(),
+        "--kernel-modules",
+        k.modules.to_str().unwrap(),
+        "--modules",
+        "virtio_pci,vmw_vsock_virtio_transport",
+    ];
+    for i in &injects {
+        args.extend(["--inject", i.as_str()]);
+    }
+    args.extend(extra);
+    ok(&keelctl(&args));
+    out
+}
+
 /// The signed manifest of `image`, written next to it as `<image>.manifest`.
 pub fn sign(image: &Path, version: u64) -> SignedManifest {
     let m = Manifest {

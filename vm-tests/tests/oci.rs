@@ -95,37 +95,13 @@ fn microvm_from_a_container_image_as_initramfs() {
     fs::create_dir_all(d.join("oci")).unwrap();
     let layout = app_oci_image(&d.join("oci"));
     let k = kit();
-    let toml = d.join("agent.toml");
-    fs::write(&toml, MICROVM_AGENT_TOML).unwrap();
-    let initrd = d.join("app.initramfs");
-    let injects = [
-        format!("{}:/etc/keel/agent.toml", toml.display()),
-        format!("{}:/etc/keel/authorized.pem", k.authorized.display()),
-        format!("{}:/etc/keel/trusted.pem", k.trusted.display()),
-    ];
-    let from = format!("oci:{}:1", layout.display());
     let agent = k.bins.join("keel-agent");
-    let mut args = vec![
-        "build",
-        "--from",
-        &from,
-        "--format",
-        "initramfs",
-        "--compress",
-        "zstd",
-        "-o",
-        initrd.to_str().unwrap(),
-        "--agent",
-        agent.to_str().unwrap(),
-        "--kernel-modules",
-        k.modules.to_str().unwrap(),
-        "--modules",
-        "virtio_pci,vmw_vsock_virtio_transport",
-    ];
-    for i in &injects {
-        args.extend(["--inject", i.as_str()]);
-    }
-    ok(&keelctl(&args));
+    let initrd = microvm_initramfs(
+        &d,
+        "app.initramfs",
+        &layout,
+        &["--compress", "zstd", "--agent", agent.to_str().unwrap()],
+    );
     let empty = d.join("empty.img");
     fs::write(&empty, vec![0u8; 1 << 20]).unwrap();
     let disk = Disk {

@@ -7,7 +7,7 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use keel_vm_tests::*;
@@ -30,39 +30,6 @@ while read -r m; do insmod "$m"; done < /etc/keel/modules.load
 cd /app && FOO=bar /app/run.sh &
 while :; do wait; done
 "#;
-
-/// Builds one initramfs of the app image; `extra` arguments for `keelctl build`.
-fn build(dir: &Path, name: &str, layout: &Path, extra: &[&str]) -> PathBuf {
-    let k = kit();
-    let toml = dir.join("agent.toml");
-    fs::write(&toml, MICROVM_AGENT_TOML).unwrap();
-    let out = dir.join(name);
-    let from = format!("oci:{}:1", layout.display());
-    let injects = [
-        format!("{}:/etc/keel/agent.toml", toml.display()),
-        format!("{}:/etc/keel/authorized.pem", k.authorized.display()),
-        format!("{}:/etc/keel/trusted.pem", k.trusted.display()),
-    ];
-    let mut args = vec![
-        "build",
-        "--from",
-        &from,
-        "--format",
-        "initramfs",
-        "-o",
-        out.to_str().unwrap(),
-        "--kernel-modules",
-        k.modules.to_str().unwrap(),
-        "--modules",
-        "virtio_pci,vmw_vsock_virtio_transport",
-    ];
-    for i in &injects {
-        args.extend(["--inject", i.as_str()]);
-    }
-    args.extend(extra);
-    ok(&keelctl(&args));
-    out
-}
 
 /// (QEMU start → ready announce, → first exec answered), seconds.
 fn one(dir: &Path, initrd: &Path, tag: &str) -> (f64, f64) {
@@ -106,8 +73,8 @@ pub fn bench(runs: usize, dir: &Path) {
     fs::write(&script, SCRIPT_INIT).unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
     let a = agent.to_str().unwrap();
-    let keel = build(&d, "keel.initramfs", &layout, &["--agent", a]);
-    let keel_z = build(
+    let keel = microvm_initramfs(&d, "keel.initramfs", &layout, &["--agent", a]);
+    let keel_z = microvm_initramfs(
         &d,
         "keel-zstd.initramfs",
         &layout,
@@ -115,7 +82,7 @@ pub fn bench(runs: usize, dir: &Path) {
     );
     let inject_agent = format!("{a}:/usr/sbin/keel-agent");
     let inject_init = format!("{}:/init", script.display());
-    let script_rd = build(
+    let script_rd = microvm_initramfs(
         &d,
         "script.initramfs",
         &layout,
