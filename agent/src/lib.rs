@@ -37,7 +37,7 @@
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
-//! {procs, stage, verify, users, conn}; server → pull → {intake, http → sigv4}.
+//! {procs, stage, verify, users, conn, child}; server → pull → {intake, http → sigv4}; pid1 → {config, init, users, child}.
 #![warn(missing_docs)]
 
 pub mod admission;
