@@ -54,10 +54,12 @@ TREE_MB=$(du -sm --exclude=./usr/share/doc --exclude=./usr/share/man --exclude=.
 BLOB_MB=$(du -sm img/blobs | cut -f1)
 
 # A port nothing listens on.
-while :; do
-  PORT=$((20000 + RANDOM % 20000))
-  (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null || break
+PORT=
+for _ in $(seq 100); do
+  p=$((20000 + RANDOM % 20000))
+  (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null || { PORT=$p; break; }
 done
+[ -n "$PORT" ] || { echo "bench/build.sh: no free port on 127.0.0.1 in 100 tries" >&2; exit 1; }
 mkdir -p reg
 cat > reg/config.yml <<CONF
 version: 0.1
@@ -121,15 +123,16 @@ range() { sort -g | awk 'NR==1{lo=$1} {hi=$1} END {printf "%.2f–%.2f", lo, hi}
 # One of each first, not counted: the first writes after the setup run slow (not in CI's smoke run).
 [ "${BENCH_SMOKE:-}" = 1 ] || { keel t > /dev/null; baseline t > /dev/null; }
 for _ in $(seq "$RUNS"); do
-  # They take turns, so that a slow spell of the host hits both.
+  # They take turns, so that a slow spell of the host hits both. Results go through files,
+  # not `< <(…)`, so that a failed build stops the script (set -e).
   sync
-  read -r t rss < <(keel t); echo "$t" >> keel.t; echo "$rss" >> keel.rss; keel_pack >> keel.pack
+  keel t > run.k; read -r t rss < run.k; echo "$t" >> keel.t; echo "$rss" >> keel.rss; keel_pack >> keel.pack
   sync
-  read -r t ts tu tq ru rs < <(baseline t)
+  baseline t > run.b; read -r t ts tu tq ru rs < run.b
   echo "$t" >> base.t; echo "$ts" >> skopeo.t; echo "$tu" >> umoci.t; echo "$tq" >> sq.t
   echo "$ru" >> umoci.rss; echo "$rs" >> sq.rss
 done
-read -r _ small_rss < <(keel s)
+keel s > run.k; read -r _ small_rss < run.k
 rm -rf "$W/base-oci" "$W/base-bundle"
 
 KT=$(median < keel.t); BT=$(median < base.t); KP=$(median < keel.pack)
