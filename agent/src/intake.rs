@@ -5,11 +5,12 @@
 use std::sync::Arc;
 
 use keel_proto::manifest::SignedManifest;
-use keel_proto::message::{ErrorCode, Response};
+use keel_proto::message::{ErrorCode, Response, Transfer};
 use keel_proto::wire::{KIND_DATA, KIND_MESSAGE};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::conn::{Conn, ReadError};
+use crate::delta::Prepare;
 use crate::session::Outcome;
 use crate::shared::Shared;
 use crate::stage::{Pipeline, Slot, Upload, CHUNK};
@@ -19,6 +20,14 @@ use crate::verify::{self, Admit, Context, Refusal};
 /// Reads the device's facts, finds the slot, admits `signed` and begins the upload; the
 /// error is the reply (a refusal, or up to date). Blocking.
 pub fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Upload, Response> {
+    admitted(sh, signed)?
+        .begin(signed, resume, &|n| n)
+        .map_err(Response::from)
+}
+
+/// Reads the device's facts, finds the slot and admits `signed`: the slot to begin the
+/// upload in, or the reply (a refusal, or up to date). Blocking.
+pub fn admitted(sh: &Shared, signed: &SignedManifest) -> Result<Slot, Response> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let slot = Slot::new(config.newimg_dir(), &facts.image_name(config));
@@ -47,7 +56,7 @@ pub fn admit(sh: &Shared, signed: &SignedManifest, resume: bool) -> Result<Uploa
         Err(r) => return Err(r.into()),
     }
     promotable(config, &facts, signed.manifest.size)?;
-    slot.begin(signed, resume).map_err(Response::from)
+    Ok(slot)
 }
 
 /// Whether the next boot can promote an image of `size` bytes: initstage copies it to `img`
@@ -111,12 +120,15 @@ pub async fn unstage(sh: &Arc<Shared>) -> Response {
     }
 }
 
-/// Runs one push to its end: the outcome's response is the reply to send.
+/// Runs one push to its end: the outcome's response is the reply to send. With `delta`, a
+/// manifest that carries a chunk index is staged from the chunks the device holds and the
+/// ones the client sends ([`crate::delta`]).
 pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
     io: &mut Conn<S>,
     sh: &Arc<Shared>,
     signed: SignedManifest,
     resume: bool,
+    delta: bool,
 ) -> Outcome {
     let Ok(_guard) = sh.push.try_lock() else {
         return Outcome::reply(Response::error(
@@ -126,30 +138,67 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
     };
     let size = signed.manifest.size;
     let version = signed.manifest.version;
-    // Every file-system call of the admission (facts, slot, begin) runs off the runtime
-    // thread: a hung file must not freeze the other connections.
-    let sh2 = sh.clone();
-    let upload = match tokio::task::spawn_blocking(move || admit(&sh2, &signed, resume))
-        .await
-        .expect("admit task")
-    {
-        Ok(u) => u,
-        Err(r) => return Outcome::reply(r),
+    let prepared = if delta {
+        match crate::delta::prepare(io, sh, &signed, resume).await {
+            Ok(p) => p,
+            Err(o) => return o,
+        }
+    } else {
+        Prepare::Full
     };
-    let offset = upload.offset();
-    if io.send(&Response::Send { offset }).await.is_err() {
-        return Outcome {
-            response: Response::error(ErrorCode::Io, "client went away before the data"),
-            bytes: 0,
-            close: true,
-            reboot: false,
-        };
-    }
-    crate::notify::notify(&format!(
-        "STATUS=receiving version {version} ({size} bytes)"
-    ));
-    let mut p = upload.start();
-    let got = receive(io, &mut p, size - offset).await;
+    let (p, got, delta) = match prepared {
+        Prepare::Delta(b) => {
+            let (upload, d) = *b;
+            let offset = upload.offset();
+            let plan = &d.plan;
+            let ask = Response::SendChunks {
+                offset,
+                need: plan.need.to_base64(),
+                chunks: plan.chunks,
+                bytes: plan.bytes,
+                reused: plan.reused,
+            };
+            tracing::info!(
+                "delta of version {version}: {} chunks ({} bytes) to receive, {} bytes reused, from {offset}",
+                plan.chunks,
+                plan.bytes,
+                plan.reused
+            );
+            if io.send(&ask).await.is_err() {
+                return Outcome::gone("client went away before the chunks");
+            }
+            crate::notify::notify(&format!(
+                "STATUS=receiving version {version} ({} of {size} bytes)",
+                plan.bytes
+            ));
+            let mut p = upload.start();
+            let got = crate::delta::receive(io, &mut p, &d).await;
+            (p, got, Some((plan.reused, d.index_bytes)))
+        }
+        Prepare::Full => {
+            // Every file-system call of the admission (facts, slot, begin) runs off the
+            // runtime thread: a hung file must not freeze the other connections.
+            let sh2 = sh.clone();
+            let s2 = signed.clone();
+            let upload = match tokio::task::spawn_blocking(move || admit(&sh2, &s2, resume))
+                .await
+                .expect("admit task")
+            {
+                Ok(u) => u,
+                Err(r) => return Outcome::reply(r),
+            };
+            let offset = upload.offset();
+            if io.send(&Response::Send { offset }).await.is_err() {
+                return Outcome::gone("client went away before the data");
+            }
+            crate::notify::notify(&format!(
+                "STATUS=receiving version {version} ({size} bytes)"
+            ));
+            let mut p = upload.start();
+            let got = receive(io, &mut p, size - offset).await;
+            (p, got, None)
+        }
+    };
     let (complete, keep, cut) = match &got {
         Ok(_) => (true, false, None),
         Err((_, ReadError::Protocol(r))) => (false, false, Some(r.clone())),
@@ -164,8 +213,7 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
                     ErrorCode::SizeMismatch
                 },
                 format!(
-                    "upload cut after {} of {size} bytes ({}); push again to resume",
-                    offset + n,
+                    "upload cut after {n} bytes of version {version} arrived ({}); push again to resume",
                     e.describe(io.idle)
                 ),
             )),
@@ -179,12 +227,24 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
         .await
         .expect("finish task");
     crate::notify::notify("STATUS=idle");
+    let (reused, index) = delta.unwrap_or((0, 0));
     let response = match (result, cut) {
-        (Ok(image), _) => Response::Staged {
-            image,
-            received: bytes,
-            resumed_from,
-        },
+        (Ok(image), _) => {
+            sh.record(Transfer {
+                version: image.version,
+                how: "push".into(),
+                delta: delta.is_some(),
+                received: bytes,
+                reused,
+                index,
+            });
+            Response::Staged {
+                image,
+                received: bytes,
+                resumed_from,
+                reused,
+            }
+        }
         // The stream's own fault explains more than the finish's.
         (Err(_), Some(c)) => Response::from(c),
         (Err(r), None) => Response::from(r),

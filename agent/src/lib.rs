@@ -26,6 +26,8 @@
 //! | [`reboot_policy`] | when a pulled image is booted: never, at once, or in a daily window |
 //! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed; redirects, client certificates |
 //! | [`sigv4`] | AWS Signature Version 4 for a private S3 bucket (pure) |
+//! | [`delta`] | a delta push: the signed chunk index in, the missing chunks asked for, the image assembled in order |
+//! | [`seeds`] | the images a device holds, chunked to find what a new image reuses |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
 //! | [`status`] | what the device runs and holds |
@@ -37,7 +39,7 @@
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
-//! {procs, stage, verify, users, conn, child}; server → pull → {intake, http → sigv4}; pid1 → {config, init, users, child}.
+//! {procs, delta → seeds, stage, verify, users, conn, child}; server → pull → {intake, http → sigv4}; pid1 → {config, init, users, child}.
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -48,6 +50,7 @@ pub mod child;
 pub mod config;
 pub mod conn;
 pub mod control;
+pub mod delta;
 pub mod error;
 pub mod exec;
 pub mod files;
@@ -62,6 +65,7 @@ pub mod procs;
 pub mod pty;
 pub mod pull;
 pub mod reboot_policy;
+pub mod seeds;
 pub mod server;
 pub mod session;
 pub mod shared;

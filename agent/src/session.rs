@@ -46,6 +46,30 @@ impl Outcome {
             reboot: false,
         }
     }
+
+    /// The client left before the data: an error that closes the connection.
+    pub fn gone(why: &str) -> Outcome {
+        Outcome {
+            close: true,
+            ..Outcome::reply(Response::error(ErrorCode::Io, why))
+        }
+    }
+
+    /// A read of `what` failed: a protocol error is the reply; a lost or silent client is
+    /// told (if still there) why the connection closes.
+    pub fn cut(e: &crate::conn::ReadError, idle: std::time::Duration, what: &str) -> Outcome {
+        let response = match e {
+            crate::conn::ReadError::Protocol(r) => Response::from(r.clone()),
+            crate::conn::ReadError::Timeout => {
+                Response::error(ErrorCode::Timeout, format!("{what}: {}", e.describe(idle)))
+            }
+            other => Response::error(ErrorCode::Io, format!("{what}: {}", other.describe(idle))),
+        };
+        Outcome {
+            close: true,
+            ..Outcome::reply(response)
+        }
+    }
 }
 
 fn summary(r: &Response) -> String {
@@ -58,6 +82,10 @@ fn summary(r: &Response) -> String {
         Response::Status(_) => "ok".into(),
         Response::Hello { .. } => "ok".into(),
         Response::Send { offset } => format!("send from {offset}"),
+        Response::SendIndex { size } => format!("send the {size}-byte chunk index"),
+        Response::SendChunks { chunks, bytes, .. } => {
+            format!("send {chunks} chunks ({bytes} bytes)")
+        }
         Response::Authenticated { key } => format!("authenticated as {key}"),
         Response::Started { pid, id } => format!("process {id}, pid {pid}"),
         Response::Dropped { bytes } => format!("{bytes} bytes dropped"),
@@ -331,6 +359,7 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 .expect("status task");
             rep.identity = sh.identity.clone();
             rep.pull = sh.pull.lock().expect("pull state").clone();
+            rep.last_transfer = sh.last_transfer.lock().expect("transfer state").clone();
             Outcome::reply(Response::Status(Box::new(rep)))
         }
         Request::MarkGood => {
@@ -349,7 +378,11 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
                 message: "rebooting".into(),
             })
         },
-        Request::Push { manifest, resume } => intake::push(io, sh, manifest, resume).await,
+        Request::Push {
+            manifest,
+            resume,
+            delta,
+        } => intake::push(io, sh, manifest, resume, delta).await,
         Request::Unstage => Outcome::reply(intake::unstage(sh).await),
         Request::PullNow => Outcome::reply(match &sh.config.pull {
             None => Response::error(

@@ -33,6 +33,8 @@ pub struct Shared {
     pub pull: std::sync::Mutex<Option<keel_proto::message::PullStatus>>,
     /// Wakes the pull loop for a poll now (`pull-now`).
     pub pull_now: tokio::sync::Notify,
+    /// How the last image staged since start came (push or pull, delta or full).
+    pub last_transfer: std::sync::Mutex<Option<keel_proto::message::Transfer>>,
 }
 
 impl Shared {
@@ -51,6 +53,21 @@ impl Shared {
             identity: None,
             pull: std::sync::Mutex::new(None),
             pull_now: tokio::sync::Notify::new(),
+            last_transfer: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Remembers how the image just staged came, for `status`.
+    pub fn record(&self, t: keel_proto::message::Transfer) {
+        tracing::info!(
+            "staged version {} by {}{}: {} bytes received, {} reused, {} of index",
+            t.version,
+            t.how,
+            if t.delta { " (delta)" } else { "" },
+            t.received,
+            t.reused,
+            t.index
+        );
+        *self.last_transfer.lock().expect("transfer state") = Some(t);
     }
 }

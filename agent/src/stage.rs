@@ -185,19 +185,27 @@ impl Slot {
 
     /// Prepares to receive `signed`: resumes the partial upload of the same manifest when
     /// `resume` is set (re-hashing the bytes on disk), otherwise starts afresh. Checks space.
-    pub fn begin(&self, signed: &SignedManifest, resume: bool) -> Result<Upload, Refusal> {
+    /// `align` moves a resume point back to where the sender can restart (a chunk boundary
+    /// for a delta; the identity for a full push): the bytes after it are dropped.
+    pub fn begin(
+        &self,
+        signed: &SignedManifest,
+        resume: bool,
+        align: &dyn Fn(u64) -> u64,
+    ) -> Result<Upload, Refusal> {
         let size = signed.manifest.size;
         let same = matches!(self.partial(), Some((m, len)) if m == *signed && len <= size);
         if !(resume && same) {
             self.discard_partial()?;
         }
-        let have = if resume && same {
+        let on_disk = if resume && same {
             fs::symlink_metadata(self.partial_path())
                 .map(|m| m.len())
                 .unwrap_or(0)
         } else {
             0
         };
+        let have = align(on_disk).min(on_disk);
         // Blocks the partial upload already holds (fallocated up front) are ours to reuse;
         // blocks of a staged image this one replaces are freed if nothing else fits.
         let held = if resume && same {
@@ -257,6 +265,10 @@ impl Slot {
             .map_err(|e| io_refusal("open", &path, &e))?;
         if have == 0 {
             fsync_dir(&self.dir)?;
+        }
+        if on_disk > have {
+            file.set_len(have)
+                .map_err(|e| io_refusal("truncate", &path, &e))?;
         }
         // Reserve the blocks now: a full disk is found before the bytes arrive, and the
         // file is laid out in one piece. KEEP_SIZE: the length still counts received bytes.
@@ -600,7 +612,7 @@ mod tests {
         let slot = Slot::new(&d, "root.img");
         let a = data(3 * CHUNK + 17, 1);
         let ma = manifest(&a, 2);
-        let mut p = slot.begin(&ma, false).unwrap().start();
+        let mut p = slot.begin(&ma, false, &|n| n).unwrap().start();
         feed(&mut p, &a);
         let rec = p.finish(true, false).unwrap();
         assert_eq!(rec.version, 2);
@@ -612,7 +624,7 @@ mod tests {
         let b = data(CHUNK, 2);
         let mut mb = manifest(&b, 3);
         mb.manifest.sha256 = "00".repeat(32);
-        let mut p = slot.begin(&mb, false).unwrap().start();
+        let mut p = slot.begin(&mb, false, &|n| n).unwrap().start();
         feed(&mut p, &b);
         let e = p.finish(true, false).unwrap_err();
         assert_eq!(e.code, ErrorCode::HashMismatch);
@@ -628,14 +640,14 @@ mod tests {
         let slot = Slot::new(&d, "root.img");
         let a = data(2 * CHUNK + 5, 9);
         let m = manifest(&a, 4);
-        let mut p = slot.begin(&m, false).unwrap().start();
+        let mut p = slot.begin(&m, false, &|n| n).unwrap().start();
         feed(&mut p, &a[..CHUNK + 3]);
         let e = p.finish(false, true).unwrap_err();
         assert_eq!(e.code, ErrorCode::SizeMismatch);
         assert_eq!(slot.partial().unwrap().1, (CHUNK + 3) as u64);
         assert!(slot.staged().is_none());
 
-        let u = slot.begin(&m, true).unwrap();
+        let u = slot.begin(&m, true, &|n| n).unwrap();
         assert_eq!(u.offset(), (CHUNK + 3) as u64);
         let mut p = u.start();
         feed(&mut p, &a[CHUNK + 3..]);
@@ -643,10 +655,13 @@ mod tests {
         assert_eq!(fs::read(d.join("root.img")).unwrap(), a);
 
         // Without resume, or with another manifest, a partial upload starts over.
-        let mut p = slot.begin(&manifest(&a, 5), false).unwrap().start();
+        let mut p = slot.begin(&manifest(&a, 5), false, &|n| n).unwrap().start();
         feed(&mut p, &a[..10]);
         let _ = p.finish(false, true);
-        assert_eq!(slot.begin(&manifest(&a, 6), true).unwrap().offset(), 0);
+        assert_eq!(
+            slot.begin(&manifest(&a, 6), true, &|n| n).unwrap().offset(),
+            0
+        );
         fs::remove_dir_all(&d).unwrap();
     }
 
@@ -671,10 +686,10 @@ mod tests {
         let d = tmpdir("verity");
         let slot = Slot::new(&d, "root.img");
         let (img, m) = verity_image(700, None);
-        let mut p = slot.begin(&m, false).unwrap().start();
+        let mut p = slot.begin(&m, false, &|n| n).unwrap().start();
         feed(&mut p, &img[..CHUNK + 100]);
         let _ = p.finish(false, true);
-        let mut p = slot.begin(&m, true).unwrap().start();
+        let mut p = slot.begin(&m, true, &|n| n).unwrap().start();
         feed(&mut p, &img[CHUNK + 100..]);
         p.finish(true, false).unwrap();
         assert_eq!(slot.staged().unwrap(), m);
@@ -683,7 +698,7 @@ mod tests {
         let (img, bad) = verity_image(700, Some(&"ab".repeat(32)));
         let mut bad = bad;
         bad.manifest.version = 8;
-        let mut p = slot.begin(&bad, false).unwrap().start();
+        let mut p = slot.begin(&bad, false, &|n| n).unwrap().start();
         feed(&mut p, &img);
         let e = p.finish(true, false).unwrap_err();
         assert_eq!(e.code, ErrorCode::HashMismatch);

@@ -82,6 +82,7 @@ pub fn report(config: &Config, push_in_progress: bool) -> StatusReport {
     };
     StatusReport {
         pull: None,
+        last_transfer: None,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
         booted: facts.booted().cloned(),
         image_file: facts.image_name(config),

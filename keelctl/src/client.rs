@@ -1,16 +1,12 @@
 //! The blocking client: hello, requests, and a push that resumes after a cut.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::Path;
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use keel_proto::endpoint::Endpoint;
 use keel_proto::exec::{b64, sign_auth};
-use keel_proto::manifest::{SignedManifest, SigningKey};
-use keel_proto::message::{
-    data_header, message_frame, parse_response, ErrorCode, Request, Response,
-};
+use keel_proto::manifest::SigningKey;
+use keel_proto::message::{message_frame, parse_response, Request, Response};
 use keel_proto::wire::{frame_len, PROTOCOL_VERSION};
 
 use crate::error::{Error, Result};
@@ -63,21 +59,7 @@ pub fn read_frame(r: &mut impl Read, peer: &str) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// What a push achieved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pushed {
-    /// The image is staged.
-    Staged {
-        /// Version staged.
-        version: u64,
-        /// Bytes sent over all attempts.
-        sent: u64,
-        /// Connections used (1 unless resumed).
-        attempts: u32,
-    },
-    /// The agent had it already.
-    UpToDate(String),
-}
+pub use crate::push::Pushed;
 
 impl Client {
     /// Connects and exchanges hellos.
@@ -223,133 +205,6 @@ impl Client {
     pub fn stream(&mut self) -> &mut Stream {
         &mut self.s
     }
-
-    /// Offers `signed` and, once accepted, sends `image` from the offset the agent asks for.
-    /// `progress(done, total)` is called as bytes go out.
-    pub fn push_once(
-        &mut self,
-        signed: &SignedManifest,
-        image: &Path,
-        resume: bool,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<Pushed> {
-        let size = signed.manifest.size;
-        let offset = match self.call(&Request::Push {
-            manifest: signed.clone(),
-            resume,
-        })? {
-            Response::Send { offset } => offset,
-            Response::UpToDate { message } => return Ok(Pushed::UpToDate(message)),
-            other => return Err(self.unexpected(&other)),
-        };
-        let mut f = File::open(image).map_err(|source| Error::Io {
-            op: "open image",
-            path: image.to_path_buf(),
-            source,
-        })?;
-        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(offset)).map_err(|source| {
-            Error::Io {
-                op: "seek image",
-                path: image.to_path_buf(),
-                source,
-            }
-        })?;
-        let mut r = BufReader::with_capacity(DATA_FRAME, f);
-        let mut done = offset;
-        progress(done, size);
-        while done < size {
-            let buf = r.fill_buf().map_err(|source| Error::Io {
-                op: "read image",
-                path: image.to_path_buf(),
-                source,
-            })?;
-            if buf.is_empty() {
-                return Err(Error::Io {
-                    op: "read image",
-                    path: image.to_path_buf(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("file ends at {done}, the manifest says {size} bytes"),
-                    ),
-                });
-            }
-            let n = usize::try_from(size - done).map_or(buf.len(), |left| buf.len().min(left));
-            self.s
-                .write_all(&data_header(n).expect("DATA_FRAME is under the frame limit"))
-                .and_then(|()| self.s.write_all(&buf[..n]))
-                .map_err(|source| Error::Net {
-                    op: "send image",
-                    peer: self.peer.clone(),
-                    source,
-                })?;
-            r.consume(n);
-            done += n as u64;
-            progress(done, size);
-        }
-        self.s
-            .write_all(&data_header(0).expect("an empty frame fits"))
-            .map_err(self.net("send end of image"))?;
-        match self.response()? {
-            Response::Staged {
-                image, received, ..
-            } => Ok(Pushed::Staged {
-                version: image.version,
-                sent: received,
-                attempts: 1,
-            }),
-            other => Err(self.unexpected(&other)),
-        }
-    }
 }
 
-/// Whether an error is a lost connection worth a resume.
-pub fn is_cut(e: &Error) -> bool {
-    match e {
-        // A cut during the TLS handshake too; a refused agent key is not a cut.
-        Error::Net { .. } | Error::Connect { .. } | Error::Tls { .. } => true,
-        Error::Refused { code, .. } => matches!(code, ErrorCode::Timeout | ErrorCode::Busy),
-        _ => false,
-    }
-}
-
-/// Pushes with resume: a cut connection is reopened (up to `retries` times, each connect
-/// retried for `wait`) and the upload continues from what the agent has on disk.
-pub fn push(
-    ep: &Endpoint,
-    dial: &Dial,
-    signed: &SignedManifest,
-    image: &Path,
-    retries: u32,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<Pushed> {
-    let mut attempts = 0;
-    let mut sent = 0u64;
-    loop {
-        attempts += 1;
-        let mut last = 0u64;
-        let mut start = None;
-        let mut track = |done: u64, total: u64| {
-            let s = *start.get_or_insert(done);
-            last = done - s;
-            progress(done, total);
-        };
-        let r = Client::connect(ep, dial)
-            .and_then(|mut c| c.push_once(signed, image, true, &mut track));
-        sent += last;
-        match r {
-            Ok(Pushed::Staged { version, .. }) => {
-                return Ok(Pushed::Staged {
-                    version,
-                    sent,
-                    attempts,
-                })
-            }
-            Ok(up) => return Ok(up),
-            Err(e) if is_cut(&e) && attempts <= retries => {
-                tracing::warn!("push to {ep}: {e}; resuming (attempt {})", attempts + 1);
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
+pub use crate::push::{is_cut, push};

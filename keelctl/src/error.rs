@@ -61,6 +61,14 @@ pub enum Error {
         /// What is wrong.
         detail: String,
     },
+    /// A local file is not what it should be (a chunk index that does not fit its manifest).
+    #[error("{}: {detail}", path.display())]
+    Input {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The peer broke the protocol.
     #[error("protocol error with {peer}: {detail}")]
     Protocol {

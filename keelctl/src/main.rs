@@ -91,6 +91,9 @@ enum Cmd {
         /// device then checks every block it reads (manifest format 2).
         #[arg(long)]
         verity: bool,
+        /// Do not write the chunk index (IMAGE.chunks) that delta pushes and pulls use.
+        #[arg(long)]
+        no_chunks: bool,
     },
     /// Checks a manifest's signature and, with the image, its size and digest.
     Verify {
@@ -189,6 +192,12 @@ enum Cmd {
         /// Reconnect and resume this many times after a lost connection.
         #[arg(long, default_value_t = 5)]
         retries: u32,
+        /// Send the whole image even when IMAGE.chunks allows a delta.
+        #[arg(long)]
+        no_delta: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Shows what the device runs, holds and did.
     Status {
@@ -403,6 +412,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             created,
             out,
             verity,
+            no_chunks,
         } => cmd::sign::run(&cmd::sign::Sign {
             image,
             key,
@@ -412,6 +422,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             created: *created,
             out,
             verity: *verity,
+            chunks: !*no_chunks,
         }),
         Cmd::Verify {
             image,
@@ -490,7 +501,19 @@ fn run(a: Args) -> anyhow::Result<()> {
             image,
             manifest,
             retries,
-        } => cmd::push::run(&endpoint(&a)?, &dial(&a)?, image, manifest, *retries),
+            no_delta,
+            json,
+        } => cmd::push::run(
+            &endpoint(&a)?,
+            &dial(&a)?,
+            &cmd::push::Opts {
+                image,
+                manifest,
+                retries: *retries,
+                delta: !*no_delta,
+                json: *json,
+            },
+        ),
         Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),

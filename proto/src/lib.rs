@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`hex`] | lower-case hex for digests and signatures |
 //! | [`manifest`] | the signed image manifest, its canonical bytes, key loading and verification |
+//! | [`chunks`] | content-defined chunks, the chunk index and its signed binding: delta updates |
 //! | [`imagecheck`] | an image's bytes against its manifest as they stream: SHA-256 and the verity tree |
 //! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
@@ -22,6 +23,7 @@
 
 pub mod bootstate;
 pub mod channel;
+pub mod chunks;
 pub mod endpoint;
 pub mod exec;
 pub mod hex;

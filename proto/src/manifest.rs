@@ -163,6 +163,9 @@ pub struct SignedManifest {
     pub manifest: Manifest,
     /// ed25519 signature over [`Manifest::canonical_bytes`], 128 hex digits.
     pub signature: String,
+    /// The image's chunk index, signed apart ([`crate::chunks`]): what delta updates use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chunks: Option<crate::chunks::ChunkRef>,
 }
 
 impl Manifest {
@@ -249,6 +252,7 @@ impl Manifest {
         SignedManifest {
             manifest: self,
             signature: hex::encode(&sig.to_bytes()),
+            chunks: None,
         }
     }
 }
@@ -262,6 +266,7 @@ impl SignedManifest {
         Ok(SignedManifest {
             manifest,
             signature: hex::encode(sig),
+            chunks: None,
         })
     }
 

@@ -34,6 +34,10 @@ pub enum Request {
         /// Continue a partial upload of the same manifest if one is on disk.
         #[serde(default)]
         resume: bool,
+        /// The client can send the manifest's chunk index and only the chunks the agent
+        /// lacks (answered `send-index` instead of `send` when the agent can use it).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        delta: bool,
     },
     /// Ends the booted image's trial (Unix socket, root only).
     MarkGood,
@@ -181,6 +185,25 @@ pub enum Response {
         /// First byte the agent still needs.
         offset: u64,
     },
+    /// A delta push: send the chunk index (`size` bytes in data frames, then an empty one).
+    SendIndex {
+        /// The index's size, as the manifest signs it.
+        size: u64,
+    },
+    /// A delta push: send the bytes of the chunks `need` marks, in order, in data frames,
+    /// then an empty one. The image is assembled from `offset` (a chunk's start).
+    SendChunks {
+        /// Where assembly starts: 0, or the chunk boundary a resumed upload reached.
+        offset: u64,
+        /// Which chunks to send ([`crate::chunks::NeedMap`], base64).
+        need: String,
+        /// How many chunks that is.
+        chunks: u64,
+        /// How many bytes that is.
+        bytes: u64,
+        /// Bytes the agent takes from images it holds.
+        reused: u64,
+    },
     /// The image was received, verified and committed on `newimg`.
     Staged {
         /// The staged image.
@@ -189,6 +212,9 @@ pub enum Response {
         received: u64,
         /// Offset the upload resumed from (0 for a fresh upload).
         resumed_from: u64,
+        /// Bytes taken from images already on the device (a delta push).
+        #[serde(default)]
+        reused: u64,
     },
     /// Nothing to do: this version is already booted or staged.
     UpToDate {
@@ -256,6 +282,8 @@ pub enum ErrorCode {
     SizeMismatch,
     /// The received bytes do not hash to the manifest's digest.
     HashMismatch,
+    /// A chunk index does not match its manifest or is not an index.
+    BadIndex,
     /// The peer is not allowed to do this (control needs the Unix socket as root).
     NotPermitted,
     /// The request needs an authorized key (or local root), and the session has none, or
@@ -319,9 +347,29 @@ pub struct StatusReport {
     /// Pull mode's state, when `[pull]` is configured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pull: Option<PullStatus>,
+    /// The last image the agent staged since it started: how its bytes came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transfer: Option<Transfer>,
     /// The dm-verity device the booted image is read through, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity: Option<VerityStatus>,
+}
+
+/// How a staged image's bytes came: over the link or from images already on the device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The image's version.
+    pub version: u64,
+    /// `push` or `pull`.
+    pub how: String,
+    /// Whether only missing chunks were moved.
+    pub delta: bool,
+    /// Bytes that came over the link (the image's, without the index).
+    pub received: u64,
+    /// Bytes taken from the images the device held.
+    pub reused: u64,
+    /// Bytes of the chunk index fetched.
+    pub index: u64,
 }
 
 /// The booted image's dm-verity device: what initstage set up and what the kernel says now.

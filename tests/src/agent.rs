@@ -67,7 +67,7 @@ impl Agent {
         img: &Path,
         m: &SignedManifest,
     ) -> Result<Pushed, ClientError> {
-        client::push(ep, &self.dial(), m, img, 0, &mut |_, _| {})
+        client::push(ep, &self.dial(), m, img, None, 0, &mut |_, _| {})
     }
 
     /// Opens a TCP connection and asks to push `m`: the connection and the agent's answer.
@@ -77,6 +77,7 @@ impl Agent {
             .call(&Request::Push {
                 manifest: m.clone(),
                 resume,
+                delta: false,
             })
             .unwrap();
         (cl, r)

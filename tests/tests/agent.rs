@@ -386,6 +386,7 @@ fn one_push_at_a_time_stalls_dropped_cut_uploads_resume() {
                 received,
                 resumed_from,
                 image,
+                ..
             } => {
                 assert_eq!(resumed_from, 3 << 20);
                 assert_eq!(received, 3 << 20);

@@ -273,6 +273,7 @@ impl Client {
         self.send(&Request::Push {
             manifest: m.clone(),
             resume,
+            delta: false,
         })
         .await;
         self.recv().await

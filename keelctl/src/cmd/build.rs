@@ -206,6 +206,8 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             created: Some(epoch),
             out: &None,
             verity: b.verity,
+            // Root images are what devices update by delta; an initramfs is not pushed.
+            chunks: format.is_some(),
         })?;
     }
     let (size, sha256) = hash_file(b.out)?;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
+use keel_proto::chunks::{ChunkRef, Index, Params};
 use keel_proto::hex;
 use keel_proto::manifest::{
     signing_key_from_pem, Manifest, VerityInfo, MANIFEST_FORMAT, MANIFEST_FORMAT_VERITY,
@@ -36,6 +37,34 @@ pub struct Sign<'a> {
     pub out: &'a Option<PathBuf>,
     /// Append (or refresh) a dm-verity tree and sign its root hash (manifest format 2).
     pub verity: bool,
+    /// Write the chunk index (IMAGE.chunks) and sign it into the manifest, for deltas.
+    pub chunks: bool,
+}
+
+/// Where the chunk index of `image` is kept: `IMAGE.chunks`.
+pub fn index_path(image: &Path) -> PathBuf {
+    let mut s = image.as_os_str().to_owned();
+    s.push(".chunks");
+    s.into()
+}
+
+/// Chunks `image` and writes its index to `IMAGE.chunks` (temporary file, rename): the
+/// index's bytes.
+pub fn write_index(image: &Path) -> anyhow::Result<Vec<u8>> {
+    let f = File::open(image).with_context(|| format!("open {}", image.display()))?;
+    let idx = Index::build(
+        &mut std::io::BufReader::with_capacity(1 << 20, f),
+        Params::default(),
+    )
+    .with_context(|| format!("chunk {}", image.display()))?;
+    let bytes = idx.encode();
+    let out = index_path(image);
+    let mut tmp = out.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, &bytes).with_context(|| format!("write {}", tmp.display()))?;
+    fs::rename(&tmp, &out).with_context(|| format!("rename {}", out.display()))?;
+    Ok(bytes)
 }
 
 /// Hashes the image and writes its signed manifest.
@@ -69,11 +98,17 @@ pub fn run(s: &Sign<'_>) -> anyhow::Result<()> {
         verity,
     };
     m.validate()?;
-    let signed = m.sign(&sk);
+    let index = if s.chunks {
+        Some(write_index(s.image)?)
+    } else {
+        None
+    };
+    let mut signed = m.clone().sign(&sk);
+    signed.chunks = index.as_ref().map(|b| ChunkRef::sign(&m, b, &sk));
     let out = manifest_path(s.image, s.out);
     fs::write(&out, signed.to_json()).with_context(|| format!("write {}", out.display()))?;
     out!(
-        "signed {} version {} ({} bytes{}) -> {}",
+        "signed {} version {} ({} bytes{}{}) -> {}",
         signed.manifest.name,
         signed.manifest.version,
         signed.manifest.size,
@@ -82,6 +117,14 @@ pub fn run(s: &Sign<'_>) -> anyhow::Result<()> {
             .verity
             .as_ref()
             .map(|v| format!(", verity root {}", v.root_hash))
+            .unwrap_or_default(),
+        index
+            .as_ref()
+            .map(|b| format!(
+                ", {} chunks in {}",
+                (b.len() - keel_proto::chunks::HEADER) / keel_proto::chunks::ENTRY,
+                index_path(s.image).display()
+            ))
             .unwrap_or_default(),
         out.display()
     );

@@ -74,6 +74,21 @@ fn print(s: &StatusReport) -> anyhow::Result<()> {
     if s.push_in_progress {
         out!("push         in progress");
     }
+    if let Some(t) = &s.last_transfer {
+        out!(
+            "last staged  version {} by {}{}: {} bytes received, {} reused{}",
+            t.version,
+            t.how,
+            if t.delta { " (delta)" } else { "" },
+            t.received,
+            t.reused,
+            if t.index > 0 {
+                format!(", {}-byte chunk index", t.index)
+            } else {
+                String::new()
+            }
+        );
+    }
     if let Some(p) = &s.pull {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

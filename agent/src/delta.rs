@@ -1,0 +1,388 @@
+//! A delta push: the agent takes the image's signed chunk index, finds the chunks it already
+//! holds ([`crate::seeds`]), asks for the rest, and assembles the image in order into the
+//! same pipeline a full push uses — so the whole image is hashed against the signed manifest
+//! (and its verity tree) before anything is committed, whatever its bytes' origin.
+//!
+//! [`plan`] is pure: which chunks come from where, and the need map sent to the client.
+//! [`prepare`] runs the exchange up to the need map; [`receive`] fills the pipeline.
+
+use std::sync::Arc;
+
+use keel_proto::chunks::{ChunkRef, Index, NeedMap};
+use keel_proto::manifest::SignedManifest;
+use keel_proto::message::{ErrorCode, Response};
+use keel_proto::wire::{KIND_DATA, KIND_MESSAGE};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::conn::{Conn, ReadError};
+use crate::seeds::{Seeds, Source};
+use crate::session::Outcome;
+use crate::shared::Shared;
+use crate::stage::{Chunk, Pipeline, Upload, CHUNK};
+use crate::status::Facts;
+use crate::verify::Refusal;
+
+/// Where each chunk of the new image comes from, from `start` on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The first chunk assembled (a resumed upload holds the ones before).
+    pub start: usize,
+    /// Per chunk: the seed that holds it, or `None` when the client sends it.
+    pub from: Vec<Option<Source>>,
+    /// The chunks the client sends.
+    pub need: NeedMap,
+    /// How many chunks that is.
+    pub chunks: u64,
+    /// How many bytes that is.
+    pub bytes: u64,
+    /// Bytes taken from seeds.
+    pub reused: u64,
+}
+
+/// The plan for `index` from chunk `start`, given what the seeds hold.
+pub fn plan(index: &Index, start: usize, from: Vec<Option<Source>>) -> Plan {
+    let mut need = NeedMap::new(index.chunks.len());
+    let (mut chunks, mut bytes, mut reused) = (0u64, 0u64, 0u64);
+    for (i, c) in index.chunks.iter().enumerate().skip(start) {
+        if from[i].is_some() {
+            reused += u64::from(c.len);
+        } else {
+            need.set(i);
+            chunks += 1;
+            bytes += u64::from(c.len);
+        }
+    }
+    Plan {
+        start,
+        from,
+        need,
+        chunks,
+        bytes,
+        reused,
+    }
+}
+
+/// A delta ready to receive.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The new image's chunks.
+    pub index: Arc<Index>,
+    /// Where they come from.
+    pub plan: Plan,
+    /// The files reused chunks are read from.
+    pub seeds: Arc<Seeds>,
+    /// Bytes of the index received.
+    pub index_bytes: u64,
+}
+
+/// What [`prepare`] decided.
+#[derive(Debug)]
+pub enum Prepare {
+    /// No usable index or nothing to reuse: a full push.
+    Full,
+    /// The delta, its need map not yet sent, and the upload from the chunk boundary a
+    /// resume reached.
+    Delta(Box<(Upload, Prepared)>),
+}
+
+/// The images that may hold chunks of a new one. The staged image counts only when the new
+/// one fits beside it (else staging drops it, and its blocks must not stay held open).
+fn seed_paths(sh: &Shared, size: u64) -> Vec<std::path::PathBuf> {
+    let config = &sh.config;
+    let facts = Facts::read(config);
+    let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
+    let img = config.img_dir();
+    let mut v = vec![img.join(&names.current), img.join(&names.old)];
+    let slot = crate::stage::Slot::new(config.newimg_dir(), &names.current);
+    if slot.staged().is_some() && slot.free_bytes().is_ok_and(|f| f >= size) {
+        v.push(slot.staged_path());
+    }
+    v
+}
+
+/// Admits `signed` and, when it carries a chunk index signed by a trusted key and the
+/// device holds an image to take chunks from, receives and checks the index, begins the
+/// upload at a chunk boundary and plans it. `Err`: the reply to send (a refusal).
+pub async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    sh: &Arc<Shared>,
+    signed: &SignedManifest,
+    resume: bool,
+) -> Result<Prepare, Outcome> {
+    let cref = match signed.verified_chunks(&sh.keys) {
+        Ok(Some(c)) => c.clone(),
+        Ok(None) => return Ok(Prepare::Full),
+        Err(e) => {
+            tracing::warn!("chunk index reference refused ({e}): a full push");
+            return Ok(Prepare::Full);
+        }
+    };
+    let (sh2, s2) = (sh.clone(), signed.clone());
+    let seeds = tokio::task::spawn_blocking(move || {
+        crate::intake::admitted(&sh2, &s2)?;
+        Ok::<_, Response>(Seeds::open(&seed_paths(&sh2, s2.manifest.size)))
+    })
+    .await
+    .expect("admit task")
+    .map_err(Outcome::reply)?;
+    if seeds.is_empty() {
+        return Ok(Prepare::Full);
+    }
+    if io
+        .send(&Response::SendIndex { size: cref.size })
+        .await
+        .is_err()
+    {
+        return Err(Outcome::gone("client went away before the index"));
+    }
+    let bytes = match read_index(io, &cref).await {
+        Ok(b) => b,
+        Err(ReadError::Protocol(r)) if r.code == ErrorCode::BadIndex => {
+            return Err(Outcome::reply(r.into()))
+        }
+        Err(e) => return Err(Outcome::cut(&e, io.idle, "the chunk index")),
+    };
+    let index = match Index::decode(&bytes) {
+        Ok(i) if i.image_size == signed.manifest.size => Arc::new(i),
+        Ok(i) => {
+            return Err(Outcome::reply(Response::error(
+                ErrorCode::BadIndex,
+                format!(
+                    "the chunk index describes {} bytes, the image is {}",
+                    i.image_size, signed.manifest.size
+                ),
+            )))
+        }
+        Err(e) => {
+            return Err(Outcome::reply(Response::error(
+                ErrorCode::BadIndex,
+                e.to_string(),
+            )))
+        }
+    };
+    let (sh2, s2, idx, seeds) = (sh.clone(), signed.clone(), index.clone(), Arc::new(seeds));
+    let seeds2 = seeds.clone();
+    let r = tokio::task::spawn_blocking(move || {
+        let slot = crate::intake::admitted(&sh2, &s2)?;
+        let align = |n: u64| {
+            idx.chunks
+                .get(idx.chunk_at(n))
+                .map_or(idx.image_size, |c| c.offset)
+        };
+        let upload = slot.begin(&s2, resume, &align).map_err(Response::from)?;
+        let start = idx.chunk_at(upload.offset());
+        let found = seeds2.find(&idx, start);
+        Ok::<_, Response>((upload, plan(&idx, start, found)))
+    })
+    .await
+    .expect("plan task");
+    let (upload, plan) = r.map_err(Outcome::reply)?;
+    Ok(Prepare::Delta(Box::new((
+        upload,
+        Prepared {
+            index,
+            plan,
+            seeds,
+            index_bytes: bytes.len() as u64,
+        },
+    ))))
+}
+
+/// Reads exactly `cref.size` bytes of index in data frames and the empty end frame, and
+/// checks them against the signed reference.
+async fn read_index<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    cref: &ChunkRef,
+) -> Result<Vec<u8>, ReadError> {
+    let size = usize::try_from(cref.size).expect("capped at MAX_INDEX");
+    let mut buf = vec![0u8; size];
+    let mut left = 0usize;
+    read_data(io, &mut left, &mut buf, "the chunk index").await?;
+    expect_end(io, left, "the chunk index").await?;
+    cref.check(&buf)
+        .map_err(|e| ReadError::Protocol(Refusal::new(ErrorCode::BadIndex, e.to_string())))?;
+    Ok(buf)
+}
+
+fn protocol(code: ErrorCode, msg: String) -> ReadError {
+    ReadError::Protocol(Refusal::new(code, msg))
+}
+
+/// Fills `buf` from data frames; `left` carries the bytes of the current frame not yet read.
+async fn read_data<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    left: &mut usize,
+    buf: &mut [u8],
+    what: &str,
+) -> Result<(), ReadError> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        if *left == 0 {
+            let (len, kind) = io.header().await?;
+            if kind != KIND_DATA {
+                let got = if kind == KIND_MESSAGE {
+                    "a message".to_string()
+                } else {
+                    format!("a frame of unknown kind 0x{kind:02x}")
+                };
+                return Err(protocol(
+                    ErrorCode::BadRequest,
+                    format!("expected the bytes of {what}, got {got}"),
+                ));
+            }
+            if len == 0 {
+                return Err(protocol(
+                    ErrorCode::SizeMismatch,
+                    format!("{what} ended early"),
+                ));
+            }
+            *left = len;
+        }
+        let k = (*left).min(buf.len() - filled);
+        io.read_exact(&mut buf[filled..filled + k]).await?;
+        filled += k;
+        *left -= k;
+    }
+    Ok(())
+}
+
+/// After the last byte expected: nothing left of the frame, then the empty end frame.
+async fn expect_end<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    left: usize,
+    what: &str,
+) -> Result<(), ReadError> {
+    let over = |n: usize| {
+        protocol(
+            ErrorCode::SizeMismatch,
+            format!("more bytes than {what} holds ({n} over)"),
+        )
+    };
+    if left > 0 {
+        return Err(over(left));
+    }
+    match io.header().await? {
+        (0, KIND_DATA) => Ok(()),
+        (n, KIND_DATA) => Err(over(n)),
+        _ => Err(protocol(
+            ErrorCode::BadRequest,
+            format!("expected the end of {what}, got a message"),
+        )),
+    }
+}
+
+/// The pipeline's current buffer.
+struct Out<'a> {
+    p: &'a mut Pipeline,
+    cur: Option<Chunk>,
+}
+
+impl Out<'_> {
+    async fn ensure(&mut self) -> Result<(), ReadError> {
+        if self.cur.is_none() {
+            self.cur = Some(self.p.take().await.ok_or(ReadError::WriterStopped)?);
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, n: usize) -> Result<(), ReadError> {
+        let c = self.cur.as_mut().expect("buffer");
+        c.len += n;
+        if c.len == CHUNK && !self.p.put(self.cur.take().expect("buffer")) {
+            return Err(ReadError::WriterStopped);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) {
+        if let Some(c) = self.cur.take() {
+            if c.len > 0 {
+                self.p.put(c);
+            }
+        }
+    }
+}
+
+/// Assembles the image into `p` in order: reused chunks read from their seed, the others
+/// from the client's data frames, each of those checked against its digest. Returns the
+/// bytes received, or how many arrived before the failure.
+pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    p: &mut Pipeline,
+    d: &Prepared,
+) -> Result<u64, (u64, ReadError)> {
+    let mut out = Out { p, cur: None };
+    let mut got = 0u64;
+    let r = assemble(io, &mut out, d, &mut got).await;
+    out.flush();
+    r.map(|()| got).map_err(|e| (got, e))
+}
+
+async fn assemble<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut Conn<S>,
+    out: &mut Out<'_>,
+    d: &Prepared,
+    got: &mut u64,
+) -> Result<(), ReadError> {
+    let mut left = 0usize;
+    for (i, c) in d.index.chunks.iter().enumerate().skip(d.plan.start) {
+        let len = c.len as usize;
+        let mut done = 0usize;
+        match d.plan.from[i] {
+            Some(src) => {
+                while done < len {
+                    out.ensure().await?;
+                    let mut buf = out.cur.take().expect("buffer");
+                    let k = (CHUNK - buf.len).min(len - done);
+                    let seeds = d.seeds.clone();
+                    let skip = done as u64;
+                    let (buf, r) = tokio::task::spawn_blocking(move || {
+                        let at = buf.len;
+                        let r = seeds.read_at(src, skip, &mut buf.buf[at..at + k]);
+                        (buf, r)
+                    })
+                    .await
+                    .expect("seed read task");
+                    out.cur = Some(buf);
+                    r.map_err(|e| {
+                        protocol(
+                            ErrorCode::Io,
+                            format!("read {}: {e}", d.seeds.path(src.seed).display()),
+                        )
+                    })?;
+                    out.advance(k)?;
+                    done += k;
+                }
+            }
+            None => {
+                let mut h = Sha256::new();
+                while done < len {
+                    out.ensure().await?;
+                    let buf = out.cur.as_mut().expect("buffer");
+                    let k = (CHUNK - buf.len).min(len - done);
+                    let at = buf.len;
+                    let dst = &mut buf.buf[at..at + k];
+                    read_data(io, &mut left, dst, "the chunks").await?;
+                    h.update(&*dst);
+                    *got += k as u64;
+                    out.advance(k)?;
+                    done += k;
+                }
+                let found: [u8; 32] = h.finalize().into();
+                if found != c.digest {
+                    return Err(protocol(
+                        ErrorCode::HashMismatch,
+                        format!(
+                            "chunk {i} (offset {}, {len} bytes) hashes to {}, the index says {}",
+                            c.offset,
+                            keel_proto::hex::encode(&found),
+                            keel_proto::hex::encode(&c.digest)
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    expect_end(io, left, "the chunks").await
+}
