@@ -111,21 +111,32 @@ pub async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
     resume: bool,
 ) -> Result<Prepare, Outcome> {
     let cref = match signed.verified_chunks(&sh.keys) {
-        Ok(Some(c)) => c.clone(),
-        Ok(None) => return Ok(Prepare::Full),
+        Ok(c) => c.cloned(),
         Err(e) => {
-            tracing::warn!("chunk index reference refused ({e}): a full push");
-            return Ok(Prepare::Full);
+            tracing::warn!("chunk index reference refused ({e}): no delta");
+            None
         }
     };
-    let (sh2, s2) = (sh.clone(), signed.clone());
-    let seeds = tokio::task::spawn_blocking(move || {
+    let (sh2, s2, want_seeds) = (sh.clone(), signed.clone(), cref.is_some());
+    let (same, seeds) = tokio::task::spawn_blocking(move || {
         crate::intake::admitted(&sh2, &s2)?;
-        Ok::<_, Response>(Seeds::open(&seed_paths(&sh2, s2.manifest.size)))
+        let same = same_bytes(&sh2, &s2.manifest);
+        let seeds = if same.is_none() && want_seeds {
+            Seeds::open(&seed_paths(&sh2, s2.manifest.size))
+        } else {
+            Seeds::default()
+        };
+        Ok::<_, Response>((same, seeds))
     })
     .await
     .expect("admit task")
     .map_err(Outcome::reply)?;
+    if let Some(path) = same {
+        return copy(sh, signed, resume, path).await;
+    }
+    let Some(cref) = cref else {
+        return Ok(Prepare::Full);
+    };
     if seeds.is_empty() {
         return Ok(Prepare::Full);
     }
@@ -185,6 +196,104 @@ pub async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
             plan,
             seeds,
             index_bytes: bytes.len() as u64,
+        },
+    ))))
+}
+
+/// An image the device holds whose record says it has exactly the new image's bytes (a
+/// rebuild that changed nothing, a version bump): its path.
+fn same_bytes(sh: &Shared, m: &keel_proto::manifest::Manifest) -> Option<std::path::PathBuf> {
+    let config = &sh.config;
+    let facts = Facts::read(config);
+    let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
+    let img = config.img_dir();
+    let slot = crate::stage::Slot::new(config.newimg_dir(), &names.current);
+    let staged = slot
+        .staged()
+        .map(|s| keel_proto::bootstate::ImageRecord::from_manifest(&s.manifest));
+    let st = facts.state.as_ref();
+    [
+        (st.and_then(|s| s.current.clone()), img.join(&names.current)),
+        (st.and_then(|s| s.old.clone()), img.join(&names.old)),
+        (staged, slot.staged_path()),
+    ]
+    .into_iter()
+    .find_map(|(rec, path)| {
+        let rec = rec?;
+        let len = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|md| md.file_type().is_file())?
+            .len();
+        (rec.sha256.eq_ignore_ascii_case(&m.sha256) && rec.size == m.size && len == m.size)
+            .then_some(path)
+    })
+}
+
+/// Pieces of a whole-image copy.
+const COPY_PIECE: u32 = 1 << 20;
+
+/// Stages the new image from `path`, which holds its bytes already: no index, nothing asked
+/// of the client; the copy is hashed like any other staging.
+async fn copy(
+    sh: &Arc<Shared>,
+    signed: &SignedManifest,
+    resume: bool,
+    path: std::path::PathBuf,
+) -> Result<Prepare, Outcome> {
+    let size = signed.manifest.size;
+    let mut chunks = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let len = u32::try_from((size - offset).min(u64::from(COPY_PIECE))).expect("≤ 1 MiB");
+        chunks.push(keel_proto::chunks::Chunk {
+            offset,
+            len,
+            digest: [0; 32],
+        });
+        offset += u64::from(len);
+    }
+    let index = Arc::new(Index {
+        params: keel_proto::chunks::Params::default(),
+        image_size: size,
+        chunks,
+    });
+    let seeds = Arc::new(Seeds::open(std::slice::from_ref(&path)));
+    if seeds.is_empty() {
+        return Ok(Prepare::Full);
+    }
+    tracing::info!(
+        "{} holds the bytes of version {}: staged by copy",
+        path.display(),
+        signed.manifest.version
+    );
+    let (sh2, s2, idx) = (sh.clone(), signed.clone(), index.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let slot = crate::intake::admitted(&sh2, &s2)?;
+        let align = |n: u64| n - n % u64::from(COPY_PIECE);
+        let upload = slot.begin(&s2, resume, &align).map_err(Response::from)?;
+        let start = idx.chunk_at(upload.offset());
+        let from = idx
+            .chunks
+            .iter()
+            .map(|c| {
+                Some(Source {
+                    seed: 0,
+                    offset: c.offset,
+                })
+            })
+            .collect();
+        Ok::<_, Response>((upload, plan(&idx, start, from)))
+    })
+    .await
+    .expect("plan task");
+    let (upload, plan) = r.map_err(Outcome::reply)?;
+    Ok(Prepare::Delta(Box::new((
+        upload,
+        Prepared {
+            index,
+            plan,
+            seeds,
+            index_bytes: 0,
         },
     ))))
 }

@@ -287,3 +287,57 @@ async fn without_a_source_or_an_index_the_push_is_whole() {
         Response::Send { offset: 0 }
     ));
 }
+
+#[tokio::test]
+async fn the_same_bytes_under_a_new_version_are_copied_not_sent() {
+    let d = Dev::new("delta-same", 1, 30);
+    let v1 = noise(4, (3 << 20) + 12345);
+    put_current(&d, IMAGE, &v1);
+    let img = d.root.join("img");
+    let mut st = keel_sys::state::load(&img).unwrap().unwrap();
+    st.current = Some(ImageRecord {
+        name: "demo".into(),
+        version: 1,
+        sha256: digest(&v1),
+        size: v1.len() as u64,
+    });
+    keel_sys::state::save(&img, &st, no_hook).unwrap();
+    // A rebuild that changed nothing, signed as version 2 (no chunk index needed).
+    let m = signed(&v1, 2);
+    let mut c = d.client(tcp()).await;
+    match offer_delta(&mut c, &m, false).await {
+        Response::SendChunks {
+            chunks: 0,
+            bytes: 0,
+            reused,
+            ..
+        } => assert_eq!(reused, v1.len() as u64),
+        other => panic!("{other:?}"),
+    }
+    c.end().await;
+    match c.recv().await {
+        Response::Staged {
+            received: 0,
+            reused,
+            image,
+            ..
+        } => {
+            assert_eq!(reused, v1.len() as u64);
+            assert_eq!(image.version, 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(d.slot().0.unwrap(), v1);
+    // A record that lies about the file (same digest, other bytes) is caught by the hash.
+    fs::write(img.join(IMAGE), noise(5, v1.len())).unwrap();
+    let m3 = signed(&v1, 3);
+    match offer_delta(&mut c, &m3, false).await {
+        // The current image's record matches first, and its file holds other bytes.
+        Response::SendChunks { chunks: 0, .. } => {}
+        other => panic!("{other:?}"),
+    }
+    c.end().await;
+    let (code, _) = code(c.recv().await);
+    assert_eq!(code, ErrorCode::HashMismatch);
+    assert_eq!(d.slot().0.unwrap(), v1, "the staged v2 is untouched");
+}

@@ -207,4 +207,4 @@ impl Client {
     }
 }
 
-pub use crate::push::{is_cut, push};
+pub use crate::push::{is_cut, push, Offer};

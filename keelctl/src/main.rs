@@ -94,6 +94,9 @@ enum Cmd {
         /// Do not write the chunk index (IMAGE.chunks) that delta pushes and pulls use.
         #[arg(long)]
         no_chunks: bool,
+        /// Chunk sizes of the index: MIN:AVG:MAX or AVG (bytes, K or M; AVG a power of two).
+        #[arg(long, default_value = "8K:16K:64K", value_parser = cmd::sign::parse_chunk_size)]
+        chunk_size: keel_proto::chunks::Params,
     },
     /// Checks a manifest's signature and, with the image, its size and digest.
     Verify {
@@ -413,6 +416,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             out,
             verity,
             no_chunks,
+            chunk_size,
         } => cmd::sign::run(&cmd::sign::Sign {
             image,
             key,
@@ -422,7 +426,7 @@ fn run(a: Args) -> anyhow::Result<()> {
             created: *created,
             out,
             verity: *verity,
-            chunks: !*no_chunks,
+            chunks: (!*no_chunks).then_some(*chunk_size),
         }),
         Cmd::Verify {
             image,

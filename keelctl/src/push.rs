@@ -16,6 +16,33 @@ use keel_proto::message::{data_header, ErrorCode, Request, Response};
 use crate::client::{Client, Dial, DATA_FRAME};
 use crate::error::{Error, Result};
 
+/// How to offer an image.
+#[derive(Debug, Clone, Copy)]
+pub struct Offer<'a> {
+    /// Ask for a delta: the agent may reuse what it holds (and, with `index`, ask for the
+    /// index and the chunks it lacks).
+    pub delta: bool,
+    /// The manifest's chunk index file (`IMAGE.chunks`).
+    pub index: Option<&'a Path>,
+}
+
+impl Offer<'_> {
+    /// The whole image, nothing reused.
+    pub const FULL: Offer<'static> = Offer {
+        delta: false,
+        index: None,
+    };
+
+    /// A delta where the manifest allows it: with the index if there is one; without it only
+    /// when the manifest names none (an agent would ask for it).
+    pub fn delta<'a>(signed: &SignedManifest, index: Option<&'a Path>) -> Offer<'a> {
+        Offer {
+            delta: index.is_some() || signed.chunks.is_none(),
+            index,
+        }
+    }
+}
+
 /// What a push achieved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushed {
@@ -109,17 +136,16 @@ impl Client {
         signed: &SignedManifest,
         image: &Path,
         resume: bool,
-        index: Option<&Path>,
+        offer: Offer<'_>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Pushed> {
         let size = signed.manifest.size;
         let mut f = File::open(image).map_err(io_err("open image", image))?;
         let mut buf = vec![0u8; DATA_FRAME];
-        let delta = index.is_some() && signed.chunks.is_some();
         let reply = self.call(&Request::Push {
             manifest: signed.clone(),
             resume,
-            delta,
+            delta: offer.delta,
         })?;
         let (sent, reused) = match reply {
             Response::Send { offset } => {
@@ -131,8 +157,16 @@ impl Client {
                 })?;
                 (size - offset, None)
             }
+            // The agent holds the image's bytes already: nothing to send.
+            Response::SendChunks {
+                chunks: 0, reused, ..
+            } => (0, Some(reused)),
             Response::SendIndex { size: isize } => {
-                let path = index.expect("delta offered only with an index");
+                let Some(path) = offer.index else {
+                    return Err(
+                        self.protocol("the agent asks for a chunk index, and none was offered")
+                    );
+                };
                 let bytes = std::fs::read(path).map_err(io_err("read chunk index", path))?;
                 if bytes.len() as u64 != isize {
                     return Err(Error::Input {
@@ -222,20 +256,20 @@ fn delta_refused(e: &Error) -> bool {
 }
 
 /// Pushes with resume: a cut connection is reopened (up to `retries` times, each connect
-/// retried for `wait`) and the upload continues from what the agent has on disk. With
-/// `index`, a delta is offered; one the agent refuses is sent again in full.
+/// retried for `wait`) and the upload continues from what the agent has on disk. A delta the
+/// agent refuses (a chunk, the index, the assembled image) is sent again in full.
 pub fn push(
     ep: &Endpoint,
     dial: &Dial,
     signed: &SignedManifest,
     image: &Path,
-    index: Option<&Path>,
+    offer: Offer<'_>,
     retries: u32,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Pushed> {
     let mut attempts = 0;
     let mut sent = 0u64;
-    let mut index = index;
+    let mut offer = offer;
     loop {
         attempts += 1;
         let mut last = 0u64;
@@ -246,7 +280,7 @@ pub fn push(
             progress(done, total);
         };
         let r = Client::connect(ep, dial)
-            .and_then(|mut c| c.push_once(signed, image, true, index, &mut track));
+            .and_then(|mut c| c.push_once(signed, image, true, offer, &mut track));
         sent += last;
         match r {
             Ok(Pushed::Staged {
@@ -264,9 +298,9 @@ pub fn push(
                 })
             }
             Ok(up) => return Ok(up),
-            Err(e) if index.is_some() && delta_refused(&e) => {
+            Err(e) if offer.delta && delta_refused(&e) => {
                 tracing::warn!("delta push to {ep} refused: {e}; sending the whole image");
-                index = None;
+                offer = Offer::FULL;
             }
             Err(e) if is_cut(&e) && attempts <= retries => {
                 tracing::warn!("push to {ep}: {e}; resuming (attempt {})", attempts + 1);

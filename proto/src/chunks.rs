@@ -6,7 +6,7 @@
 //! hash are all zero — `log2(avg) + 2` of them before `avg` bytes, `log2(avg) - 2` after —
 //! or at `max`. The hash's top bit depends on the last 64 bytes only, so cuts realign within
 //! a few bytes after an insertion or a removal, and unchanged regions chunk the same in both
-//! images. Defaults are casync's 16/64/256 KiB.
+//! images. Defaults 8/16/64 KiB (casync's are 16/64/256).
 //!
 //! **The index** is binary: a 32-byte header (`KEELCIX1`, `min`, `avg`, `max` as u32 BE, 4
 //! zero bytes, the image size as u64 BE), then one 36-byte entry per chunk in image order:
@@ -25,13 +25,14 @@ use crate::hex;
 use crate::manifest::{Manifest, ManifestError, SignedManifest};
 
 /// Smallest chunk (but the last) by default.
-pub const DEFAULT_MIN: u32 = 16 << 10;
-/// Average chunk by default.
-pub const DEFAULT_AVG: u32 = 64 << 10;
+pub const DEFAULT_MIN: u32 = 8 << 10;
+/// Average chunk by default (on squashfs roots, 16 KiB moved fewer bytes, index included,
+/// than 32 or 64 KiB: `make bench`).
+pub const DEFAULT_AVG: u32 = 16 << 10;
 /// Largest chunk by default.
-pub const DEFAULT_MAX: u32 = 256 << 10;
-/// The largest index a device takes (about 230,000 chunks: a 14 GiB image at the default
-/// average, 3.5 GiB of minimal chunks).
+pub const DEFAULT_MAX: u32 = 64 << 10;
+/// The largest index a device takes: about 233,000 chunks, a 3.6 GiB image at the default
+/// average (larger images take a larger `--chunk-size`).
 pub const MAX_INDEX: u64 = 8 << 20;
 /// Bytes of the index header.
 pub const HEADER: usize = 32;

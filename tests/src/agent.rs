@@ -67,7 +67,15 @@ impl Agent {
         img: &Path,
         m: &SignedManifest,
     ) -> Result<Pushed, ClientError> {
-        client::push(ep, &self.dial(), m, img, None, 0, &mut |_, _| {})
+        client::push(
+            ep,
+            &self.dial(),
+            m,
+            img,
+            client::Offer::FULL,
+            0,
+            &mut |_, _| {},
+        )
     }
 
     /// Opens a TCP connection and asks to push `m`: the connection and the agent's answer.

@@ -145,5 +145,17 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
         );
         assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
         assert!(a.log().contains("bad-index"), "{}", a.log());
+
+        // The same bytes again as version 4 (a rebuild that changed nothing): the agent
+        // copies the staged v3, nothing is sent.
+        sign(&v3, &key, 4);
+        let r = push_json(&ep, &v3);
+        assert_eq!(r["staged"], 4);
+        assert_eq!(r["sent"], 0, "{r}");
+        assert_eq!(
+            r["reused"].as_u64().unwrap(),
+            fs::metadata(&v3).unwrap().len()
+        );
+        assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
     });
 }

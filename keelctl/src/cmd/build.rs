@@ -207,7 +207,7 @@ pub fn run(b: &Build<'_>) -> anyhow::Result<()> {
             out: &None,
             verity: b.verity,
             // Root images are what devices update by delta; an initramfs is not pushed.
-            chunks: format.is_some(),
+            chunks: format.is_some().then(keel_proto::chunks::Params::default),
         })?;
     }
     let (size, sha256) = hash_file(b.out)?;

@@ -28,17 +28,16 @@ pub struct Opts<'a> {
 pub fn run(ep: &Endpoint, dial: &Dial, o: &Opts<'_>) -> anyhow::Result<()> {
     let signed = read_manifest(&manifest_path(o.image, o.manifest))?;
     let index = super::sign::index_path(o.image);
-    let index = (o.delta && signed.chunks.is_some() && index.is_file()).then_some(index);
+    let index = (signed.chunks.is_some() && index.is_file()).then_some(index);
+    let offer = if o.delta {
+        client::Offer::delta(&signed, index.as_deref())
+    } else {
+        client::Offer::FULL
+    };
     let mut bar = Progress::new(signed.manifest.version);
-    let r = client::push(
-        ep,
-        dial,
-        &signed,
-        o.image,
-        index.as_deref(),
-        o.retries,
-        &mut |d, t| bar.update(d, t),
-    );
+    let r = client::push(ep, dial, &signed, o.image, offer, o.retries, &mut |d, t| {
+        bar.update(d, t)
+    });
     bar.end();
     let size = signed.manifest.size;
     match r? {

@@ -37,8 +37,43 @@ pub struct Sign<'a> {
     pub out: &'a Option<PathBuf>,
     /// Append (or refresh) a dm-verity tree and sign its root hash (manifest format 2).
     pub verity: bool,
-    /// Write the chunk index (IMAGE.chunks) and sign it into the manifest, for deltas.
-    pub chunks: bool,
+    /// Write the chunk index (IMAGE.chunks) with these chunk sizes and sign it into the
+    /// manifest, for deltas (`None`: no index).
+    pub chunks: Option<Params>,
+}
+
+/// Parses `MIN:AVG:MAX` or `AVG` (then MIN = AVG/4, MAX = AVG×4, as casync does), in bytes
+/// with an optional K or M suffix.
+pub fn parse_chunk_size(s: &str) -> Result<Params, String> {
+    fn bytes(s: &str) -> Result<u32, String> {
+        let (n, mul) = match s.as_bytes().last() {
+            Some(b'K' | b'k') => (&s[..s.len() - 1], 1u32 << 10),
+            Some(b'M' | b'm') => (&s[..s.len() - 1], 1u32 << 20),
+            _ => (s, 1),
+        };
+        n.parse::<u32>()
+            .ok()
+            .and_then(|n| n.checked_mul(mul))
+            .ok_or_else(|| format!("{s:?} is not a size (bytes, or a number with K or M)"))
+    }
+    let p = match s.split(':').collect::<Vec<_>>()[..] {
+        [avg] => {
+            let avg = bytes(avg)?;
+            Params {
+                min: avg / 4,
+                avg,
+                max: avg.saturating_mul(4),
+            }
+        }
+        [min, avg, max] => Params {
+            min: bytes(min)?,
+            avg: bytes(avg)?,
+            max: bytes(max)?,
+        },
+        _ => return Err(format!("{s:?} is not MIN:AVG:MAX or AVG")),
+    };
+    p.validate().map_err(|e| e.to_string())?;
+    Ok(p)
 }
 
 /// Where the chunk index of `image` is kept: `IMAGE.chunks`.
@@ -50,14 +85,20 @@ pub fn index_path(image: &Path) -> PathBuf {
 
 /// Chunks `image` and writes its index to `IMAGE.chunks` (temporary file, rename): the
 /// index's bytes.
-pub fn write_index(image: &Path) -> anyhow::Result<Vec<u8>> {
+pub fn write_index(image: &Path, params: Params) -> anyhow::Result<Vec<u8>> {
     let f = File::open(image).with_context(|| format!("open {}", image.display()))?;
-    let idx = Index::build(
-        &mut std::io::BufReader::with_capacity(1 << 20, f),
-        Params::default(),
-    )
-    .with_context(|| format!("chunk {}", image.display()))?;
+    let idx = Index::build(&mut std::io::BufReader::with_capacity(1 << 20, f), params)
+        .with_context(|| format!("chunk {}", image.display()))?;
     let bytes = idx.encode();
+    if bytes.len() as u64 > keel_proto::chunks::MAX_INDEX {
+        bail!(
+            "the chunk index of {} would be {} bytes, over the {} a device takes: sign with a larger --chunk-size (average {} now), or --no-chunks",
+            image.display(),
+            bytes.len(),
+            keel_proto::chunks::MAX_INDEX,
+            params.avg
+        );
+    }
     let out = index_path(image);
     let mut tmp = out.as_os_str().to_owned();
     tmp.push(".tmp");
@@ -98,10 +139,9 @@ pub fn run(s: &Sign<'_>) -> anyhow::Result<()> {
         verity,
     };
     m.validate()?;
-    let index = if s.chunks {
-        Some(write_index(s.image)?)
-    } else {
-        None
+    let index = match s.chunks {
+        Some(p) => Some(write_index(s.image, p)?),
+        None => None,
     };
     let mut signed = m.clone().sign(&sk);
     signed.chunks = index.as_ref().map(|b| ChunkRef::sign(&m, b, &sk));
@@ -198,4 +238,22 @@ pub fn append_tree(image: &Path) -> anyhow::Result<VerityInfo> {
         salt: hex::encode(&salt),
         root_hash: hex::encode(&root),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size("8K:16K:64K").unwrap(), Params::default());
+        let p = parse_chunk_size("8K:32K:128K").unwrap();
+        assert_eq!((p.min, p.avg, p.max), (8 << 10, 32 << 10, 128 << 10));
+        assert!(parse_chunk_size("48K")
+            .unwrap_err()
+            .contains("power of two"));
+        assert!(parse_chunk_size("1K").is_err());
+        assert!(parse_chunk_size("x").unwrap_err().contains("not a size"));
+        assert!(parse_chunk_size("1:2").unwrap_err().contains("MIN:AVG:MAX"));
+    }
 }
