@@ -5,7 +5,7 @@ CARGO   ?= cargo
 TARGET  := x86_64-unknown-linux-gnu
 STATIC  := target/$(TARGET)/release
 # Debian packages the build and the tests use, by name.
-APT_PKGS := cryptsetup-bin libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx curl umoci skopeo docker-registry apache2-utils debootstrap
+APT_PKGS := casync cryptsetup-bin libblkid-dev squashfs-tools erofs-utils e2fsprogs fdisk util-linux cpio kmod openssl systemd bc busybox-static xz-utils zstd gzip gcc libc6-dev dropbear-bin nginx curl umoci skopeo docker-registry apache2-utils debootstrap
 FEATURES := --features initstage/failpoints
 
 .PHONY: test check demo deps lint build static sizes units fuzz bench vm-bins vm demo-local bench-smoke vsock-device garage clean

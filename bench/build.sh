@@ -13,7 +13,6 @@ set -euo pipefail
 RUNS=${1:-3}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 KEELCTL=${KEEL_BIN:-$ROOT/target/x86_64-unknown-linux-gnu/release}/keelctl
-CACHE=$ROOT/target/bench-build
 W=$(mktemp -d /var/tmp/keel-build-bench.XXXXXX)
 REG=
 cleanup() {
@@ -23,15 +22,7 @@ cleanup() {
 trap cleanup EXIT
 
 # The Debian root, once.
-if [ ! -e "$CACHE/debroot/.complete" ]; then
-  rm -rf "$CACHE/debroot"
-  mkdir -p "$CACHE"
-  debootstrap --variant=minbase bookworm "$CACHE/debroot" http://deb.debian.org/debian > "$CACHE/debootstrap.log" 2>&1 \
-    || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
-  rm -rf "$CACHE/debroot/var/cache/apt/archives/"*.deb
-  touch "$CACHE/debroot/.complete"
-fi
-D=$CACHE/debroot
+. "$ROOT/bench/debroot.sh"
 
 # Four layers, by umoci (gzip).
 cd "$W"

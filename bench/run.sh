@@ -4,7 +4,8 @@
 #   BENCH_RUNS (default 5)   runs per measurement (medians, min–max shown)
 #   BENCH_MB   (default 1024) image size for the staging benchmark
 #   BENCH_SMOKE=1            one short iteration of each (CI), results not kept
-# One benchmark alone: bench/stage.sh MB RUNS, bench/pull.sh MB RUNS, bench/build.sh RUNS, or
+# One benchmark alone: bench/stage.sh MB RUNS, bench/pull.sh MB RUNS, bench/delta.sh RUNS,
+# bench/build.sh RUNS, or
 # target/debug/keel-vm-bench RUNS [boot|initramfs|roundtrip|exec|verity|microvm].
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,10 @@ size() { stat -c %s "$1"; }
     bench/pull.sh 64 "$RUNS" | grep 'RSS'
     echo
   fi
+  echo "## Delta updates"
+  echo
+  bench/delta.sh "$RUNS"
+  echo
   echo "## Build from a container image"
   echo
   bench/build.sh "$RUNS"

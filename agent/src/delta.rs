@@ -86,14 +86,22 @@ pub enum Prepare {
     Delta(Box<(Upload, Prepared)>),
 }
 
+/// The current and old images on `img`: what [`crate::seeds::warm`] chunks after start.
+pub fn held_images(sh: &Shared) -> Vec<std::path::PathBuf> {
+    let config = &sh.config;
+    let facts = Facts::read(config);
+    let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
+    let img = config.img_dir();
+    vec![img.join(&names.current), img.join(&names.old)]
+}
+
 /// The images that may hold chunks of a new one. The staged image counts only when the new
 /// one fits beside it (else staging drops it, and its blocks must not stay held open).
 fn seed_paths(sh: &Shared, size: u64) -> Vec<std::path::PathBuf> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
-    let img = config.img_dir();
-    let mut v = vec![img.join(&names.current), img.join(&names.old)];
+    let mut v = held_images(sh);
     let slot = crate::stage::Slot::new(config.newimg_dir(), &names.current);
     if slot.staged().is_some() && slot.free_bytes().is_ok_and(|f| f >= size) {
         v.push(slot.staged_path());
@@ -183,7 +191,7 @@ pub async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
         };
         let upload = slot.begin(&s2, resume, &align).map_err(Response::from)?;
         let start = idx.chunk_at(upload.offset());
-        let found = seeds2.find(&idx, start);
+        let found = seeds2.find(&idx, start, &sh2.seeds);
         Ok::<_, Response>((upload, plan(&idx, start, found)))
     })
     .await
@@ -435,34 +443,28 @@ async fn assemble<S: AsyncRead + AsyncWrite + Unpin>(
     got: &mut u64,
 ) -> Result<(), ReadError> {
     let mut left = 0usize;
-    for (i, c) in d.index.chunks.iter().enumerate().skip(d.plan.start) {
+    let chunks = &d.index.chunks;
+    let mut i = d.plan.start;
+    while i < chunks.len() {
+        let c = &chunks[i];
         let len = c.len as usize;
         let mut done = 0usize;
         match d.plan.from[i] {
             Some(src) => {
-                while done < len {
-                    out.ensure().await?;
-                    let mut buf = out.cur.take().expect("buffer");
-                    let k = (CHUNK - buf.len).min(len - done);
-                    let seeds = d.seeds.clone();
-                    let skip = done as u64;
-                    let (buf, r) = tokio::task::spawn_blocking(move || {
-                        let at = buf.len;
-                        let r = seeds.read_at(src, skip, &mut buf.buf[at..at + k]);
-                        (buf, r)
-                    })
-                    .await
-                    .expect("seed read task");
-                    out.cur = Some(buf);
-                    r.map_err(|e| {
-                        protocol(
-                            ErrorCode::Io,
-                            format!("read {}: {e}", d.seeds.path(src.seed).display()),
-                        )
-                    })?;
-                    out.advance(k)?;
-                    done += k;
+                // The run of reused chunks that lie one after the other in the same seed:
+                // read as one.
+                let mut run = u64::from(c.len);
+                let mut next = i + 1;
+                while let (Some(n), Some(Some(s))) = (chunks.get(next), d.plan.from.get(next)) {
+                    if s.seed != src.seed || s.offset != src.offset + run {
+                        break;
+                    }
+                    run += u64::from(n.len);
+                    next += 1;
                 }
+                copy_run(out, d, src, run).await?;
+                i = next;
+                continue;
             }
             None => {
                 let mut h = Sha256::new();
@@ -492,6 +494,37 @@ async fn assemble<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
         }
+        i += 1;
     }
     expect_end(io, left, "the chunks").await
+}
+
+/// Copies `len` bytes of a seed from `src` into the pipeline, a buffer's room at a time, off
+/// the runtime thread.
+async fn copy_run(out: &mut Out<'_>, d: &Prepared, src: Source, len: u64) -> Result<(), ReadError> {
+    let mut done = 0u64;
+    while done < len {
+        out.ensure().await?;
+        let mut buf = out.cur.take().expect("buffer");
+        let k = usize::try_from(len - done).map_or(CHUNK - buf.len, |l| l.min(CHUNK - buf.len));
+        let seeds = d.seeds.clone();
+        let skip = done;
+        let (buf, r) = tokio::task::spawn_blocking(move || {
+            let at = buf.len;
+            let r = seeds.read_at(src, skip, &mut buf.buf[at..at + k]);
+            (buf, r)
+        })
+        .await
+        .expect("seed read task");
+        out.cur = Some(buf);
+        r.map_err(|e| {
+            protocol(
+                ErrorCode::Io,
+                format!("read {}: {e}", d.seeds.path(src.seed).display()),
+            )
+        })?;
+        out.advance(k)?;
+        done += k as u64;
+    }
+    Ok(())
 }

@@ -86,6 +86,12 @@ pub async fn run(
     for l in listeners {
         tasks.push(tokio::spawn(accept_loop(l, shared.clone(), gate.clone())));
     }
+    // Chunk the images the device holds once, in the background: a delta then finds them
+    // ready. A delta that comes first chunks them itself (the cache is shared).
+    let warm = shared.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::seeds::warm(&crate::delta::held_images(&warm), &warm.seeds)
+    });
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Listen {
             addr: "SIGTERM".into(),

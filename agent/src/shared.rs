@@ -33,6 +33,8 @@ pub struct Shared {
     pub pull: std::sync::Mutex<Option<keel_proto::message::PullStatus>>,
     /// Wakes the pull loop for a poll now (`pull-now`).
     pub pull_now: tokio::sync::Notify,
+    /// The chunks of the images the device holds, found so far (deltas).
+    pub seeds: crate::seeds::SeedCache,
     /// How the last image staged since start came (push or pull, delta or full).
     pub last_transfer: std::sync::Mutex<Option<keel_proto::message::Transfer>>,
 }
@@ -53,6 +55,7 @@ impl Shared {
             identity: None,
             pull: std::sync::Mutex::new(None),
             pull_now: tokio::sync::Notify::new(),
+            seeds: crate::seeds::SeedCache::default(),
             last_transfer: std::sync::Mutex::new(None),
         }
     }

@@ -58,6 +58,8 @@ pub enum Pushed {
         reused: u64,
         /// Whether the staging connection sent only missing chunks.
         delta: bool,
+        /// Bytes of chunk index the staging connection sent.
+        index: u64,
     },
     /// The agent had it already.
     UpToDate(String),
@@ -147,7 +149,7 @@ impl Client {
             resume,
             delta: offer.delta,
         })?;
-        let (sent, reused) = match reply {
+        let (sent, reused, index) = match reply {
             Response::Send { offset } => {
                 let mut done = offset;
                 progress(done, size);
@@ -155,12 +157,12 @@ impl Client {
                     done += n;
                     progress(done, size);
                 })?;
-                (size - offset, None)
+                (size - offset, None, 0)
             }
             // The agent holds the image's bytes already: nothing to send.
             Response::SendChunks {
                 chunks: 0, reused, ..
-            } => (0, Some(reused)),
+            } => (0, Some(reused), 0),
             Response::SendIndex { size: isize } => {
                 let Some(path) = offer.index else {
                     return Err(
@@ -205,7 +207,7 @@ impl Client {
                         progress(done, total);
                     })?;
                 }
-                (done, Some(reused))
+                (done, Some(reused), isize)
             }
             Response::UpToDate { message } => return Ok(Pushed::UpToDate(message)),
             other => return Err(self.unexpected_reply(&other)),
@@ -218,6 +220,7 @@ impl Client {
                 attempts: 1,
                 reused: reused.unwrap_or(0),
                 delta: reused.is_some(),
+                index,
             }),
             other => Err(self.unexpected_reply(&other)),
         }
@@ -287,6 +290,7 @@ pub fn push(
                 version,
                 reused,
                 delta,
+                index,
                 ..
             }) => {
                 return Ok(Pushed::Staged {
@@ -295,6 +299,7 @@ pub fn push(
                     attempts,
                     reused,
                     delta,
+                    index,
                 })
             }
             Ok(up) => return Ok(up),

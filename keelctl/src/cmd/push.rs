@@ -47,11 +47,12 @@ pub fn run(ep: &Endpoint, dial: &Dial, o: &Opts<'_>) -> anyhow::Result<()> {
             attempts,
             reused,
             delta,
+            index,
         } if o.json => out!(
             "{}",
             serde_json::json!({
                 "staged": version, "endpoint": ep.to_string(), "size": size, "sent": sent,
-                "reused": reused, "delta": delta, "attempts": attempts,
+                "reused": reused, "delta": delta, "index": index, "attempts": attempts,
             })
         ),
         Pushed::Staged {
@@ -60,11 +61,12 @@ pub fn run(ep: &Endpoint, dial: &Dial, o: &Opts<'_>) -> anyhow::Result<()> {
             attempts,
             reused,
             delta,
+            index,
         } => {
             let how = if delta {
                 format!(
-                    "delta: {sent} bytes sent, {reused} reused from images on the device ({:.1}% of {size} sent)",
-                    percent(sent, size)
+                    "delta: {sent} bytes sent and a {index}-byte index, {reused} reused from images on the device ({:.1}% of {size} sent)",
+                    percent(sent + index, size)
                 )
             } else {
                 format!("{sent} bytes sent")
