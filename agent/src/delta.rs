@@ -1,25 +1,26 @@
-//! A delta push: the agent takes the image's signed chunk index, finds the chunks it already
-//! holds ([`crate::seeds`]), asks for the rest, and assembles the image in order into the
-//! same pipeline a full push uses — so the whole image is hashed against the signed manifest
-//! (and its verity tree) before anything is committed, whatever its bytes' origin.
+//! Deltas: a new image assembled from the chunks the device already holds
+//! ([`crate::seeds`]) and the ones it lacks, in order, into the same pipeline a full
+//! transfer uses — so the whole image is hashed against the signed manifest (and its verity
+//! tree) before anything is committed, whatever its bytes' origin. Push
+//! ([`crate::delta_push`]) and pull ([`crate::delta_pull`]) differ only in where the missing
+//! chunks come from ([`ChunkSource`]).
 //!
-//! [`plan`] is pure: which chunks come from where, and the need map sent to the client.
-//! [`prepare`] runs the exchange up to the need map; [`receive`] fills the pipeline.
+//! [`plan`] is pure: which chunks come from where. [`look`] finds what the device holds,
+//! [`begin`] starts the upload at a chunk boundary and plans it, [`receive`] fills the
+//! pipeline.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use keel_proto::chunks::{ChunkRef, Index, NeedMap};
-use keel_proto::manifest::SignedManifest;
+use keel_proto::chunks::{Chunk as IndexChunk, ChunkRef, Index, NeedMap, Params};
+use keel_proto::manifest::{Manifest, SignedManifest};
 use keel_proto::message::{ErrorCode, Response};
-use keel_proto::wire::{KIND_DATA, KIND_MESSAGE};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::conn::{Conn, ReadError};
+use crate::conn::ReadError;
 use crate::seeds::{Seeds, Source};
-use crate::session::Outcome;
 use crate::shared::Shared;
-use crate::stage::{Chunk, Pipeline, Upload, CHUNK};
+use crate::stage::{Chunk, Pipeline, Slot, Upload, CHUNK};
 use crate::status::Facts;
 use crate::verify::Refusal;
 
@@ -28,9 +29,9 @@ use crate::verify::Refusal;
 pub struct Plan {
     /// The first chunk assembled (a resumed upload holds the ones before).
     pub start: usize,
-    /// Per chunk: the seed that holds it, or `None` when the client sends it.
+    /// Per chunk: the seed that holds it, or `None` when it must be fetched.
     pub from: Vec<Option<Source>>,
-    /// The chunks the client sends.
+    /// The chunks to fetch.
     pub need: NeedMap,
     /// How many chunks that is.
     pub chunks: u64,
@@ -76,18 +77,28 @@ pub struct Prepared {
     pub index_bytes: u64,
 }
 
-/// What [`prepare`] decided.
+/// What a delta's preparation decided.
 #[derive(Debug)]
 pub enum Prepare {
-    /// No usable index or nothing to reuse: a full push.
+    /// No usable index or nothing to reuse: a full transfer.
     Full,
-    /// The delta, its need map not yet sent, and the upload from the chunk boundary a
-    /// resume reached.
+    /// The delta, and the upload from the chunk boundary a resume reached.
     Delta(Box<(Upload, Prepared)>),
 }
 
+/// What the device holds for a new image, found before any byte of it moves.
+#[derive(Debug)]
+pub enum Held {
+    /// A file with exactly the new image's bytes (by its record): staged by copy.
+    Same(PathBuf),
+    /// Images to take chunks from, and the new image's verified chunk index reference.
+    Seeds(Seeds, ChunkRef),
+    /// Nothing to reuse, or no index to reuse it by: a full transfer.
+    Nothing,
+}
+
 /// The current and old images on `img`: what [`crate::seeds::warm`] chunks after start.
-pub fn held_images(sh: &Shared) -> Vec<std::path::PathBuf> {
+pub fn held_images(sh: &Shared) -> Vec<PathBuf> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
@@ -97,125 +108,26 @@ pub fn held_images(sh: &Shared) -> Vec<std::path::PathBuf> {
 
 /// The images that may hold chunks of a new one. The staged image counts only when the new
 /// one fits beside it (else staging drops it, and its blocks must not stay held open).
-fn seed_paths(sh: &Shared, size: u64) -> Vec<std::path::PathBuf> {
+fn seed_paths(sh: &Shared, size: u64) -> Vec<PathBuf> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
     let mut v = held_images(sh);
-    let slot = crate::stage::Slot::new(config.newimg_dir(), &names.current);
+    let slot = Slot::new(config.newimg_dir(), &names.current);
     if slot.staged().is_some() && slot.free_bytes().is_ok_and(|f| f >= size) {
         v.push(slot.staged_path());
     }
     v
 }
 
-/// Admits `signed` and, when it carries a chunk index signed by a trusted key and the
-/// device holds an image to take chunks from, receives and checks the index, begins the
-/// upload at a chunk boundary and plans it. `Err`: the reply to send (a refusal).
-pub async fn prepare<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
-    sh: &Arc<Shared>,
-    signed: &SignedManifest,
-    resume: bool,
-) -> Result<Prepare, Outcome> {
-    let cref = match signed.verified_chunks(&sh.keys) {
-        Ok(c) => c.cloned(),
-        Err(e) => {
-            tracing::warn!("chunk index reference refused ({e}): no delta");
-            None
-        }
-    };
-    let (sh2, s2, want_seeds) = (sh.clone(), signed.clone(), cref.is_some());
-    let (same, seeds) = tokio::task::spawn_blocking(move || {
-        crate::intake::admitted(&sh2, &s2)?;
-        let same = same_bytes(&sh2, &s2.manifest);
-        let seeds = if same.is_none() && want_seeds {
-            Seeds::open(&seed_paths(&sh2, s2.manifest.size))
-        } else {
-            Seeds::default()
-        };
-        Ok::<_, Response>((same, seeds))
-    })
-    .await
-    .expect("admit task")
-    .map_err(Outcome::reply)?;
-    if let Some(path) = same {
-        return copy(sh, signed, resume, path).await;
-    }
-    let Some(cref) = cref else {
-        return Ok(Prepare::Full);
-    };
-    if seeds.is_empty() {
-        return Ok(Prepare::Full);
-    }
-    if io
-        .send(&Response::SendIndex { size: cref.size })
-        .await
-        .is_err()
-    {
-        return Err(Outcome::gone("client went away before the index"));
-    }
-    let bytes = match read_index(io, &cref).await {
-        Ok(b) => b,
-        Err(ReadError::Protocol(r)) if r.code == ErrorCode::BadIndex => {
-            return Err(Outcome::reply(r.into()))
-        }
-        Err(e) => return Err(Outcome::cut(&e, io.idle, "the chunk index")),
-    };
-    let index = match Index::decode(&bytes) {
-        Ok(i) if i.image_size == signed.manifest.size => Arc::new(i),
-        Ok(i) => {
-            return Err(Outcome::reply(Response::error(
-                ErrorCode::BadIndex,
-                format!(
-                    "the chunk index describes {} bytes, the image is {}",
-                    i.image_size, signed.manifest.size
-                ),
-            )))
-        }
-        Err(e) => {
-            return Err(Outcome::reply(Response::error(
-                ErrorCode::BadIndex,
-                e.to_string(),
-            )))
-        }
-    };
-    let (sh2, s2, idx, seeds) = (sh.clone(), signed.clone(), index.clone(), Arc::new(seeds));
-    let seeds2 = seeds.clone();
-    let r = tokio::task::spawn_blocking(move || {
-        let slot = crate::intake::admitted(&sh2, &s2)?;
-        let align = |n: u64| {
-            idx.chunks
-                .get(idx.chunk_at(n))
-                .map_or(idx.image_size, |c| c.offset)
-        };
-        let upload = slot.begin(&s2, resume, &align).map_err(Response::from)?;
-        let start = idx.chunk_at(upload.offset());
-        let found = seeds2.find(&idx, start, &sh2.seeds);
-        Ok::<_, Response>((upload, plan(&idx, start, found)))
-    })
-    .await
-    .expect("plan task");
-    let (upload, plan) = r.map_err(Outcome::reply)?;
-    Ok(Prepare::Delta(Box::new((
-        upload,
-        Prepared {
-            index,
-            plan,
-            seeds,
-            index_bytes: bytes.len() as u64,
-        },
-    ))))
-}
-
 /// An image the device holds whose record says it has exactly the new image's bytes (a
 /// rebuild that changed nothing, a version bump): its path.
-fn same_bytes(sh: &Shared, m: &keel_proto::manifest::Manifest) -> Option<std::path::PathBuf> {
+fn same_bytes(sh: &Shared, m: &Manifest) -> Option<PathBuf> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
     let img = config.img_dir();
-    let slot = crate::stage::Slot::new(config.newimg_dir(), &names.current);
+    let slot = Slot::new(config.newimg_dir(), &names.current);
     let staged = slot
         .staged()
         .map(|s| keel_proto::bootstate::ImageRecord::from_manifest(&s.manifest));
@@ -237,23 +149,119 @@ fn same_bytes(sh: &Shared, m: &keel_proto::manifest::Manifest) -> Option<std::pa
     })
 }
 
+/// Admits `signed` (the refusal, or up to date, is the error) and finds what the device
+/// holds for it. A chunk reference that does not verify is ignored (a full transfer).
+/// Blocking.
+pub fn look(sh: &Shared, signed: &SignedManifest) -> Result<Held, Response> {
+    crate::intake::admitted(sh, signed)?;
+    if let Some(p) = same_bytes(sh, &signed.manifest) {
+        return Ok(Held::Same(p));
+    }
+    let cref = match signed.verified_chunks(&sh.keys) {
+        Ok(Some(c)) => c.clone(),
+        Ok(None) => return Ok(Held::Nothing),
+        Err(e) => {
+            tracing::warn!("chunk index reference refused ({e}): a full transfer");
+            return Ok(Held::Nothing);
+        }
+    };
+    let seeds = Seeds::open(&seed_paths(sh, signed.manifest.size));
+    Ok(if seeds.is_empty() {
+        Held::Nothing
+    } else {
+        Held::Seeds(seeds, cref)
+    })
+}
+
+/// Parses index bytes already checked against their signed reference, for `m`'s image.
+pub fn decode_index(bytes: &[u8], m: &Manifest) -> Result<Index, Refusal> {
+    match Index::decode(bytes) {
+        Ok(i) if i.image_size == m.size => Ok(i),
+        Ok(i) => Err(Refusal::new(
+            ErrorCode::BadIndex,
+            format!(
+                "the chunk index describes {} bytes, the image is {}",
+                i.image_size, m.size
+            ),
+        )),
+        Err(e) => Err(Refusal::new(ErrorCode::BadIndex, e.to_string())),
+    }
+}
+
+/// Begins the upload of `signed` (resuming at the chunk boundary at or before what a cut
+/// one left) and plans it: `find` says which chunks from the first one on the seeds hold.
+/// Blocking.
+pub fn begin(
+    sh: &Shared,
+    signed: &SignedManifest,
+    resume: bool,
+    index: Arc<Index>,
+    seeds: Arc<Seeds>,
+    index_bytes: u64,
+    find: impl FnOnce(&Index, usize) -> Vec<Option<Source>>,
+) -> Result<(Upload, Prepared), Response> {
+    let slot = crate::intake::admitted(sh, signed)?;
+    let align = |n: u64| {
+        index
+            .chunks
+            .get(index.chunk_at(n))
+            .map_or(index.image_size, |c| c.offset)
+    };
+    let upload = slot.begin(signed, resume, &align).map_err(Response::from)?;
+    let start = index.chunk_at(upload.offset());
+    let from = find(&index, start);
+    let plan = plan(&index, start, from);
+    Ok((
+        upload,
+        Prepared {
+            index,
+            plan,
+            seeds,
+            index_bytes,
+        },
+    ))
+}
+
+/// Begins and plans a delta from `seeds` by the new image's `index`. Blocking.
+pub fn begin_from_seeds(
+    sh: &Shared,
+    signed: &SignedManifest,
+    resume: bool,
+    index: Index,
+    index_bytes: u64,
+    seeds: Seeds,
+) -> Result<(Upload, Prepared), Response> {
+    let seeds = Arc::new(seeds);
+    let s2 = seeds.clone();
+    begin(
+        sh,
+        signed,
+        resume,
+        Arc::new(index),
+        seeds,
+        index_bytes,
+        |idx, start| s2.find(idx, start, &sh.seeds),
+    )
+}
+
 /// Pieces of a whole-image copy.
 const COPY_PIECE: u32 = 1 << 20;
 
-/// Stages the new image from `path`, which holds its bytes already: no index, nothing asked
-/// of the client; the copy is hashed like any other staging.
-async fn copy(
-    sh: &Arc<Shared>,
+/// Begins staging the new image from `path`, which holds its bytes already: nothing to
+/// fetch, the copy hashed like any other staging. `None` when `path` cannot be opened.
+/// Blocking.
+pub fn begin_copy(
+    sh: &Shared,
     signed: &SignedManifest,
     resume: bool,
-    path: std::path::PathBuf,
-) -> Result<Prepare, Outcome> {
+    path: PathBuf,
+) -> Result<Option<(Upload, Prepared)>, Response> {
     let size = signed.manifest.size;
     let mut chunks = Vec::new();
     let mut offset = 0u64;
     while offset < size {
         let len = u32::try_from((size - offset).min(u64::from(COPY_PIECE))).expect("≤ 1 MiB");
-        chunks.push(keel_proto::chunks::Chunk {
+        chunks.push(IndexChunk {
             offset,
             len,
             digest: [0; 32],
@@ -261,27 +269,21 @@ async fn copy(
         offset += u64::from(len);
     }
     let index = Arc::new(Index {
-        params: keel_proto::chunks::Params::default(),
+        params: Params::default(),
         image_size: size,
         chunks,
     });
     let seeds = Arc::new(Seeds::open(std::slice::from_ref(&path)));
     if seeds.is_empty() {
-        return Ok(Prepare::Full);
+        return Ok(None);
     }
     tracing::info!(
         "{} holds the bytes of version {}: staged by copy",
         path.display(),
         signed.manifest.version
     );
-    let (sh2, s2, idx) = (sh.clone(), signed.clone(), index.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        let slot = crate::intake::admitted(&sh2, &s2)?;
-        let align = |n: u64| n - n % u64::from(COPY_PIECE);
-        let upload = slot.begin(&s2, resume, &align).map_err(Response::from)?;
-        let start = idx.chunk_at(upload.offset());
-        let from = idx
-            .chunks
+    begin(sh, signed, resume, index, seeds, 0, |idx, _| {
+        idx.chunks
             .iter()
             .map(|c| {
                 Some(Source {
@@ -289,104 +291,23 @@ async fn copy(
                     offset: c.offset,
                 })
             })
-            .collect();
-        Ok::<_, Response>((upload, plan(&idx, start, from)))
+            .collect()
     })
-    .await
-    .expect("plan task");
-    let (upload, plan) = r.map_err(Outcome::reply)?;
-    Ok(Prepare::Delta(Box::new((
-        upload,
-        Prepared {
-            index,
-            plan,
-            seeds,
-            index_bytes: 0,
-        },
-    ))))
+    .map(Some)
 }
 
-/// Reads exactly `cref.size` bytes of index in data frames and the empty end frame, and
-/// checks them against the signed reference.
-async fn read_index<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
-    cref: &ChunkRef,
-) -> Result<Vec<u8>, ReadError> {
-    let size = usize::try_from(cref.size).expect("capped at MAX_INDEX");
-    let mut buf = vec![0u8; size];
-    let mut left = 0usize;
-    read_data(io, &mut left, &mut buf, "the chunk index").await?;
-    expect_end(io, left, "the chunk index").await?;
-    cref.check(&buf)
-        .map_err(|e| ReadError::Protocol(Refusal::new(ErrorCode::BadIndex, e.to_string())))?;
-    Ok(buf)
-}
-
-fn protocol(code: ErrorCode, msg: String) -> ReadError {
+/// A protocol-class read error: the transfer is wrong, nothing of it is kept.
+pub fn protocol(code: ErrorCode, msg: String) -> ReadError {
     ReadError::Protocol(Refusal::new(code, msg))
 }
 
-/// Fills `buf` from data frames; `left` carries the bytes of the current frame not yet read.
-async fn read_data<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
-    left: &mut usize,
-    buf: &mut [u8],
-    what: &str,
-) -> Result<(), ReadError> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        if *left == 0 {
-            let (len, kind) = io.header().await?;
-            if kind != KIND_DATA {
-                let got = if kind == KIND_MESSAGE {
-                    "a message".to_string()
-                } else {
-                    format!("a frame of unknown kind 0x{kind:02x}")
-                };
-                return Err(protocol(
-                    ErrorCode::BadRequest,
-                    format!("expected the bytes of {what}, got {got}"),
-                ));
-            }
-            if len == 0 {
-                return Err(protocol(
-                    ErrorCode::SizeMismatch,
-                    format!("{what} ended early"),
-                ));
-            }
-            *left = len;
-        }
-        let k = (*left).min(buf.len() - filled);
-        io.read_exact(&mut buf[filled..filled + k]).await?;
-        filled += k;
-        *left -= k;
-    }
-    Ok(())
-}
-
-/// After the last byte expected: nothing left of the frame, then the empty end frame.
-async fn expect_end<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
-    left: usize,
-    what: &str,
-) -> Result<(), ReadError> {
-    let over = |n: usize| {
-        protocol(
-            ErrorCode::SizeMismatch,
-            format!("more bytes than {what} holds ({n} over)"),
-        )
-    };
-    if left > 0 {
-        return Err(over(left));
-    }
-    match io.header().await? {
-        (0, KIND_DATA) => Ok(()),
-        (n, KIND_DATA) => Err(over(n)),
-        _ => Err(protocol(
-            ErrorCode::BadRequest,
-            format!("expected the end of {what}, got a message"),
-        )),
-    }
+/// Where the bytes of the chunks a device lacks come from: the chunks the plan marks, in
+/// order, back to back.
+pub(crate) trait ChunkSource {
+    /// Fills `buf` with the next bytes.
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<(), ReadError>;
+    /// Called after the last chunk: the source must hold nothing more.
+    async fn end(&mut self) -> Result<(), ReadError>;
 }
 
 /// The pipeline's current buffer.
@@ -422,81 +343,76 @@ impl Out<'_> {
 }
 
 /// Assembles the image into `p` in order: reused chunks read from their seed, the others
-/// from the client's data frames, each of those checked against its digest. Returns the
-/// bytes received, or how many arrived before the failure.
-pub async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
+/// from `src`, each of those checked against its digest. Returns the bytes fetched, or how
+/// many came before the failure.
+pub(crate) async fn receive<S: ChunkSource>(
+    src: &mut S,
     p: &mut Pipeline,
     d: &Prepared,
 ) -> Result<u64, (u64, ReadError)> {
     let mut out = Out { p, cur: None };
     let mut got = 0u64;
-    let r = assemble(io, &mut out, d, &mut got).await;
+    let r = assemble(src, &mut out, d, &mut got).await;
     out.flush();
     r.map(|()| got).map_err(|e| (got, e))
 }
 
-async fn assemble<S: AsyncRead + AsyncWrite + Unpin>(
-    io: &mut Conn<S>,
+async fn assemble<S: ChunkSource>(
+    src: &mut S,
     out: &mut Out<'_>,
     d: &Prepared,
     got: &mut u64,
 ) -> Result<(), ReadError> {
-    let mut left = 0usize;
     let chunks = &d.index.chunks;
     let mut i = d.plan.start;
     while i < chunks.len() {
         let c = &chunks[i];
+        if let Some(from) = d.plan.from[i] {
+            // The run of reused chunks that lie one after the other in the same seed: read
+            // as one.
+            let mut run = u64::from(c.len);
+            let mut next = i + 1;
+            while let (Some(n), Some(Some(s))) = (chunks.get(next), d.plan.from.get(next)) {
+                if s.seed != from.seed || s.offset != from.offset + run {
+                    break;
+                }
+                run += u64::from(n.len);
+                next += 1;
+            }
+            copy_run(out, d, from, run).await?;
+            i = next;
+            continue;
+        }
         let len = c.len as usize;
         let mut done = 0usize;
-        match d.plan.from[i] {
-            Some(src) => {
-                // The run of reused chunks that lie one after the other in the same seed:
-                // read as one.
-                let mut run = u64::from(c.len);
-                let mut next = i + 1;
-                while let (Some(n), Some(Some(s))) = (chunks.get(next), d.plan.from.get(next)) {
-                    if s.seed != src.seed || s.offset != src.offset + run {
-                        break;
-                    }
-                    run += u64::from(n.len);
-                    next += 1;
-                }
-                copy_run(out, d, src, run).await?;
-                i = next;
-                continue;
-            }
-            None => {
-                let mut h = Sha256::new();
-                while done < len {
-                    out.ensure().await?;
-                    let buf = out.cur.as_mut().expect("buffer");
-                    let k = (CHUNK - buf.len).min(len - done);
-                    let at = buf.len;
-                    let dst = &mut buf.buf[at..at + k];
-                    read_data(io, &mut left, dst, "the chunks").await?;
-                    h.update(&*dst);
-                    *got += k as u64;
-                    out.advance(k)?;
-                    done += k;
-                }
-                let found: [u8; 32] = h.finalize().into();
-                if found != c.digest {
-                    return Err(protocol(
-                        ErrorCode::HashMismatch,
-                        format!(
-                            "chunk {i} (offset {}, {len} bytes) hashes to {}, the index says {}",
-                            c.offset,
-                            keel_proto::hex::encode(&found),
-                            keel_proto::hex::encode(&c.digest)
-                        ),
-                    ));
-                }
-            }
+        let mut h = Sha256::new();
+        while done < len {
+            out.ensure().await?;
+            let buf = out.cur.as_mut().expect("buffer");
+            let k = (CHUNK - buf.len).min(len - done);
+            let at = buf.len;
+            let dst = &mut buf.buf[at..at + k];
+            src.fill(dst).await?;
+            h.update(&*dst);
+            *got += k as u64;
+            out.advance(k)?;
+            done += k;
+        }
+        let found: [u8; 32] = h.finalize().into();
+        if found != c.digest {
+            return Err(protocol(
+                ErrorCode::HashMismatch,
+                format!(
+                    "chunk {i} (offset {}, {len} bytes) hashes to {}, the index says {}",
+                    c.offset,
+                    keel_proto::hex::encode(&found),
+                    keel_proto::hex::encode(&c.digest)
+                ),
+            ));
         }
         i += 1;
     }
-    expect_end(io, left, "the chunks").await
+    src.end().await
 }
 
 /// Copies `len` bytes of a seed from `src` into the pipeline, a buffer's room at a time, off

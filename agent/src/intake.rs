@@ -139,7 +139,7 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
     let size = signed.manifest.size;
     let version = signed.manifest.version;
     let prepared = if delta {
-        match crate::delta::prepare(io, sh, &signed, resume).await {
+        match crate::delta_push::prepare(io, sh, &signed, resume).await {
             Ok(p) => p,
             Err(o) => return o,
         }
@@ -172,7 +172,12 @@ pub async fn push<S: AsyncRead + AsyncWrite + Unpin>(
                 plan.bytes
             ));
             let mut p = upload.start();
-            let got = crate::delta::receive(io, &mut p, &d).await;
+            let mut frames = crate::delta_push::Frames {
+                io: &mut *io,
+                left: 0,
+                what: "the chunks",
+            };
+            let got = crate::delta::receive(&mut frames, &mut p, &d).await;
             (p, got, Some((plan.reused, d.index_bytes)))
         }
         Prepare::Full => {

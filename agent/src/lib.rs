@@ -26,7 +26,9 @@
 //! | [`reboot_policy`] | when a pulled image is booted: never, at once, or in a daily window |
 //! | [`http`] | the small HTTP/1.1 client pull uses: one GET per connection, bounded, timed; redirects, client certificates |
 //! | [`sigv4`] | AWS Signature Version 4 for a private S3 bucket (pure) |
-//! | [`delta`] | a delta push: the signed chunk index in, the missing chunks asked for, the image assembled in order |
+//! | [`delta`] | deltas: what the device holds, the plan, the image assembled in order from seeds and a chunk source |
+//! | [`delta_pull`] | a delta pull: the index beside the image, the missing chunks as few merged Range GETs |
+//! | [`delta_push`] | a delta push: the signed chunk index in, the need map out, the missing chunks from data frames |
 //! | [`seeds`] | the images a device holds, chunked to find what a new image reuses |
 //! | [`verify`] | whether a manifest may be staged (pure) |
 //! | [`stage`] | receiving into `newimg` crash-safely with constant memory |
@@ -39,7 +41,7 @@
 //! | [`error`] | the daemon's start-up errors |
 //!
 //! Imports go one way: server → {tls → identity} and session → {authz, auth, exec, attach, files, intake, control, status} →
-//! {procs, delta → seeds, stage, verify, users, conn, child}; server → pull → {intake, http → sigv4}; pid1 → {config, init, users, child}.
+//! {procs, delta_push → delta → seeds, stage, verify, users, conn, child}; server → pull → {intake, delta_pull → delta, http → sigv4}; pid1 → {config, init, users, child}.
 #![warn(missing_docs)]
 
 pub mod admission;
@@ -51,6 +53,8 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod delta;
+pub mod delta_pull;
+pub mod delta_push;
 pub mod error;
 pub mod exec;
 pub mod files;

@@ -7,7 +7,10 @@
 //! 2. The manifest is admitted exactly as a pushed one ([`crate::intake::admit`]: signature,
 //!    name, version, rejected digests, space) **before any image byte is fetched**.
 //! 3. `GET images/<sha256>`, with `Range` from what an earlier, cut fetch left, streamed into
-//!    the staging pipeline (constant memory, hashed end to end, committed crash-safely).
+//!    the staging pipeline (constant memory, hashed end to end, committed crash-safely) — or,
+//!    when the manifest signs a chunk index and the device holds images to reuse, a delta
+//!    ([`crate::delta_pull`]): `GET images/<sha256>.chunks`, then only the missing chunks'
+//!    ranges. A delta that fails other than by a cut is fetched whole at the next poll.
 //!
 //! When to poll is pure ([`next_wait`]): the interval plus jitter, and after a failure an
 //! exponential backoff (from [`BACKOFF_FIRST`], capped at the interval), jittered too. After
@@ -21,6 +24,7 @@ use keel_proto::manifest::SignedManifest;
 use keel_proto::message::{PullStatus, Response};
 
 use crate::config::PullConfig;
+use crate::delta::{Held, Prepare};
 use crate::http::{self, HttpError};
 use crate::reboot_policy::RebootPolicy;
 use crate::shared::Shared;
@@ -57,6 +61,8 @@ pub struct PollState {
     pub last_modified: Option<String>,
     /// Failed polls in a row.
     pub failures: u32,
+    /// The image (digest) whose delta failed other than by a cut: fetched whole next time.
+    pub full_for: Option<String>,
 }
 
 impl PollState {
@@ -164,33 +170,73 @@ pub async fn poll_once(
     let Ok(_guard) = sh.push.try_lock() else {
         return Ok(Polled::Busy);
     };
-    let sh2 = sh.clone();
-    let s2 = signed.clone();
-    let admitted = tokio::task::spawn_blocking(move || crate::intake::admit(&sh2, &s2, true))
-        .await
-        .expect("admit task");
     // From here this manifest is known: the next poll asks only whether it changed.
     let remember = |st: &mut PollState| {
         st.etag = etag.clone();
         st.last_modified = modified.clone();
     };
-    let upload = match admitted {
-        Ok(u) => u,
-        Err(Response::UpToDate { message }) => {
-            remember(st);
-            return Ok(Polled::NotTaken(message));
-        }
-        Err(Response::Error { code, message }) => {
-            remember(st);
-            return Ok(Polled::NotTaken(format!("{code}: {message}")));
-        }
-        Err(other) => return Ok(Polled::NotTaken(format!("{other:?}"))),
+    let not_taken = |st: &mut PollState, r: Response| {
+        remember(st);
+        Ok(Polled::NotTaken(match r {
+            Response::UpToDate { message } => message,
+            Response::Error { code, message } => format!("{code}: {message}"),
+            other => format!("{other:?}"),
+        }))
     };
-    let img_url = channel::join(&cfg.url, &channel::image_path(&signed.manifest.sha256));
-    let offset = upload.offset();
+    let sha = signed.manifest.sha256.to_ascii_lowercase();
+    let img_url = channel::join(&cfg.url, &channel::image_path(&sha));
+    // A delta of this image that failed other than by a cut is not tried again: full.
+    let delta_ok = st.full_for.as_deref() != Some(sha.as_str());
+    let prepared = if delta_ok {
+        match prepare_delta(sh, cfg, client, &signed).await {
+            Ok(p) => p,
+            Err(r) => return not_taken(st, r),
+        }
+    } else {
+        Prepare::Full
+    };
     let size = signed.manifest.size;
-    let mut p = upload.start();
-    let fetched = fetch_into(client, &img_url, offset, size, &mut p).await;
+    let (p, fetched, delta) = match prepared {
+        Prepare::Delta(b) => {
+            let (upload, d) = *b;
+            let (ranges, plan) = crate::delta_pull::merge(
+                &d.index,
+                &d.plan,
+                crate::delta_pull::MAX_GAP,
+                crate::delta_pull::MAX_RANGES,
+            );
+            let d = crate::delta::Prepared { plan, ..d };
+            let mut src = crate::delta_pull::Ranges::new(client, img_url.clone(), ranges);
+            tracing::info!(
+                "pull of version {} by delta: {} bytes in {} requests, {} bytes reused, from {}",
+                signed.manifest.version,
+                d.plan.bytes,
+                src.requests(),
+                d.plan.reused,
+                upload.offset()
+            );
+            let mut p = upload.start();
+            let got = crate::delta::receive(&mut src, &mut p, &d).await;
+            let got = got.map_err(|(n, e)| (n, read_error(&img_url, e)));
+            (p, got, Some((d.plan.reused, d.index_bytes)))
+        }
+        Prepare::Full => {
+            let sh2 = sh.clone();
+            let s2 = signed.clone();
+            let upload =
+                match tokio::task::spawn_blocking(move || crate::intake::admit(&sh2, &s2, true))
+                    .await
+                    .expect("admit task")
+                {
+                    Ok(u) => u,
+                    Err(r) => return not_taken(st, r),
+                };
+            let offset = upload.offset();
+            let mut p = upload.start();
+            let got = fetch_into(client, &img_url, offset, size, &mut p).await;
+            (p, got, None)
+        }
+    };
     let (complete, keep) = match &fetched {
         Ok(_) => (true, false),
         // A server answer that is not this image: nothing of it is kept.
@@ -198,6 +244,9 @@ pub async fn poll_once(
         // A cut or a timeout: what arrived is kept, the next poll resumes from it.
         Err(_) => (false, true),
     };
+    if delta.is_some() && !complete && !keep {
+        st.full_for = Some(sha.clone());
+    }
     let resumed_from = p.resumed_from();
     let finished = tokio::task::spawn_blocking(move || p.finish(complete, keep))
         .await
@@ -205,6 +254,15 @@ pub async fn poll_once(
     match (fetched, finished) {
         (Ok(n), Ok(image)) => {
             remember(st);
+            let (reused, index) = delta.unwrap_or((0, 0));
+            sh.record(keel_proto::message::Transfer {
+                version: image.version,
+                how: "pull".into(),
+                delta: delta.is_some(),
+                received: n,
+                reused,
+                index,
+            });
             Ok(Polled::Staged {
                 version: image.version,
                 fetched: n,
@@ -212,11 +270,73 @@ pub async fn poll_once(
             })
         }
         (Err((_, e)), _) => Err(e),
-        (Ok(_), Err(r)) => Err(PullError::Stage {
-            url: img_url,
+        (Ok(_), Err(r)) => {
+            if delta.is_some() {
+                st.full_for = Some(sha);
+            }
+            Err(PullError::Stage {
+                url: img_url,
+                why: format!("{}: {}", r.code, r.message),
+            })
+        }
+    }
+}
+
+/// A delta's read error as a poll's: a cut (kept, resumed) or a wrong answer (dropped).
+fn read_error(url: &str, e: crate::conn::ReadError) -> PullError {
+    use crate::conn::ReadError;
+    match e {
+        ReadError::Protocol(r) => PullError::Stage {
+            url: url.to_string(),
             why: format!("{}: {}", r.code, r.message),
+        },
+        ReadError::WriterStopped => PullError::Stage {
+            url: url.to_string(),
+            why: "the writer stopped".into(),
+        },
+        other => PullError::Http(HttpError::Response {
+            url: url.to_string(),
+            why: other.describe(Duration::ZERO),
         }),
     }
+}
+
+/// Admits `signed` and, when the device holds its bytes or the chunks of its signed index
+/// (fetched from beside the image), begins a delta. `Err`: the admission's answer.
+async fn prepare_delta(
+    sh: &Arc<Shared>,
+    cfg: &PullConfig,
+    client: &http::Client,
+    signed: &SignedManifest,
+) -> Result<Prepare, Response> {
+    let (sh2, s2) = (sh.clone(), signed.clone());
+    let held = tokio::task::spawn_blocking(move || crate::delta::look(&sh2, &s2))
+        .await
+        .expect("admit task")?;
+    let (sh2, s2) = (sh.clone(), signed.clone());
+    let r = match held {
+        Held::Nothing => return Ok(Prepare::Full),
+        Held::Same(path) => {
+            tokio::task::spawn_blocking(move || crate::delta::begin_copy(&sh2, &s2, true, path))
+                .await
+                .expect("plan task")?
+        }
+        Held::Seeds(seeds, cref) => {
+            let Some((index, n)) =
+                crate::delta_pull::fetch_index(client, &cfg.url, signed, &cref).await
+            else {
+                return Ok(Prepare::Full);
+            };
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    crate::delta::begin_from_seeds(&sh2, &s2, true, index, n, seeds)
+                })
+                .await
+                .expect("plan task")?,
+            )
+        }
+    };
+    Ok(r.map_or(Prepare::Full, |x| Prepare::Delta(Box::new(x))))
 }
 
 /// Fetches the image from `offset` into the pipeline; returns the bytes fetched, or how many

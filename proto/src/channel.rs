@@ -4,6 +4,7 @@
 //! ```text
 //! manifest.json            the signed manifest of the newest image (replaced last)
 //! images/<sha256 hex>      each published image, named by its digest
+//! images/<sha256>.chunks   its chunk index, when its manifest signs one (deltas)
 //! ```
 //!
 //! An image's name is its digest, so a name is never reused for other bytes and a device
@@ -18,6 +19,14 @@ pub const IMAGES: &str = "images";
 /// The path of the image with digest `sha256` (hex) under the base URL.
 pub fn image_path(sha256: &str) -> String {
     format!("{IMAGES}/{}", sha256.to_ascii_lowercase())
+}
+
+/// What the chunk index's name adds to its image's.
+pub const INDEX_SUFFIX: &str = ".chunks";
+
+/// The path of the chunk index of the image with digest `sha256` under the base URL.
+pub fn index_path(sha256: &str) -> String {
+    format!("{}{INDEX_SUFFIX}", image_path(sha256))
 }
 
 /// `base` joined with `path`, one `/` between them.
@@ -36,6 +45,7 @@ mod tests {
     #[test]
     fn paths() {
         assert_eq!(image_path("AB12"), "images/ab12");
+        assert_eq!(index_path("AB12"), "images/ab12.chunks");
         assert_eq!(
             join("http://h/c/", "manifest.json"),
             "http://h/c/manifest.json"

@@ -159,3 +159,74 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
         assert_eq!(slot(&w).0.unwrap(), sha256_file(&v3));
     });
 }
+
+#[test]
+fn a_delta_pull_fetches_the_index_and_a_few_ranges_and_falls_back_without_the_index() {
+    if !privileged() {
+        return;
+    }
+    with_newimg("delta-pull", 96, |sb, newimg| {
+        use keel_tests::channel::{asked, publish};
+        use keel_tests::nginx::Nginx;
+        let w = world(sb, newimg, 1);
+        let t1 = tree(sb, 0);
+        let v1 = squash(sb, &t1);
+        fs::copy(&v1, w.img.join("root-squashfs.img")).unwrap();
+        let t2 = tree(sb, 1);
+        let v2 = squash(sb, &t2);
+        keel_tests::channel::sign(sb, &v2, "2");
+        let www = sb.fresh("www");
+        let ch = www.join("ch");
+        fs::create_dir_all(&ch).unwrap();
+        let out = publish(&v2, &ch);
+        assert!(out.contains(".chunks"), "{out}");
+        let nginx = Nginx::start(&www, &sb.fresh("nginx"));
+        let a = start(
+            &w,
+            &format!(
+                "[pull]\nurl = {:?}\ninterval_secs = 1\njitter_secs = 0\ntimeout_secs = 5\n",
+                nginx.url("ch")
+            ),
+        );
+        let sha2 = sha256_file(&v2);
+        wait_for(|| slot(&w).0.as_deref() == Some(sha2.as_str()));
+        let img = format!("/ch/images/{sha2}");
+        assert_eq!(asked(&nginx, &format!("{img}.chunks")), vec![200]);
+        let ranges = asked(&nginx, &img);
+        assert!(
+            !ranges.is_empty() && ranges.len() <= 16 && ranges.iter().all(|&s| s == 206),
+            "{ranges:?}"
+        );
+        let sent: u64 = nginx
+            .requests()
+            .iter()
+            .filter(|(p, _, _)| *p == img)
+            .map(|(_, _, b)| b)
+            .sum();
+        let size = fs::metadata(&v2).unwrap().len();
+        assert!(sent < size / 4, "{sent} of {size} bytes fetched");
+        let t = status(&a).last_transfer.unwrap();
+        assert!(t.delta && t.how == "pull" && t.reused > size / 2, "{t:?}");
+
+        // v3 with its index missing from the server: the whole image, once, with a 200.
+        let t3 = tree(sb, 2);
+        let v3 = squash(sb, &t3);
+        keel_tests::channel::sign(sb, &v3, "3");
+        let side = sb.fresh("side");
+        publish(&v3, &side);
+        let sha3 = sha256_file(&v3);
+        fs::rename(
+            side.join("images").join(&sha3),
+            ch.join("images").join(&sha3),
+        )
+        .unwrap();
+        fs::rename(side.join("manifest.json"), ch.join("manifest.json")).unwrap();
+        wait_for(|| slot(&w).0.as_deref() == Some(sha3.as_str()));
+        assert_eq!(asked(&nginx, &format!("/ch/images/{sha3}")), vec![200]);
+        assert_eq!(
+            asked(&nginx, &format!("/ch/images/{sha3}.chunks")),
+            vec![404]
+        );
+        assert!(a.log().contains("fetching the whole image"), "{}", a.log());
+    });
+}

@@ -40,6 +40,24 @@ pub fn run(image: &Path, manifest: &Option<PathBuf>, dir: &Path, json: bool) -> 
             true
         }
     };
+    // The chunk index beside the image, before the manifest that names it.
+    let index = match &signed.chunks {
+        Some(c) => {
+            let src = super::sign::index_path(image);
+            let b = fs::read(&src).with_context(|| {
+                format!(
+                    "read {} (the manifest signs a chunk index: sign the image again, or with --no-chunks)",
+                    src.display()
+                )
+            })?;
+            c.check(&b)
+                .with_context(|| format!("{}: sign the image again", src.display()))?;
+            let name = format!("{sha}{}", channel::INDEX_SUFFIX);
+            copy_durably(&src, &images, &name)?;
+            Some(channel::index_path(&sha))
+        }
+        None => None,
+    };
     keel_sys::durable::write_atomic(
         dir,
         ".manifest.json.tmp",
@@ -54,19 +72,20 @@ pub fn run(image: &Path, manifest: &Option<PathBuf>, dir: &Path, json: bool) -> 
             "{}",
             serde_json::json!({
                 "name": m.name, "version": m.version, "size": m.size, "sha256": sha,
-                "manifest": channel::MANIFEST, "image": rel, "copied": copied,
+                "manifest": channel::MANIFEST, "image": rel, "copied": copied, "index": index,
             })
         );
     } else {
         out!(
-            "published {} version {} ({} bytes) in {}: {} and {}{}",
+            "published {} version {} ({} bytes) in {}: {}, {}{}{}",
             m.name,
             m.version,
             m.size,
             dir.display(),
             channel::MANIFEST,
             rel,
-            if copied { "" } else { " (image already there)" }
+            if copied { "" } else { " (image already there)" },
+            index.map(|i| format!(" and {i}")).unwrap_or_default()
         );
     }
     Ok(())
