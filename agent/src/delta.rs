@@ -3,10 +3,10 @@
 //! transfer uses — so the whole image is hashed against the signed manifest (and its verity
 //! tree) before anything is committed, whatever its bytes' origin. Push
 //! ([`crate::delta_push`]) and pull ([`crate::delta_pull`]) differ only in where the missing
-//! chunks come from ([`ChunkSource`]).
+//! chunks come from (`ChunkSource`).
 //!
 //! [`plan`] is pure: which chunks come from where. [`look`] finds what the device holds,
-//! [`begin`] starts the upload at a chunk boundary and plans it, [`receive`] fills the
+//! [`begin`] starts the upload at a chunk boundary and plans it, `receive` fills the
 //! pipeline.
 
 use std::path::PathBuf;
