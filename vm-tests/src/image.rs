@@ -436,6 +436,31 @@ pub fn sign(image: &Path, version: u64) -> SignedManifest {
     m
 }
 
+/// Signs `image` with `keelctl sign`, which writes its chunk index (`IMAGE.chunks`) and
+/// signs it into the manifest: an image a device can take by delta.
+pub fn sign_chunked(image: &Path, version: u64) -> SignedManifest {
+    let key = kit().work.join("signing.pem");
+    if !key.exists() {
+        fs::write(&key, keel_proto::manifest::signing_key_to_pem(&kit().key)).unwrap();
+    }
+    ok(&keelctl(&[
+        "sign",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        PRODUCT,
+        "--version",
+        &version.to_string(),
+        "--created",
+        "1700000000",
+        image.to_str().unwrap(),
+    ]));
+    let m = SignedManifest::from_json(&fs::read(format!("{}.manifest", image.display())).unwrap())
+        .unwrap();
+    assert!(m.chunks.is_some(), "{m:?}");
+    m
+}
+
 /// The v`version` root as squashfs at `out` with `/var/verity-later.bin` added: 256 KiB that
 /// do not compress (stored as they are, so a test finds them in the image) and that only the
 /// init script reads. Returns the file's bytes.
