@@ -57,23 +57,10 @@ fn squash(sb: &mut Sandbox, tree: &Path) -> PathBuf {
     out
 }
 
-fn sign(image: &Path, key: &Path, version: u64) {
-    let out = keelctl(&[
-        "sign",
-        image.to_str().unwrap(),
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "demo",
-        "--version",
-        &version.to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("chunks in"));
+/// `keelctl sign` as `demo` `version`: the manifest and its chunk index.
+fn sign(sb: &mut Sandbox, image: &Path, version: u64) {
+    keel_tests::channel::sign(sb, image, &version.to_string());
+    assert!(PathBuf::from(format!("{}.chunks", image.display())).is_file());
 }
 
 fn push_json(ep: &str, image: &Path) -> serde_json::Value {
@@ -100,7 +87,7 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
         let v1 = squash(sb, &t1);
         let t2 = tree(sb, 1);
         let v2 = squash(sb, &t2);
-        sign(&v2, &key, 2);
+        sign(sb, &v2, 2);
         // The device runs v1.
         fs::copy(&v1, w.img.join("root-squashfs.img")).unwrap();
         let a = start(&w, "");
@@ -130,7 +117,7 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
         // whole image, and the staged bytes are still exactly v3's.
         let t3 = tree(sb, 2);
         let v3 = squash(sb, &t3);
-        sign(&v3, &key, 3);
+        sign(sb, &v3, 3);
         let idx = PathBuf::from(format!("{}.chunks", v3.display()));
         let mut b = fs::read(&idx).unwrap();
         let n = b.len();
@@ -148,7 +135,7 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
 
         // The same bytes again as version 4 (a rebuild that changed nothing): the agent
         // copies the staged v3, nothing is sent.
-        sign(&v3, &key, 4);
+        sign(sb, &v3, 4);
         let r = push_json(&ep, &v3);
         assert_eq!(r["staged"], 4);
         assert_eq!(r["sent"], 0, "{r}");
@@ -174,7 +161,7 @@ fn a_delta_pull_fetches_the_index_and_a_few_ranges_and_falls_back_without_the_in
         fs::copy(&v1, w.img.join("root-squashfs.img")).unwrap();
         let t2 = tree(sb, 1);
         let v2 = squash(sb, &t2);
-        keel_tests::channel::sign(sb, &v2, "2");
+        sign(sb, &v2, 2);
         let www = sb.fresh("www");
         let ch = www.join("ch");
         fs::create_dir_all(&ch).unwrap();
@@ -211,7 +198,7 @@ fn a_delta_pull_fetches_the_index_and_a_few_ranges_and_falls_back_without_the_in
         // v3 with its index missing from the server: the whole image, once, with a 200.
         let t3 = tree(sb, 2);
         let v3 = squash(sb, &t3);
-        keel_tests::channel::sign(sb, &v3, "3");
+        sign(sb, &v3, 3);
         let side = sb.fresh("side");
         publish(&v3, &side);
         let sha3 = sha256_file(&v3);

@@ -436,27 +436,35 @@ pub fn sign(image: &Path, version: u64) -> SignedManifest {
     m
 }
 
-/// Signs `image` with `keelctl sign`, which writes its chunk index (`IMAGE.chunks`) and
-/// signs it into the manifest: an image a device can take by delta.
-pub fn sign_chunked(image: &Path, version: u64) -> SignedManifest {
+/// `keelctl sign IMAGE` with the kit's key as the product's `version`, plus `extra`
+/// options; the manifest it wrote.
+fn keelctl_sign(image: &Path, version: u64, extra: &[&str]) -> SignedManifest {
     let key = kit().work.join("signing.pem");
     if !key.exists() {
         fs::write(&key, keel_proto::manifest::signing_key_to_pem(&kit().key)).unwrap();
     }
-    ok(&keelctl(&[
-        "sign",
+    let version = version.to_string();
+    let mut args = vec!["sign"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
         "--key",
         key.to_str().unwrap(),
         "--name",
         PRODUCT,
         "--version",
-        &version.to_string(),
+        &version,
         "--created",
         "1700000000",
         image.to_str().unwrap(),
-    ]));
-    let m = SignedManifest::from_json(&fs::read(format!("{}.manifest", image.display())).unwrap())
-        .unwrap();
+    ]);
+    ok(&keelctl(&args));
+    SignedManifest::from_json(&fs::read(format!("{}.manifest", image.display())).unwrap()).unwrap()
+}
+
+/// Signs `image` with `keelctl sign`, which writes its chunk index (`IMAGE.chunks`) and
+/// signs it into the manifest: an image a device can take by delta.
+pub fn sign_chunked(image: &Path, version: u64) -> SignedManifest {
+    let m = keelctl_sign(image, version, &[]);
     assert!(m.chunks.is_some(), "{m:?}");
     m
 }
@@ -493,26 +501,8 @@ pub fn verity_later_image(out: &Path, version: u64) -> Vec<u8> {
 /// A copy of `image` at `out` with a dm-verity tree appended and its format-2 manifest beside
 /// it, both made by `keelctl sign --verity` (the user's command) with the kit's key.
 pub fn sign_verity(image: &Path, out: &Path, version: u64) -> SignedManifest {
-    let key = kit().work.join("signing.pem");
-    if !key.exists() {
-        fs::write(&key, keel_proto::manifest::signing_key_to_pem(&kit().key)).unwrap();
-    }
     fs::copy(image, out).unwrap();
-    ok(&keelctl(&[
-        "sign",
-        "--verity",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        PRODUCT,
-        "--version",
-        &version.to_string(),
-        "--created",
-        "1700000000",
-        out.to_str().unwrap(),
-    ]));
-    let m = SignedManifest::from_json(&fs::read(format!("{}.manifest", out.display())).unwrap())
-        .unwrap();
+    let m = keelctl_sign(out, version, &["--verity"]);
     assert!(m.manifest.verity.is_some(), "{m:?}");
     m
 }

@@ -86,6 +86,43 @@ pub fn push(port: u16, image: &Path) -> Output {
     ])
 }
 
+/// A power cut in the middle of a push: `keelctl push IMAGE` (no retries) to the agent on
+/// `port` in the background, and QEMU killed `delay` later. The push's output.
+pub fn push_then_cut(vm: &mut Vm, port: u16, image: &Path, delay: Duration) -> Output {
+    let image = image.to_path_buf();
+    let pusher = std::thread::spawn(move || {
+        keelctl(&[
+            "-e",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--wait",
+            "0",
+            "push",
+            image.to_str().unwrap(),
+            "--retries",
+            "0",
+        ])
+    });
+    std::thread::sleep(delay);
+    vm.kill();
+    pusher.join().unwrap()
+}
+
+/// After a power cut: the next boot starts version 1 or 2, whole, with /persistent intact.
+/// Its `KEEL booted version=` line.
+pub fn check_intact(disk: &Disk, tag: &str) -> String {
+    let mut vm = Vm::start(disk, tag, &Boot::default());
+    let booted = vm.wait_for("KEEL booted version=");
+    assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
+    assert!(
+        vm.wait_for("KEEL persisted=").ends_with("kept"),
+        "{}",
+        vm.log()
+    );
+    vm.wait_for("KEEL ready version=");
+    vm.kill();
+    booted
+}
+
 /// `keelctl status --json` of the agent forwarded to `port`.
 pub fn status(port: u16) -> serde_json::Value {
     let out = keelctl(&["-e", &format!("tcp://127.0.0.1:{port}"), "status", "--json"]);

@@ -111,42 +111,12 @@ fn power_cuts_during_a_delta_staging_leave_a_bootable_device() {
         let port = free_port();
         let mut vm = Vm::start(&disk, &format!("cut-{i}"), &tcp_boot(port));
         vm.wait_for("KEEL ready version=1");
-        let v2c = v2.clone();
-        let pusher = std::thread::spawn(move || {
-            keelctl(&[
-                "-e",
-                &format!("tcp://127.0.0.1:{port}"),
-                "--wait",
-                "0",
-                "push",
-                v2c.to_str().unwrap(),
-                "--retries",
-                "0",
-            ])
-        });
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        vm.kill();
-        let out = pusher.join().unwrap();
+        let out = push_then_cut(&mut vm, port, &v2, Duration::from_millis(delay_ms));
         if !String::from_utf8_lossy(&out.stdout).contains("staged version 2") {
             cut_mid_push += 1;
         }
-        eprintln!(
-            "cut {i} after {delay_ms} ms: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // The next boot starts v1 or v2, whole, with /persistent intact.
-        let mut vm = Vm::start(&disk, &format!("after-cut-{i}"), &Boot::default());
-        let booted = vm.wait_for("KEEL booted version=");
-        eprintln!("cut {i}: {booted}");
-        assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
-        assert!(
-            vm.wait_for("KEEL persisted=").ends_with("kept"),
-            "{}",
-            vm.log()
-        );
-        vm.wait_for("KEEL ready version=");
-        vm.kill();
+        let booted = check_intact(&disk, &format!("after-cut-{i}"));
+        eprintln!("cut {i} after {delay_ms} ms: {booted}");
     }
     assert!(cut_mid_push >= 1, "no power cut fell inside a delta push");
     let _ = fs::remove_dir_all(&d);

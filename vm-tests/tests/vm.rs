@@ -573,22 +573,7 @@ fn power_cuts_during_staging_and_at_every_promotion_step() {
         let port = free_port();
         let mut vm = Vm::start(disk, &format!("stage-{i}"), &tcp_boot(port));
         vm.wait_for("KEEL ready version=1");
-        let v2c = v2.clone();
-        let pusher = std::thread::spawn(move || {
-            keelctl(&[
-                "-e",
-                &format!("tcp://127.0.0.1:{port}"),
-                "--wait",
-                "0",
-                "push",
-                v2c.to_str().unwrap(),
-                "--retries",
-                "0",
-            ])
-        });
-        std::thread::sleep(Duration::from_millis(delay_ms));
-        vm.kill();
-        let _ = pusher.join();
+        push_then_cut(&mut vm, port, &v2, Duration::from_millis(delay_ms));
         check_intact(disk, &format!("after-stage-{i}"));
         true
     });
@@ -630,20 +615,6 @@ fn power_cuts_during_staging_and_at_every_promotion_step() {
     );
     assert!(kills >= 20, "only {kills} power cuts");
     let _ = fs::remove_dir_all(&d);
-}
-
-/// After a power cut: the next boot starts version 1 or 2, whole, with /persistent intact.
-fn check_intact(disk: &Disk, tag: &str) {
-    let mut vm = Vm::start(disk, tag, &Boot::default());
-    let booted = vm.wait_for("KEEL booted version=");
-    assert!(booted.ends_with('1') || booted.ends_with('2'), "{booted}");
-    assert!(
-        vm.wait_for("KEEL persisted=").ends_with("kept"),
-        "{}",
-        vm.log()
-    );
-    vm.wait_for("KEEL ready version=");
-    vm.kill();
 }
 
 /// Runs `f` over `items` on two workers, each restoring its own copy of `base` before every

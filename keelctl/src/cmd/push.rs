@@ -48,21 +48,18 @@ pub fn run(ep: &Endpoint, dial: &Dial, o: &Opts<'_>) -> anyhow::Result<()> {
             reused,
             delta,
             index,
-        } if o.json => out!(
-            "{}",
-            serde_json::json!({
-                "staged": version, "endpoint": ep.to_string(), "size": size, "sent": sent,
-                "reused": reused, "delta": delta, "index": index, "attempts": attempts,
-            })
-        ),
-        Pushed::Staged {
-            version,
-            sent,
-            attempts,
-            reused,
-            delta,
-            index,
         } => {
+            if o.json {
+                out!(
+                    "{}",
+                    serde_json::json!({
+                        "staged": version, "endpoint": ep.to_string(), "size": size,
+                        "sent": sent, "reused": reused, "delta": delta, "index": index,
+                        "attempts": attempts,
+                    })
+                );
+                return Ok(());
+            }
             let how = if delta {
                 format!(
                     "delta: {sent} bytes sent and a {index}-byte index, {reused} reused from images on the device ({:.1}% of {size} sent)",
