@@ -106,16 +106,23 @@ pub fn held_images(sh: &Shared) -> Vec<PathBuf> {
     vec![img.join(&names.current), img.join(&names.old)]
 }
 
-/// The images that may hold chunks of a new one. The staged image counts only when the new
-/// one fits beside it (else staging drops it, and its blocks must not stay held open).
-fn seed_paths(sh: &Shared, size: u64) -> Vec<PathBuf> {
+/// The images that may hold chunks of a new one: the current and old images, the staged
+/// one, and a partial upload of another image (a cut one the new image supersedes; its file
+/// is removed when the new upload begins, and read through the descriptor opened here). The
+/// ones on `newimg` count only when the new image fits beside them (their blocks stay held
+/// while they are read).
+fn seed_paths(sh: &Shared, signed: &SignedManifest) -> Vec<PathBuf> {
     let config = &sh.config;
     let facts = Facts::read(config);
     let names = keel_proto::layout::Names::for_image(&facts.image_name(config));
     let mut v = held_images(sh);
     let slot = Slot::new(config.newimg_dir(), &names.current);
-    if slot.staged().is_some() && slot.free_bytes().is_ok_and(|f| f >= size) {
+    let room = slot.free_bytes().is_ok_and(|f| f >= signed.manifest.size);
+    if room && slot.staged().is_some() {
         v.push(slot.staged_path());
+    }
+    if room && slot.partial().is_some_and(|(m, _)| m != *signed) {
+        v.push(slot.partial_path());
     }
     v
 }
@@ -165,7 +172,7 @@ pub fn look(sh: &Shared, signed: &SignedManifest) -> Result<Held, Response> {
             return Ok(Held::Nothing);
         }
     };
-    let seeds = Seeds::open(&seed_paths(sh, signed.manifest.size));
+    let seeds = Seeds::open(&seed_paths(sh, signed));
     Ok(if seeds.is_empty() {
         Held::Nothing
     } else {

@@ -341,3 +341,43 @@ async fn the_same_bytes_under_a_new_version_are_copied_not_sent() {
     assert_eq!(code, ErrorCode::HashMismatch);
     assert_eq!(d.slot().0.unwrap(), v1, "the staged v2 is untouched");
 }
+
+#[tokio::test]
+async fn a_cut_upload_of_another_image_is_a_source() {
+    let d = Dev::new("delta-partial", 1, 30);
+    let (_, v2) = pair();
+    let (m2, _, _) = signed_with_index(&v2, 2);
+    // v2 pushed whole (nothing on the device to reuse) and cut after 3 MiB.
+    {
+        let mut c = d.client(tcp()).await;
+        assert!(matches!(
+            offer_delta(&mut c, &m2, true).await,
+            Response::Send { offset: 0 }
+        ));
+        c.data(&v2[..3 << 20]).await;
+        drop(c);
+    }
+    let partial = d.newimg().join(format!("{IMAGE}.partial"));
+    for _ in 0..100 {
+        if fs::metadata(&partial).is_ok_and(|m| m.len() == 3 << 20) && d.sh.push.try_lock().is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // v3 (v2 with a new tail) supersedes it: its first 3 MiB come from the partial upload.
+    let mut v3 = v2[..3 << 20].to_vec();
+    v3.extend_from_slice(&noise(8, 1 << 20));
+    let (m3, idx, index) = signed_with_index(&v3, 3);
+    let mut c = d.client(tcp()).await;
+    let (offset, want, reused) = start_delta(&mut c, &m3, &idx, &index, &v3, true).await;
+    assert_eq!(offset, 0);
+    assert!(reused > (5 << 20) / 2, "{reused} bytes reused");
+    for ch in &want {
+        c.data(ch).await;
+    }
+    c.end().await;
+    assert!(matches!(c.recv().await, Response::Staged { .. }));
+    assert_eq!(d.slot().0.unwrap(), v3);
+    assert!(!d.partial_exists());
+}
