@@ -123,6 +123,26 @@ fn a_delta_push_sends_only_what_changed_and_falls_back_when_refused() {
         let n = b.len();
         b[n - 1] ^= 0xff;
         fs::write(&idx, b).unwrap();
+        // keelctl verify says so before anything is pushed.
+        let trusted = w.etc.join("trusted.pem");
+        let out = keelctl(&[
+            "verify",
+            v3.to_str().unwrap(),
+            "--keys",
+            trusted.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(".chunks"), "{err}");
+        let out = keelctl(&[
+            "verify",
+            v2.to_str().unwrap(),
+            "--keys",
+            trusted.to_str().unwrap(),
+        ]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("chunk index of"),
+            "{out:?}"
+        );
         let r = push_json(&ep, &v3);
         assert_eq!(r["staged"], 3);
         assert_eq!(r["delta"], false, "{r}");
