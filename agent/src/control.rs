@@ -9,10 +9,10 @@ use keel_sys::state;
 
 use crate::verify::Refusal;
 
-/// Ends the trial recorded in `<img>/keel-state.json`, and confirms a boot through dm-verity
-/// (removes initstage's marker, so the next boot does not check every block); returns what
-/// happened.
-pub fn mark_good(img: &Path) -> Result<String, Refusal> {
+/// Ends the trial recorded in `<img>/keel-state.json`, confirms a boot through dm-verity
+/// (removes initstage's marker, so the next boot does not check every block), and stops the
+/// watchdog initstage armed for the trial (`watchdog`: its device); returns what happened.
+pub fn mark_good(img: &Path, watchdog: Option<&Path>) -> Result<String, Refusal> {
     let mut state = match state::load(img) {
         Ok(Some(s)) => s,
         Ok(None) => {
@@ -35,6 +35,19 @@ pub fn mark_good(img: &Path) -> Result<String, Refusal> {
         }
         Ok(MarkGood::NotOnTrial) => format!("version {version} is not on trial: nothing to do"),
         Err(e) => return Err(Refusal::new(ErrorCode::InvalidState, e.to_string())),
+    };
+    let said = match watchdog {
+        None => said,
+        Some(dev) => match keel_sys::watchdog::disarm(dev) {
+            Ok(()) => format!("{said}; {} disarmed", dev.display()),
+            Err(e) => {
+                tracing::error!("disarm {}: {e}: it will reset the machine", dev.display());
+                format!(
+                    "{said}; {} could not be disarmed ({e}): it will reset the machine",
+                    dev.display()
+                )
+            }
+        },
     };
     let io = |e: durable::IoError| Refusal::new(ErrorCode::Io, e.to_string());
     let marker = img.join(keel_proto::layout::VERITY_UNCONFIRMED_FILE);

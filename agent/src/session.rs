@@ -364,9 +364,18 @@ async fn handle<S: AsyncRead + AsyncWrite + Unpin>(
         }
         Request::MarkGood => {
             let img = sh.config.img_dir();
-            let r = tokio::task::spawn_blocking(move || control::mark_good(&img))
-                .await
-                .expect("mark-good task");
+            let config = sh.config.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                // The watchdog initstage armed for this trial boot, if it did.
+                let armed = crate::status::Facts::read(&config)
+                    .report
+                    .and_then(|r| r.watchdog)
+                    .is_some();
+                let dev = std::path::Path::new(keel_sys::watchdog::DEVICE);
+                control::mark_good(&img, armed.then_some(dev))
+            })
+            .await
+            .expect("mark-good task");
             Outcome::reply(match r {
                 Ok(message) => Response::Done { message },
                 Err(e) => Response::from(e),

@@ -433,6 +433,30 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         Ok(())
     })?;
 
+    // A trial boot that hangs before it is confirmed is reset by the watchdog, and the next
+    // boot counts it as a failed trial. Not armed is a warning, never a failed boot.
+    let watchdog = match (cfg.watchdog, state.trial) {
+        (Some(secs), Some(_)) => {
+            let dev = std::path::Path::new(keel_sys::watchdog::DEVICE);
+            match step("watchdog", || keel_sys::watchdog::arm(dev, secs)) {
+                Ok(t) => {
+                    actions.push(format!(
+                        "armed {} with {t} s for this trial boot",
+                        dev.display()
+                    ));
+                    Some(t)
+                }
+                Err(e) => {
+                    actions.push(format!(
+                        "watchdog not armed: {}: {e} (is its driver in modules=?)",
+                        dev.display()
+                    ));
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let current = state
         .current
         .clone()
@@ -459,6 +483,7 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         actions,
         run_dir: layout.run.display().to_string(),
         verity: boot_verity,
+        watchdog,
     };
     let rp = layout.report();
     std::fs::write(&rp, report.to_json()).ctx("write", &rp)?;

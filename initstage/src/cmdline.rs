@@ -9,6 +9,8 @@ use keel_proto::layout::{valid_image_name, DEFAULT_IMAGE};
 
 /// Default boots a trial image gets.
 pub const DEFAULT_TRIES: u32 = 3;
+/// Largest `keel.watchdog=` accepted (i6300esb counts to about 2046 s).
+pub const MAX_WATCHDOG_SECS: u32 = 2000;
 /// Largest `keel.tries=` accepted.
 pub const MAX_TRIES: u32 = 100;
 /// Default seconds to wait for partitions.
@@ -67,6 +69,8 @@ pub struct Config {
     pub failpoint: Option<u64>,
     /// `keel.verity=required|auto|off`: when the image is mounted through dm-verity.
     pub verity: VerityMode,
+    /// `keel.watchdog=SECS`: arm `/dev/watchdog` with this timeout for a trial boot.
+    pub watchdog: Option<u32>,
 }
 
 /// `keel.verity=`: whether the image is read through dm-verity.
@@ -96,6 +100,7 @@ impl Default for Config {
             debug: false,
             failpoint: None,
             verity: VerityMode::Auto,
+            watchdog: None,
         }
     }
 }
@@ -252,6 +257,12 @@ pub fn parse(line: &str) -> (Config, Vec<Warning>) {
                 Some("off") => cfg.verity = VerityMode::Off,
                 _ => warn("expected required, auto or off; using auto".into()),
             },
+            "keel.watchdog" => match value.and_then(|v| v.parse::<u32>().ok()) {
+                Some(n) if (1..=MAX_WATCHDOG_SECS).contains(&n) => cfg.watchdog = Some(n),
+                _ => warn(format!(
+                    "expected whole seconds from 1 to {MAX_WATCHDOG_SECS}; no watchdog"
+                )),
+            },
             "keel.failpoint" => match value.and_then(|v| v.parse::<u64>().ok()) {
                 Some(n) if n > 0 => cfg.failpoint = Some(n),
                 _ => warn("expected a step number from 1; ignoring".into()),
@@ -282,9 +293,11 @@ mod tests {
             "init=/lib/systemd/systemd init_args=\"--unit rescue.target\" modules=virtio_blk,loop,squashfs \
              overlaytmpfs=yes overlaytmpfsflags=size=64m,nr_inodes=1000 keel.image=rootfs.erofs \
              keel.label.img=IMG keel.label.overlay=OV keel.label.newimg=NEW keel.label.boot=BOOT \
-             keel.tries=5 keel.wait=30 keel.debug keel.verity=required",
+             keel.tries=5 keel.wait=30 keel.debug keel.verity=required keel.watchdog=45",
         );
         assert_eq!(c.verity, VerityMode::Required);
+        assert_eq!(c.watchdog, Some(45));
+        assert_eq!(parse("").0.watchdog, None);
         assert_eq!(parse("keel.verity=off").0.verity, VerityMode::Off);
         assert_eq!(parse("").0.verity, VerityMode::Auto);
         assert!(w.is_empty(), "{w:?}");
@@ -315,6 +328,8 @@ mod tests {
     fn malformed_values_warn_and_use_defaults() {
         let cases: &[(&str, &str)] = &[
             ("keel.tries=abc", "1 to 100; using 3"),
+            ("keel.watchdog=0", "1 to 2000; no watchdog"),
+            ("keel.watchdog=x", "1 to 2000; no watchdog"),
             ("keel.tries=0", "1 to 100; using 3"),
             ("keel.tries=1000", "1 to 100; using 3"),
             ("keel.wait=-1", "using 10"),

@@ -47,6 +47,10 @@ pub struct BootReport {
     /// The dm-verity device the image is read through, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verity: Option<BootVerity>,
+    /// The watchdog initstage armed for this trial boot (`keel.watchdog=`): its timeout in
+    /// seconds; `mark-good` disarms it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watchdog: Option<u32>,
 }
 
 /// How the booted image is protected by dm-verity.

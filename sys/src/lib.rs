@@ -8,6 +8,7 @@
 //! | [`random`] | random bytes from the kernel (auth challenges) |
 //! | [`state`] | the one loader and writer of `keel-state.json` |
 //! | [`vsock`] | AF_VSOCK through four libc calls |
+//! | [`watchdog`] | `/dev/watchdog` armed for a trial boot, disarmed by its confirmation |
 //!
 //! Every write step takes a [`durable::Hook`], called after the step: initstage passes its
 //! failpoint so tests can cut the power after each one; everyone else passes
@@ -19,3 +20,4 @@ pub mod durable;
 pub mod random;
 pub mod state;
 pub mod vsock;
+pub mod watchdog;

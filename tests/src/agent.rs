@@ -134,6 +134,7 @@ pub fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
         actions: vec!["promoted".into()],
         run_dir: "/run/keel".into(),
         verity: None,
+        watchdog: None,
     };
     fs::write(etc.join("boot.json"), report.to_json()).unwrap();
     let mut st = BootState {

@@ -154,6 +154,7 @@ pub fn recompressed_modules(dir: &Path, tools: &[&str]) -> PathBuf {
     let wanted: Vec<String> = MODULES
         .split(',')
         .chain(VERITY_MODULES.split(','))
+        .chain(WATCHDOG_MODULES.split(','))
         .map(str::to_string)
         .collect();
     let (order, missing) = resolve(
@@ -223,7 +224,10 @@ fn pack(bins: &Path, modules: &Path, trusted: &Path, out: &Path, extra: &[&str])
         .arg(bins.join("initstage"))
         .arg("--kernel-modules")
         .arg(modules)
-        .args(["--modules", &format!("{MODULES},{VERITY_MODULES}")])
+        .args([
+            "--modules",
+            &format!("{MODULES},{VERITY_MODULES},{WATCHDOG_MODULES}"),
+        ])
         .arg("--keys")
         .arg(trusted)
         .args(extra)

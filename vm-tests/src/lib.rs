@@ -36,6 +36,10 @@ pub const MODULES: &str =
 /// through its dependencies device-mapper) itself, when an image's manifest carries a tree
 /// (with the accelerated SHA-256 driver it picks up when packed).
 pub const VERITY_MODULES: &str = "dm_verity,sha256_ssse3";
+/// Packed too, loaded by the watchdog scenario's `modules=`: Debian's cloud kernel has no
+/// driver for QEMU's `i6300esb`, so the watchdog is the kernel's `softdog` (the same
+/// `/dev/watchdog` interface; it resets the machine when it runs out).
+pub const WATCHDOG_MODULES: &str = "softdog";
 /// The product name of the test images.
 pub const PRODUCT: &str = "vmdemo";
 /// The agent's port in the guest (TCP and vsock).

@@ -176,7 +176,8 @@ impl Vm {
         }
     }
 
-    fn exited(&mut self) -> bool {
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => c.try_wait().ok().flatten().is_some(),
             None => true,

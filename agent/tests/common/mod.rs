@@ -74,6 +74,7 @@ impl Dev {
             actions: vec![],
             run_dir: "/run/keel".into(),
             verity: None,
+            watchdog: None,
         };
         fs::write(root.join("boot.json"), report.to_json()).unwrap();
         let st = BootState {
