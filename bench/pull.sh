@@ -35,7 +35,7 @@ head -c $((SIZE_MB << 20)) /dev/urandom > "$W/img"
 "$BIN/keelctl" sign "$W/img" --key "$W/etc/key.pem" --name bench --version 2 > /dev/null
 "$BIN/keelctl" publish "$W/img" --channel "$W/www/ch" > /dev/null
 rm "$W/img"
-SHA=$(ls "$W/www/ch/images")
+SHA=$(ls "$W/www/ch/images" | grep -v "\.chunks$")
 cat "$W/www/ch/images/$SHA" > /dev/null
 
 start_nginx() {
