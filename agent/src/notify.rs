@@ -19,3 +19,46 @@ pub fn notify(state: &str) {
         tracing::warn!("sd_notify {path:?}: {e}");
     }
 }
+
+/// How often to send `WATCHDOG=1` when systemd asks for it (`WatchdogSec=` sets
+/// `$WATCHDOG_USEC`, for the process `$WATCHDOG_PID` names when set): half the timeout.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    watchdog_interval_from(
+        std::env::var("WATCHDOG_USEC").ok().as_deref(),
+        std::env::var("WATCHDOG_PID").ok().as_deref(),
+        std::process::id(),
+    )
+}
+
+/// [`watchdog_interval`] from the variables' values (pure).
+pub fn watchdog_interval_from(
+    usec: Option<&str>,
+    pid: Option<&str>,
+    me: u32,
+) -> Option<std::time::Duration> {
+    if pid.is_some_and(|p| p.parse::<u32>().ok() != Some(me)) {
+        return None;
+    }
+    let usec: u64 = usec?.parse().ok().filter(|&u| u > 0)?;
+    Some(std::time::Duration::from_micros(usec / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn watchdog_interval_is_half_the_timeout_for_this_process() {
+        let f = watchdog_interval_from;
+        assert_eq!(f(Some("30000000"), None, 7), Some(Duration::from_secs(15)));
+        assert_eq!(
+            f(Some("30000000"), Some("7"), 7),
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(f(Some("30000000"), Some("8"), 7), None);
+        assert_eq!(f(Some("0"), None, 7), None);
+        assert_eq!(f(Some("x"), None, 7), None);
+        assert_eq!(f(None, None, 7), None);
+    }
+}

@@ -67,6 +67,20 @@ pub async fn run(
         shared.config.max_connections_per_peer,
     );
     notify::notify(&format!("READY=1\nSTATUS=listening on {}", names.join(" ")));
+    // systemd's WatchdogSec=: pinged from the runtime, so a runtime that hangs stops them and
+    // systemd restarts the agent.
+    if let Some(every) = notify::watchdog_interval() {
+        tracing::info!(
+            "systemd watchdog: WATCHDOG=1 every {} ms",
+            every.as_millis()
+        );
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                notify::notify("WATCHDOG=1");
+            }
+        });
+    }
     if let Some(to) = shared.config.announce.clone() {
         let config = shared.config.clone();
         let names = names.clone();

@@ -691,7 +691,10 @@ fn ready_announce_and_sd_notify() {
         let a = start_env(
             &w,
             &format!("announce = \"tcp://127.0.0.1:{port}\""),
-            &[("NOTIFY_SOCKET", &notify)],
+            &[
+                ("NOTIFY_SOCKET", &notify),
+                ("WATCHDOG_USEC", Path::new("200000")),
+            ],
         );
         let mut buf = [0u8; 512];
         let n = ns.recv(&mut buf).unwrap();
@@ -700,6 +703,15 @@ fn ready_announce_and_sd_notify() {
             msg.starts_with("READY=1\nSTATUS=listening on unix://"),
             "{msg}"
         );
+        // WatchdogSec=: WATCHDOG=1 every half of WATCHDOG_USEC (100 ms here); each read is
+        // bounded by the socket's timeout.
+        let mut pings = 0;
+        while pings < 3 {
+            let n = ns.recv(&mut buf).unwrap();
+            if &buf[..n] == b"WATCHDOG=1" {
+                pings += 1;
+            }
+        }
         let out = waiter.wait_with_output().unwrap();
         assert!(
             out.status.success(),
