@@ -22,7 +22,14 @@ pub enum Trust {
     /// The key remembered for the endpoint in this file; on first contact, the key the agent
     /// shows, remembered from then on.
     Remembered(PathBuf),
+    /// No file to remember keys in (no `--known-agents`, no `$HOME`: a system service, say).
+    /// Local endpoints (Unix socket, vsock) carry no TLS and never ask; a TCP connection stops
+    /// and says what to pass.
+    NoFile,
 }
+
+/// Why a TCP connection under [`Trust::NoFile`] stops.
+pub const NO_FILE: &str = "no --known-agents file and no $HOME to keep one in: pass                            --known-agents FILE, or pin the agent's key with --agent-key";
 
 impl Trust {
     /// `--agent-key FILE`: one PEM public key, the agent's `identity.pem.pub`.
@@ -110,6 +117,7 @@ pub fn judge(trust: &Trust, known: &[Known], endpoint: &str, seen: &[u8; 32]) ->
             fingerprint(seen),
             fingerprint(k)
         )),
+        Trust::NoFile => Verdict::Refuse(NO_FILE.into()),
         Trust::Remembered(path) => match known.iter().find(|k| k.endpoint == endpoint) {
             None => Verdict::FirstUse,
             Some(k) if &k.key == seen => Verdict::Trusted,
@@ -214,6 +222,14 @@ mod tests {
                     "{m}"
                 )
             }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn without_a_file_tls_stops_and_says_what_to_pass() {
+        match judge(&Trust::NoFile, &[], "tcp://h:1", &A) {
+            Verdict::Refuse(m) => assert!(m.contains("--known-agents FILE"), "{m}"),
             v => panic!("{v:?}"),
         }
     }

@@ -376,12 +376,12 @@ fn endpoint(a: &Args) -> anyhow::Result<Endpoint> {
 fn dial(a: &Args) -> anyhow::Result<Dial> {
     let trust = match &a.agent_key {
         Some(p) => Trust::pinned_from_file(p)?,
-        None => Trust::Remembered(
-            a.known_agents
-                .clone()
-                .or_else(keelctl::known::default_path)
-                .context("no --known-agents file and no $HOME to keep one in")?,
-        ),
+        // Only TLS (tcp://) reads it: keel-mark-good.service, with no $HOME, talks over
+        // the Unix socket.
+        None => match a.known_agents.clone().or_else(keelctl::known::default_path) {
+            Some(p) => Trust::Remembered(p),
+            None => Trust::NoFile,
+        },
     };
     Ok(Dial {
         wait: Duration::from_secs(a.wait),

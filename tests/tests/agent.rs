@@ -497,15 +497,31 @@ fn control_is_for_local_root_or_a_key() {
         }
         assert!(read_state(&w.img).trial.is_some());
         assert!(!flag.exists());
-        // keelctl over the Unix socket as root.
+        // keelctl over the Unix socket as root, as keel-mark-good.service runs it: no $HOME,
+        // no known-agents file (only TLS needs one).
         let ue = a.unix.to_string();
-        let out = keelctl(&["-e", &ue, "mark-good"]);
+        let out = Command::new(bin("keelctl"))
+            .args(["-e", &ue, "mark-good"])
+            .env_clear()
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(String::from_utf8_lossy(&out.stdout).contains("version 1 marked good"));
+        // Over TLS the same environment has nowhere to remember the agent's key: it says so.
+        let out = Command::new(bin("keelctl"))
+            .args(["-e", &a.tcp.to_string(), "status"])
+            .env_clear()
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains("--known-agents FILE"),
+            "{err}"
+        );
         let st = read_state(&w.img);
         assert!(st.trial.is_none());
         assert_eq!(
