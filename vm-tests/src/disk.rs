@@ -38,6 +38,13 @@ impl Disk {
         Disk::build(dir, v1, image_name, 0, false, Some(mib))
     }
 
+    /// [`Disk::new`] with partitions of the given sizes (MiB, in [`PARTS`] order): room for
+    /// a Debian root, whose promotion holds three copies on img at its peak (current, -old
+    /// and the new one being copied in).
+    pub fn with_sizes(dir: &Path, v1: &Path, image_name: &str, mib: [u64; 4]) -> Disk {
+        Disk::build_sized(dir, v1, None, image_name, 0, false, None, Some(mib))
+    }
+
     /// [`Disk::with_old_upper`] as a disk looks after its first boot: the image adopted in
     /// the boot state, so a boot changes nothing (the state of every later boot).
     pub fn steady(dir: &Path, v1: &Path, image_name: &str, files: usize) -> Disk {
@@ -70,13 +77,30 @@ impl Disk {
         adopted: bool,
         newimg_mib: Option<u64>,
     ) -> Disk {
+        Disk::build_sized(
+            dir, v1, signed, image_name, files, adopted, newimg_mib, None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_sized(
+        dir: &Path,
+        v1: &Path,
+        signed: Option<&SignedManifest>,
+        image_name: &str,
+        files: usize,
+        adopted: bool,
+        newimg_mib: Option<u64>,
+        sizes: Option<[u64; 4]>,
+    ) -> Disk {
         fs::create_dir_all(dir).unwrap();
         let path = dir.join("disk.img");
         let m = signed.cloned().unwrap_or_else(|| sign(v1, 1));
         // 100,000 inodes need room: the overlay grows with the files.
         let layout: Vec<(&'static str, u64)> = PARTS
             .iter()
-            .map(|&(l, s)| {
+            .zip(sizes.unwrap_or(PARTS.map(|(_, s)| s)))
+            .map(|(&(l, _), s)| {
                 (
                     l,
                     match l {

@@ -7,18 +7,24 @@
 //! |---|---|
 //! | [`kit`](mod@kit) | kernel, static binaries, initramfs, signing key: built once per process |
 //! | [`image`](mod@image) | root images with the agent and a `KEEL ...`-marking init; the script baseline |
+//! | [`debroot`] | Debian roots with systemd or OpenRC as init and keel installed in them |
+//! | [`guest`] | a booted guest's agent over TCP: wait, exec by key, reboot, status polls |
 //! | [`disk`] | the GPT disk, built and read back without mounts |
 //! | [`vm`] | one QEMU boot, at most two at once |
 //! | [`vsock`] | `vhost-device-vsock` and hybrid vsock from the host |
 #![allow(missing_docs)]
 
+pub mod debroot;
 pub mod disk;
+pub mod guest;
 pub mod image;
 pub mod kit;
 pub mod vm;
 pub mod vsock;
 
+pub use debroot::*;
 pub use disk::*;
+pub use guest::*;
 pub use image::*;
 pub use kit::*;
 pub use vm::*;
