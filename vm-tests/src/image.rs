@@ -48,8 +48,11 @@ ip link set lo up
 ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 # The pull scenario names its channel on the command line (the host's nginx, as 10.0.2.2).
 P=$(sed -n 's/.*keel_test.pull=\([^ ]*\).*/\1/p' /proc/cmdline)
-[ -n "$P" ] && printf '\n[pull]\nurl = "%s"\ninterval_secs = 2\njitter_secs = 1\n' "$P" >> /etc/keel/agent.toml
-keel-agent --config /etc/keel/agent.toml > /tmp/agent.log 2>&1 &
+# The config is completed on tmpfs: appending to /etc/keel/agent.toml is an overlayfs copy-up,
+# which the kernel aborts with EINTR when a signal (init's SIGCHLD) is pending.
+cp /etc/keel/agent.toml /tmp/agent.toml
+[ -n "$P" ] && printf '\n[pull]\nurl = "%s"\ninterval_secs = 2\njitter_secs = 1\n' "$P" >> /tmp/agent.toml
+keel-agent --config /tmp/agent.toml > /tmp/agent.log 2>&1 &
 i=0
 while ! keelctl --wait 0 status > /dev/null 2>&1; do
   i=$((i+1)); [ $i -gt 200 ] && echo "KEEL agent-failed" && cat /tmp/agent.log
