@@ -118,13 +118,13 @@ vm-bins: deps
 	$(INITSTAGE_BUILD) --features failpoints --target-dir target/vm-initstage
 	ln -f target/vm-initstage/$(TARGET)/release/initstage target/vm/$(TARGET)/release/initstage
 
-## sizes: the static binaries' sizes, checked against the goals (initstage ≤ 1.5 MB, agent ≤ 4 MB)
+## sizes: the static binaries' sizes, checked against the goals (initstage ≤ 1.55 MB, agent ≤ 4 MB)
 sizes:
 	@for b in initstage keel-agent keelctl; do \
 		printf '%-10s (static, release): %s bytes\n' $$b "$$(stat -c %s $(STATIC)/$$b)"; \
 		ldd $(STATIC)/$$b 2>&1 | grep -q 'statically linked\|not a dynamic' || { echo "$$b is not static"; exit 1; }; \
 	done
-	@[ $$(stat -c %s $(STATIC)/initstage) -le 1500000 ] || { echo "initstage is over 1,500,000 bytes"; exit 1; }
+	@[ $$(stat -c %s $(STATIC)/initstage) -le 1550000 ] || { echo "initstage is over 1,550,000 bytes"; exit 1; }
 	@[ $$(stat -c %s $(STATIC)/keel-agent) -le 4000000 ] || { echo "keel-agent is over 4,000,000 bytes"; exit 1; }
 
 ## vm: only the VM scenarios (one alone: make vm VM=update_cycle)

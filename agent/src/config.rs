@@ -22,7 +22,8 @@
 //! max_connections_per_peer = 4  # remote connections from one IP address or vsock CID
 //! max_session_secs = 300        # a remote connection is closed between requests after this
 //! # announce = "vsock://2:7448" # say "ready" to the host once listening
-//! # reboot_command = "systemctl reboot"  # default: sync, then reboot(2)
+//! # reboot_command = "systemctl reboot"  # default: `systemctl reboot` under systemd,
+//!                                        # `reboot` under OpenRC, else sync + reboot(2)
 //!
 //! # Remote execution and remote control by key; off when the table is absent.
 //! [exec]

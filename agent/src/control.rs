@@ -58,14 +58,45 @@ pub fn mark_good(img: &Path, watchdog: Option<&Path>) -> Result<String, Refusal>
     Ok(said)
 }
 
-/// Flushes filesystems and reboots: `command` through `/bin/sh -c` when configured; under
-/// systemd (`$INVOCATION_ID` set) `systemctl reboot` for an orderly shutdown; else
-/// sync(2) + reboot(2).
+/// The init system the agent runs under, as far as its reboot is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitSystem {
+    /// systemd started the agent (`$INVOCATION_ID` set).
+    Systemd,
+    /// OpenRC is running (`/run/openrc` exists): Alpine's or Debian's.
+    OpenRc,
+    /// Anything else (a script as `/sbin/init`, the agent as PID 1's child).
+    Other,
+}
+
+impl InitSystem {
+    /// Looks at this process's environment and `/run`.
+    pub fn detect() -> InitSystem {
+        if std::env::var_os("INVOCATION_ID").is_some() {
+            InitSystem::Systemd
+        } else if std::path::Path::new("/run/openrc").is_dir() {
+            InitSystem::OpenRc
+        } else {
+            InitSystem::Other
+        }
+    }
+}
+
+/// The command a reboot runs: the configured one; else the init system's own, for an
+/// orderly shutdown (`systemctl reboot`; `reboot`, which OpenRC's init — sysvinit, busybox
+/// or openrc-init — turns into its shutdown runlevel); `None`: sync(2) + reboot(2).
+pub fn reboot_command(configured: Option<&str>, init: InitSystem) -> Option<&str> {
+    configured.or(match init {
+        InitSystem::Systemd => Some("systemctl reboot"),
+        InitSystem::OpenRc => Some("reboot"),
+        InitSystem::Other => None,
+    })
+}
+
+/// Flushes filesystems and reboots by [`reboot_command`].
 pub fn reboot(command: Option<&str>) -> Result<(), Refusal> {
     rustix::fs::sync();
-    let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
-    let command = command.or(under_systemd.then_some("systemctl reboot"));
-    match command {
+    match reboot_command(command, InitSystem::detect()) {
         Some(cmd) => {
             let st = std::process::Command::new("/bin/sh")
                 .arg("-c")
@@ -80,5 +111,21 @@ pub fn reboot(command: Option<&str>) -> Result<(), Refusal> {
         }
         None => rustix::system::reboot(rustix::system::RebootCommand::Restart)
             .map_err(|e| Refusal::new(ErrorCode::Io, format!("reboot(2): {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reboot_goes_through_the_init_system_unless_configured() {
+        use InitSystem::*;
+        assert_eq!(reboot_command(None, Systemd), Some("systemctl reboot"));
+        assert_eq!(reboot_command(None, OpenRc), Some("reboot"));
+        assert_eq!(reboot_command(None, Other), None);
+        for init in [Systemd, OpenRc, Other] {
+            assert_eq!(reboot_command(Some("true"), init), Some("true"));
+        }
     }
 }

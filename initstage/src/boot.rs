@@ -9,6 +9,7 @@ use std::time::Instant;
 use keel_proto::bootstate::BootState;
 use keel_proto::layout::Names;
 use keel_proto::manifest::VerifyingKey;
+use keel_proto::persist::PERSIST_DIR;
 use keel_proto::report::{BootReport, FoundPartition};
 
 use crate::apply::{self, Dirs};
@@ -19,6 +20,7 @@ use crate::kmsg::step;
 use crate::loopdev;
 use crate::mountplan::{self, Access, Layout, MountOp};
 use crate::mounts::Mounts;
+use crate::persist;
 use crate::probe::{self, Partitions, Scope};
 use crate::promote::{self, Step};
 use crate::switch_root::init_present;
@@ -345,6 +347,20 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
     // Mount the current image; if it (or its init) fails, fall back to the previous one.
     let image = dirs.img.join(&dirs.names.current);
     let up = mountplan::upper_plan(cfg, parts.overlay.is_some(), layout);
+    // `keelctl persist` batches go into persistent/ before it is a lower layer.
+    let persisted = match &up.persistent {
+        Some(p) if layout.part("overlay").join(PERSIST_DIR).is_dir() => step("persist", || {
+            Ok::<_, Infallible>(persist::apply_all(&layout.part("overlay"), p))
+        })
+        .unwrap_or_else(|e| match e {}),
+        _ => Vec::new(),
+    };
+    for b in &persisted {
+        actions.push(match &b.error {
+            None => format!("persisted batch {}: {} entries", b.batch, b.applied),
+            Some(e) => format!("persist batch {}: {e}", b.batch),
+        });
+    }
     let mut attempt = 0;
     let (fstype, trash, decision) = loop {
         attempt += 1;
@@ -484,6 +500,7 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
         run_dir: layout.run.display().to_string(),
         verity: boot_verity,
         watchdog,
+        persisted,
     };
     let rp = layout.report();
     std::fs::write(&rp, report.to_json()).ctx("write", &rp)?;

@@ -12,6 +12,7 @@
 //! | [`verity`] | whether the image is read through dm-verity (pure), and its device-mapper device |
 //! | [`mountplan`] | what to mount where (pure) |
 //! | [`mounts`] | mount(2) with undo |
+//! | [`persist`] | `keelctl persist` batches into `persistent/`, checked first, crash-safe |
 //! | [`boot`] | one boot: steps 2–9, shared by PID 1 and `prepare` |
 //! | [`switch_root`] | switch_root in the canonical order, exec init |
 //! | [`pid1`] | PID 1 mode |
@@ -30,6 +31,7 @@ pub mod loopdev;
 pub mod modules;
 pub mod mountplan;
 pub mod mounts;
+pub mod persist;
 pub mod pid1;
 pub mod probe;
 pub mod promote;

@@ -208,6 +208,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Records files, directories and symlinks of the running system (or, with --remove,
+    /// their removal) for the overlay's persistent/ layer: initstage applies them at the next
+    /// boot, before the layer is mounted. On the device, as root.
+    Persist {
+        /// Absolute paths as the running system sees them; a directory with everything in it.
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Remove these paths from persistent/ instead (the image's own files, if any, show
+        /// again).
+        #[arg(long)]
+        remove: bool,
+        /// initstage's run directory (boot.json, the overlay partition's mount).
+        #[arg(long, default_value = "/run/keel")]
+        run_dir: PathBuf,
+        /// Read the paths from this tree instead of the running root.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+        /// Print the outcome as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Ends the booted image's trial (root on the device's Unix socket, or --key).
     MarkGood,
     /// Reboots the device (root on the device's Unix socket, or --key).
@@ -519,6 +540,19 @@ fn run(a: Args) -> anyhow::Result<()> {
             },
         ),
         Cmd::Status { json } => cmd::status::run(connect(&a)?, *json),
+        Cmd::Persist {
+            paths,
+            remove,
+            run_dir,
+            root,
+            json,
+        } => cmd::persist::run(&cmd::persist::Persist {
+            paths,
+            remove: *remove,
+            run_dir,
+            root,
+            json: *json,
+        }),
         Cmd::MarkGood => cmd::control::run(connect(&a)?, &Request::MarkGood),
         Cmd::Reboot => cmd::control::run(connect(&a)?, &Request::Reboot),
         Cmd::Unstage => cmd::control::run(connect(&a)?, &Request::Unstage),

@@ -9,6 +9,7 @@
 //! | [`bootstate`] | the boot state on the `img` partition: current/old image, trial, events |
 //! | [`report`] | `/run/keel/boot.json`: what initstage did this boot |
 //! | [`endpoint`] | `tcp://`, `unix://`, `vsock://`, `hvsock://` endpoint strings |
+//! | [`persist`] | changes to `persistent/` staged by `keelctl persist`, applied by initstage |
 //! | [`layout`] | file names on the partitions, derived from the image name |
 //! | [`wire`] | length-prefixed frames with a size limit: the one encoder and header check |
 //! | [`message`] | the typed requests and responses carried in frames |
@@ -32,6 +33,7 @@ pub mod layout;
 pub mod manifest;
 pub mod message;
 pub mod moddep;
+pub mod persist;
 pub mod report;
 pub mod runconfig;
 pub mod wire;

@@ -51,6 +51,23 @@ pub struct BootReport {
     /// seconds; `mark-good` disarms it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog: Option<u32>,
+    /// The `keelctl persist` batches dealt with this boot, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub persisted: Vec<PersistedBatch>,
+}
+
+/// One `keelctl persist` batch initstage dealt with ([`crate::persist`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersistedBatch {
+    /// Its sequence number.
+    pub batch: u64,
+    /// Entries applied to `persistent/`.
+    pub applied: usize,
+    /// `None`: every entry applied and the batch removed. Else why not: refused (kept as
+    /// `rejected-<seq>`, nothing applied), dropped (incomplete), or stopped by an I/O error
+    /// (kept, retried next boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// How the booted image is protected by dm-verity.

@@ -135,6 +135,7 @@ pub fn world(sb: &mut Sandbox, newimg: &Path, booted: u64) -> World {
         run_dir: "/run/keel".into(),
         verity: None,
         watchdog: None,
+        persisted: Vec::new(),
     };
     fs::write(etc.join("boot.json"), report.to_json()).unwrap();
     let mut st = BootState {

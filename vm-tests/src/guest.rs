@@ -61,7 +61,7 @@ pub fn reboot(vm: &mut Vm, port: u16) {
     let key = kit().host_key.to_str().unwrap().to_string();
     let ep = format!("tcp://127.0.0.1:{port}");
     ok(&keelctl(&["-e", &ep, "--key", &key, "reboot"]));
-    vm.wait_exit();
+    vm.wait_shutdown(Duration::from_secs(60));
     let log = vm.log();
     assert!(log.contains("reboot: Restarting system"), "{log}");
 }

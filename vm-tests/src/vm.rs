@@ -186,12 +186,24 @@ impl Vm {
 
     /// Waits for QEMU to exit by itself (the guest rebooted or powered off: -no-reboot).
     pub fn wait_exit(&mut self) {
-        let deadline = self.started + BOOT_TIMEOUT;
+        self.wait_exit_by(self.started + BOOT_TIMEOUT);
+    }
+
+    /// [`Vm::wait_exit`] for a shutdown asked for now: bounded by `within` from now (a real
+    /// init's orderly shutdown, begun late in a long scenario).
+    pub fn wait_shutdown(&mut self, within: Duration) {
+        self.wait_exit_by(Instant::now() + within);
+    }
+
+    fn wait_exit_by(&mut self, deadline: Instant) {
         while !self.exited() {
             if Instant::now() > deadline {
                 let log = self.log();
                 self.kill();
-                panic!("VM did not stop within {BOOT_TIMEOUT:?}; console:\n{log}");
+                panic!(
+                    "VM did not stop ({:?} after its start); console:\n{log}",
+                    self.started.elapsed()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -64,6 +64,15 @@ fn systemd_root_notifies_marks_good_after_boot_complete_and_rolls_back_a_failed_
 
     // A delta push of v2 while it runs; then the agent's pings moved systemd's watchdog
     // timestamp on (one every 15 s) and it was never restarted.
+    // keelctl persist works from inside the agent's sandbox (the overlay partition is under
+    // /run/keel, the one writable path): /etc/hostname into persistent/.
+    let out = exec_ok(port, &["keelctl", "persist", "--json", "/etc/hostname"]);
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (j["batch"].as_u64(), j["files"].as_u64()),
+        (Some(1), Some(1)),
+        "{j}"
+    );
     let out = ok(&push(port, &v2));
     assert!(out.contains("staged"), "{out}");
     std::thread::sleep(Duration::from_secs(17).saturating_sub(t0.elapsed()));
@@ -92,6 +101,16 @@ fn systemd_root_notifies_marks_good_after_boot_complete_and_rolls_back_a_failed_
         ],
     );
     assert_eq!(active, "active\nactive\n");
+    let report: serde_json::Value =
+        serde_json::from_str(&exec_ok(port, &["cat", "/run/keel/boot.json"])).unwrap();
+    assert_eq!(
+        report["persisted"][0]["applied"], 2,
+        "/etc and /etc/hostname: {report}"
+    );
+    assert_eq!(
+        exec_ok(port, &["cat", "/run/keel/overlay/persistent/etc/hostname"]),
+        "keel-systemd\n"
+    );
     ok(&push(port, &v3));
     reboot(&mut vm, port);
 

@@ -75,6 +75,7 @@ impl Dev {
             run_dir: "/run/keel".into(),
             verity: None,
             watchdog: None,
+            persisted: Vec::new(),
         };
         fs::write(root.join("boot.json"), report.to_json()).unwrap();
         let st = BootState {

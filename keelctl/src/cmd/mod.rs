@@ -7,6 +7,7 @@ pub mod disk;
 pub mod exec;
 pub mod initramfs;
 pub mod keygen;
+pub mod persist;
 pub mod ps;
 pub mod publish;
 pub mod push;
