@@ -517,13 +517,29 @@ fn prepare_inner(opts: &Options, mounts: &mut Mounts) -> Result<Prepared> {
 }
 
 /// Empties a trash directory (old upper layers), off the boot path.
+/// Entries that vanish meanwhile are not errors: under initstage as PID 1 its own cleaner and
+/// `keel-clean-trash.service` may both be at work (a missing trash is empty).
 pub fn clean_trash(trash: &Path) -> std::io::Result<()> {
     let t = Instant::now();
-    for e in std::fs::read_dir(trash)? {
+    let gone = |r: std::io::Result<()>| match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    };
+    let entries = match std::fs::read_dir(trash) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r?,
+    };
+    for e in entries {
         let p = e?.path();
         // The overlay's work dir holds a mode-000 "work" directory: plain recursive removal
-        // as root copes with it.
-        std::fs::remove_dir_all(&p)?;
+        // as root copes with it (a symlink is removed, never followed).
+        gone(std::fs::remove_dir_all(&p).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotADirectory {
+                std::fs::remove_file(&p)
+            } else {
+                Err(e)
+            }
+        }))?;
     }
     log::info!(
         "emptied {} ({} ms)",
@@ -570,5 +586,23 @@ mod tests {
             .steps
             .iter()
             .any(|s| matches!(s, Step::CopyStaged { .. } | Step::RemoveStaged)));
+    }
+
+    #[test]
+    fn clean_trash_empties_without_following_links_and_a_missing_trash_is_empty() {
+        let base = std::env::temp_dir().join(format!("keel-trash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (trash, keep) = (base.join(".trash"), base.join("keep"));
+        std::fs::create_dir_all(trash.join("upper-1/etc/a/b")).unwrap();
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::write(keep.join("f"), "x").unwrap();
+        std::fs::write(trash.join("upper-1/etc/a/b/f"), "x").unwrap();
+        std::fs::write(trash.join("stray"), "x").unwrap();
+        std::os::unix::fs::symlink(&keep, trash.join("link")).unwrap();
+        clean_trash(&trash).unwrap();
+        assert_eq!(std::fs::read_dir(&trash).unwrap().count(), 0);
+        assert_eq!(std::fs::read(keep.join("f")).unwrap(), b"x");
+        clean_trash(&base.join("absent")).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

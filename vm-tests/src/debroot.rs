@@ -44,34 +44,50 @@ impl Init {
         }
     }
 
-    /// debootstrap's `--include`, and what apt installs in the tree afterwards, in turn
-    /// (OpenRC: its
-    /// `sysvinit-core` dependency would pull in `sysv-rc`, which conflicts with `openrc`, in
-    /// debootstrap's resolver; apt picks the alternative).
-    fn recipe(self) -> (&'static str, &'static [&'static [&'static str]]) {
+    /// What debootstrap and apt put in the tree (OpenRC: its `sysvinit-core` dependency would
+    /// pull in `sysv-rc`, which conflicts with `openrc`, in debootstrap's resolver; apt picks
+    /// the alternative).
+    fn recipe(self) -> Recipe {
         match self {
-            Init::Systemd => ("systemd,systemd-sysv,udev,kmod,iproute2", &[]),
+            Init::Systemd => Recipe {
+                name: "systemd",
+                include: "systemd,systemd-sysv,udev,kmod,iproute2",
+                apt: &[],
+            },
             // ifupdown after openrc, so its `networking` script lands in OpenRC's runlevels.
-            Init::OpenRc => (
-                "kmod,iproute2",
-                &[&["openrc", "sysvinit-core"], &["ifupdown"]],
-            ),
+            Init::OpenRc => Recipe {
+                name: "openrc",
+                include: "kmod,iproute2",
+                apt: &[&["openrc", "sysvinit-core"], &["ifupdown"]],
+            },
         }
     }
+}
+
+/// How a Debian tree is made: debootstrap's minbase with `--include`, then each `apt` group
+/// installed in the tree in turn.
+#[derive(Debug)]
+pub struct Recipe {
+    /// The tree's directory name (before its recipe's hash).
+    pub name: &'static str,
+    pub include: &'static str,
+    pub apt: &'static [&'static [&'static str]],
 }
 
 /// The debootstrap'd tree of `init` (made once, cached by recipe under the kit's work dir;
 /// `.complete` marks a finished one).
 pub fn deb_tree(init: Init) -> PathBuf {
+    tree(&init.recipe())
+}
+
+/// The tree a recipe makes, cached by it.
+pub fn tree(r: &Recipe) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
     let _g = LOCK.lock().unwrap();
-    let (include, apt) = init.recipe();
+    let (include, apt) = (r.include, r.apt);
     let recipe = format!("bookworm minbase {include} apt:{apt:?} trim:{TRIM:?}");
     let key = keel_proto::hex::encode(&Sha256::digest(recipe.as_bytes())[..6]);
-    let dir = kit()
-        .work
-        .join("debroot")
-        .join(format!("{}-{key}", init.name()));
+    let dir = kit().work.join("debroot").join(format!("{}-{key}", r.name));
     if dir.join(".complete").exists() {
         return dir;
     }
@@ -146,6 +162,13 @@ enabled = true
 authorized_keys = "/etc/keel/authorized.pem"
 "#;
 
+/// The units from `systemd/` a systemd root gets, enabled.
+const SYSTEMD_UNITS: [&str; 3] = [
+    "keel-agent.service",
+    "keel-mark-good.service",
+    "keel-clean-trash.service",
+];
+
 /// systemd-networkd's configuration for QEMU's user network (no DHCP wait: a static address).
 const NETWORK: &str =
     "[Match]\nName=en* eth*\n\n[Network]\nAddress=10.0.2.15/24\nGateway=10.0.2.2\n";
@@ -182,7 +205,8 @@ fn write_exec(path: &Path, text: &str) {
 /// the init system's service files from `systemd/`, enabled with its own tool.
 fn install_keel(root: &Path, init: Init, version: u64, good: bool) {
     let k = kit();
-    for b in ["keel-agent", "keelctl"] {
+    // initstage too: `initstage clean-trash` for keel-clean-trash.service.
+    for b in ["keel-agent", "keelctl", "initstage"] {
         fs::copy(k.bins.join(b), root.join("usr/bin").join(b)).unwrap();
     }
     fs::create_dir_all(root.join("etc/keel")).unwrap();
@@ -201,13 +225,13 @@ fn install_keel(root: &Path, init: Init, version: u64, good: bool) {
     match init {
         Init::Systemd => {
             let sys = root.join("etc/systemd/system");
-            for u in ["keel-agent.service", "keel-mark-good.service"] {
+            for u in SYSTEMD_UNITS {
                 fs::copy(units.join(u), sys.join(u)).unwrap();
             }
             fs::create_dir_all(root.join("etc/systemd/network")).unwrap();
             fs::write(root.join("etc/systemd/network/10-qemu.network"), NETWORK).unwrap();
-            let mut enable = vec!["systemd-networkd.service", "keel-agent.service"];
-            enable.push("keel-mark-good.service");
+            let mut enable = vec!["systemd-networkd.service"];
+            enable.extend(SYSTEMD_UNITS);
             if !good {
                 fs::write(sys.join("keel-test-health.service"), FAILING_HEALTH_UNIT).unwrap();
                 enable.push("keel-test-health.service");
@@ -268,10 +292,12 @@ pub fn deb_image(init: Init, version: u64, good: bool) -> PathBuf {
     for f in [
         k.bins.join("keel-agent"),
         k.bins.join("keelctl"),
+        k.bins.join("initstage"),
         k.trusted.clone(),
         k.authorized.clone(),
         units.join("keel-agent.service"),
         units.join("keel-mark-good.service"),
+        units.join("keel-clean-trash.service"),
         units.join("keel-agent.openrc"),
         units.join("keel-mark-good.openrc"),
     ] {

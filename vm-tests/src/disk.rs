@@ -232,9 +232,11 @@ impl Disk {
         part
     }
 
-    /// Reads `path` from the partition labelled `label` with debugfs (no mount).
+    /// Reads `path` from the partition labelled `label` with debugfs (no mount), as the
+    /// guest's next mount would see it: its journal replayed on the copy first (a guest killed
+    /// after an fsync has the write in the journal, not yet in place).
     pub fn read(&self, label: &str, path: &str) -> Option<Vec<u8>> {
-        let part = self.extract(label);
+        let part = self.extract_replayed(label);
         let r = self.read_part(&part, path);
         let _ = fs::remove_file(&part);
         r

@@ -8,6 +8,7 @@
 //! | [`kit`](mod@kit) | kernel, static binaries, initramfs, signing key: built once per process |
 //! | [`image`](mod@image) | root images with the agent and a `KEEL ...`-marking init; the script baseline |
 //! | [`debroot`] | Debian roots with systemd or OpenRC as init and keel installed in them |
+//! | [`dracut`](mod@dracut) | a systemd initramfs built by Debian's dracut with keel's module |
 //! | [`guest`] | a booted guest's agent over TCP: wait, exec by key, reboot, status polls |
 //! | [`disk`] | the GPT disk, built and read back without mounts |
 //! | [`vm`] | one QEMU boot, at most two at once |
@@ -16,6 +17,7 @@
 
 pub mod debroot;
 pub mod disk;
+pub mod dracut;
 pub mod guest;
 pub mod image;
 pub mod kit;
@@ -24,6 +26,7 @@ pub mod vsock;
 
 pub use debroot::*;
 pub use disk::*;
+pub use dracut::*;
 pub use guest::*;
 pub use image::*;
 pub use kit::*;
