@@ -82,3 +82,27 @@ pub fn status_until(
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The boot `vm` runs rolled back to `version`: the agent says so and that the image is not
+/// on trial, the image's own `/etc/keel-version` agrees, and once the VM is stopped the disk's
+/// boot state names it as current.
+pub fn assert_rolled_back_to(mut vm: Vm, port: u16, disk: &Disk, version: u64) {
+    let st = wait_agent(&mut vm, port);
+    assert_eq!(st["booted"]["version"], version, "{st}");
+    assert!(
+        st["boot_actions"].to_string().contains("rolled back"),
+        "{st}"
+    );
+    assert!(st["trial"].is_null(), "{st}");
+    assert_eq!(
+        exec_ok(port, &["cat", "/etc/keel-version"]).trim(),
+        version.to_string()
+    );
+    vm.kill();
+    let state = disk.state();
+    assert_eq!(
+        state.current.as_ref().map(|c| c.version),
+        Some(version),
+        "{state:?}"
+    );
+}

@@ -96,21 +96,7 @@ fn dracut_initramfs_promotes_confirms_and_rolls_back_a_keel_image() {
     assert!(!status(port)["trial"].is_null());
     reboot(&mut vm, port);
 
-    let mut vm = Vm::start(&disk, "back", &boot(port, &initramfs, "keel.tries=1"));
-    let st = wait_agent(&mut vm, port);
-    assert_eq!(st["booted"]["version"], 2, "{st}");
-    assert!(
-        st["boot_actions"].to_string().contains("rolled back"),
-        "{st}"
-    );
-    assert!(st["trial"].is_null(), "{st}");
-    assert_eq!(exec_ok(port, &["cat", "/etc/keel-version"]).trim(), "2");
-    vm.kill();
-    let state = disk.state();
-    assert_eq!(
-        state.current.as_ref().map(|c| c.version),
-        Some(2),
-        "{state:?}"
-    );
+    let vm = Vm::start(&disk, "back", &boot(port, &initramfs, "keel.tries=1"));
+    assert_rolled_back_to(vm, port, &disk, 2);
     let _ = fs::remove_dir_all(&d);
 }

@@ -166,14 +166,7 @@ fn openrc_root_supervises_the_agent_marks_good_and_rolls_back_a_failed_check() {
     reboot(&mut vm, port);
 
     // …and the next boot is v2 again.
-    let mut vm = Vm::start(&disk, "back", &boot(port, "keel.tries=1"));
-    let st = wait_agent(&mut vm, port);
-    assert_eq!(st["booted"]["version"], 2, "{st}");
-    assert!(
-        st["boot_actions"].to_string().contains("rolled back"),
-        "{st}"
-    );
-    assert_eq!(exec_ok(port, &["cat", "/etc/keel-version"]).trim(), "2");
-    vm.kill();
+    let vm = Vm::start(&disk, "back", &boot(port, "keel.tries=1"));
+    assert_rolled_back_to(vm, port, &disk, 2);
     let _ = fs::remove_dir_all(&d);
 }

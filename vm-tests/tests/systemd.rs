@@ -138,21 +138,7 @@ fn systemd_root_notifies_marks_good_after_boot_complete_and_rolls_back_a_failed_
     reboot(&mut vm, port);
 
     // The next boot rolls back to v2, which is confirmed.
-    let mut vm = Vm::start(&disk, "back", &boot(port, "keel.tries=1"));
-    let st = wait_agent(&mut vm, port);
-    assert_eq!(st["booted"]["version"], 2, "{st}");
-    assert!(
-        st["boot_actions"].to_string().contains("rolled back"),
-        "{st}"
-    );
-    assert!(st["trial"].is_null(), "{st}");
-    assert_eq!(exec_ok(port, &["cat", "/etc/keel-version"]).trim(), "2");
-    vm.kill();
-    let state = disk.state();
-    assert_eq!(
-        state.current.as_ref().map(|c| c.version),
-        Some(2),
-        "{state:?}"
-    );
+    let vm = Vm::start(&disk, "back", &boot(port, "keel.tries=1"));
+    assert_rolled_back_to(vm, port, &disk, 2);
     let _ = fs::remove_dir_all(&d);
 }
