@@ -8,7 +8,12 @@
  *                                    byte count
  *   keel-rawstream write BYTES       write BYTES zeros to stdout: the producer keel's exec
  *                                    output is measured with, the same writes as `send`
+ *   keel-rawstream relay PORT        listen on vsock PORT, accept one peer, copy stdin (a
+ *                                    pipe) to it by read/write of 64 KiB: an agent's least
+ *                                    work for a process's output, with no protocol
+ *   keel-rawstream splice PORT       the same by splice(2), the bytes never in user memory
  */
+#define _GNU_SOURCE
 #include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <stdio.h>
@@ -59,6 +64,32 @@ int main(int argc, char **argv) {
         close(c);
         return rc;
     }
+    if (argc == 3 && strcmp(argv[1], "relay") == 0) {
+        int c = accept_one((unsigned)strtoul(argv[2], NULL, 10));
+        ssize_t r;
+        while ((r = read(0, buf, 64 << 10)) > 0) {
+            for (ssize_t off = 0; off < r;) {
+                ssize_t w = write(c, buf + off, (size_t)(r - off));
+                if (w <= 0) {
+                    perror("keel-rawstream: relay write");
+                    return 1;
+                }
+                off += w;
+            }
+        }
+        close(c);
+        return r < 0;
+    }
+    if (argc == 3 && strcmp(argv[1], "splice") == 0) {
+        int c = accept_one((unsigned)strtoul(argv[2], NULL, 10));
+        ssize_t r;
+        while ((r = splice(0, NULL, c, NULL, 64 << 10, SPLICE_F_MOVE | SPLICE_F_MORE)) > 0)
+            ;
+        if (r < 0)
+            perror("keel-rawstream: splice");
+        close(c);
+        return r < 0;
+    }
     if (argc == 3 && strcmp(argv[1], "write") == 0)
         return write_zeros(1, strtoull(argv[2], NULL, 10));
     if ((argc == 3 || argc == 4) && strcmp(argv[1], "recv") == 0) {
@@ -84,6 +115,7 @@ int main(int argc, char **argv) {
         printf("%llu\n", total);
         return r < 0;
     }
-    fprintf(stderr, "usage: keel-rawstream send PORT BYTES | recv PORT [FILE] | write BYTES\n");
+    fprintf(stderr, "usage: keel-rawstream send PORT BYTES | recv PORT [FILE] | write BYTES | "
+                    "relay PORT | splice PORT\n");
     return 2;
 }

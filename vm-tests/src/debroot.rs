@@ -191,6 +191,9 @@ RequiredBy=boot-complete.target
 const INTERFACES: &str =
     "auto lo\niface lo inet loopback\n\nauto eth0\niface eth0 inet static\n  address 10.0.2.15/24\n  gateway 10.0.2.2\n";
 
+/// Appended to OpenRC's `/etc/rc.conf`.
+const RC_CONF: &str = "\n# keel vm-tests\nrc_logger=\"YES\"\n";
+
 /// A health check for `/etc/keel/health.d` that fails (the OpenRC "bad" image).
 const FAILING_HEALTH_SCRIPT: &str =
     "#!/bin/sh\necho 'keel test: failing health check' >&2\nexit 1\n";
@@ -252,6 +255,11 @@ fn install_keel(root: &Path, init: Init, version: u64, good: bool) {
                 write_exec(&root.join("etc/init.d").join(name), &text);
             }
             fs::write(root.join("etc/network/interfaces"), INTERFACES).unwrap();
+            // Services' output in /var/log/rc.log: what a failing test shows.
+            let conf = root.join("etc/rc.conf");
+            let mut rc = fs::read_to_string(&conf).unwrap();
+            rc.push_str(RC_CONF);
+            fs::write(&conf, rc).unwrap();
             if !good {
                 write_exec(
                     &root.join("etc/keel/health.d/10-fails"),
@@ -285,6 +293,7 @@ pub fn deb_image(init: Init, version: u64, good: bool) -> PathBuf {
         FAILING_HEALTH_UNIT,
         INTERFACES,
         FAILING_HEALTH_SCRIPT,
+        RC_CONF,
     ] {
         h.update(t.as_bytes());
     }

@@ -21,6 +21,20 @@ fn boot(port: u16, extra: &str) -> Boot {
     }
 }
 
+/// What OpenRC and the agent logged this boot (rc_logger's `/var/log/rc.log`, the agent's
+/// `output_log`): said when a service did not end as it should.
+fn logs(port: u16) -> String {
+    let out = exec(
+        port,
+        &[
+            "sh",
+            "-c",
+            "tail -n 60 /var/log/rc.log /var/log/keel-agent.log",
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Waits until OpenRC has run `service` to an end: `started`, or `failed` — not started once
 /// the default runlevel is up (`softlevel` says default and `rc.starting` is gone: OpenRC
 /// clears its `failed/` marks when the runlevel change ends). Bounded.
@@ -98,7 +112,8 @@ fn openrc_root_supervises_the_agent_marks_good_and_rolls_back_a_failed_check() {
     assert_eq!(on("/media/root-rw")[2], "tmpfs", "{mounts}");
 
     // Not on trial: keel-mark-good has nothing to end, and ends well.
-    assert_eq!(service_end(port, "keel-mark-good"), "started");
+    let end = service_end(port, "keel-mark-good");
+    assert_eq!(end, "started", "{}", logs(port));
 
     // The service stops and starts: OpenRC's view and the agent's answers follow.
     let pid = exec_ok(port, &["pidof", "keel-agent"]);
@@ -144,7 +159,8 @@ fn openrc_root_supervises_the_agent_marks_good_and_rolls_back_a_failed_check() {
     let mut vm = Vm::start(&disk, "v2", &boot(port, ""));
     let st = wait_agent(&mut vm, port);
     assert_eq!(st["booted"]["version"], 2, "{st}");
-    assert_eq!(service_end(port, "keel-mark-good"), "started");
+    let end = service_end(port, "keel-mark-good");
+    assert_eq!(end, "started", "{}", logs(port));
     let st = status(port);
     assert!(st["trial"].is_null(), "{st}");
     assert!(st["boot_actions"].to_string().contains("promoted"), "{st}");
@@ -160,7 +176,8 @@ fn openrc_root_supervises_the_agent_marks_good_and_rolls_back_a_failed_check() {
     let mut vm = Vm::start(&disk, "v3", &boot(port, "keel.tries=1"));
     let st = wait_agent(&mut vm, port);
     assert_eq!(st["booted"]["version"], 3, "{st}");
-    assert_eq!(service_end(port, "keel-mark-good"), "failed");
+    let end = service_end(port, "keel-mark-good");
+    assert_eq!(end, "failed", "{}", logs(port));
     let st = status(port);
     assert!(!st["trial"].is_null(), "{st}");
     reboot(&mut vm, port);
