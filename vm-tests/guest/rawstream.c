@@ -8,10 +8,12 @@
  *                                    byte count
  *   keel-rawstream write BYTES       write BYTES zeros to stdout: the producer keel's exec
  *                                    output is measured with, the same writes as `send`
- *   keel-rawstream relay PORT        listen on vsock PORT, accept one peer, copy stdin (a
- *                                    pipe) to it by read/write of 64 KiB: an agent's least
- *                                    work for a process's output, with no protocol
- *   keel-rawstream splice PORT       the same by splice(2), the bytes never in user memory
+ *   keel-rawstream relay PORT [FILE] listen on vsock PORT, accept one peer, copy stdin (a
+ *                                    pipe: an agent's least work for a process's output, no
+ *                                    protocol) or FILE (cp out as a plain loop) to it by read/write
+ *                                    of up to 256 KiB
+ *   keel-rawstream splice PORT       the same from stdin by splice(2), the bytes never in
+ *                                    user memory
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -64,10 +66,15 @@ int main(int argc, char **argv) {
         close(c);
         return rc;
     }
-    if (argc == 3 && strcmp(argv[1], "relay") == 0) {
+    if ((argc == 3 || argc == 4) && strcmp(argv[1], "relay") == 0) {
+        int in = 0;
+        if (argc == 4 && (in = open(argv[3], O_RDONLY)) < 0) {
+            perror("keel-rawstream: open");
+            return 1;
+        }
         int c = accept_one((unsigned)strtoul(argv[2], NULL, 10));
         ssize_t r;
-        while ((r = read(0, buf, 64 << 10)) > 0) {
+        while ((r = read(in, buf, sizeof buf)) > 0) {
             for (ssize_t off = 0; off < r;) {
                 ssize_t w = write(c, buf + off, (size_t)(r - off));
                 if (w <= 0) {
@@ -116,6 +123,6 @@ int main(int argc, char **argv) {
         return r < 0;
     }
     fprintf(stderr, "usage: keel-rawstream send PORT BYTES | recv PORT [FILE] | write BYTES | "
-                    "relay PORT | splice PORT\n");
+                    "relay PORT [FILE] | splice PORT\n");
     return 2;
 }

@@ -344,3 +344,34 @@ pub fn deb_image(init: Init, version: u64, good: bool) -> PathBuf {
     let _ = fs::remove_dir_all(&root);
     out
 }
+
+/// What an init-system scenario starts from: Debian roots v2 (good) and v3 (its health
+/// check fails), both signed with their chunk index, a factory disk holding v1 (good), and
+/// a host port for the agent's TCP.
+#[derive(Debug)]
+pub struct DebScenario {
+    /// The good update.
+    pub v2: PathBuf,
+    /// The update whose health check fails.
+    pub v3: PathBuf,
+    /// The disk, v1 on it.
+    pub disk: Disk,
+    /// The host port forwarded to the agent's TCP.
+    pub port: u16,
+}
+
+/// Makes the [`DebScenario`] of `init` in `dir`, partitions of `sizes` MiB.
+pub fn deb_scenario(dir: &Path, init: Init, sizes: [u64; 4]) -> DebScenario {
+    let v1 = deb_image(init, 1, true);
+    let v2 = deb_image(init, 2, true);
+    let v3 = deb_image(init, 3, false);
+    sign_chunked(&v2, 2);
+    sign_chunked(&v3, 3);
+    let disk = Disk::with_sizes(dir, &v1, "root-squashfs.img", sizes);
+    DebScenario {
+        v2,
+        v3,
+        disk,
+        port: free_port(),
+    }
+}

@@ -56,13 +56,7 @@ fn assert_systemd_initrd(port: u16) {
 fn dracut_initramfs_promotes_confirms_and_rolls_back_a_keel_image() {
     let d = scenario_dir("dracut");
     let initramfs = dracut_initramfs();
-    let v1 = deb_image(Init::Systemd, 1, true);
-    let v2 = deb_image(Init::Systemd, 2, true);
-    let v3 = deb_image(Init::Systemd, 3, false);
-    sign_chunked(&v2, 2);
-    sign_chunked(&v3, 3);
-    let disk = Disk::with_sizes(&d, &v1, "root-squashfs.img", SIZES);
-    let port = free_port();
+    let DebScenario { v2, v3, disk, port } = deb_scenario(&d, Init::Systemd, SIZES);
 
     // v1 from the factory disk, through dracut's initrd.
     let mut vm = Vm::start(&disk, "v1", &boot(port, &initramfs, ""));

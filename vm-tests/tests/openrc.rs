@@ -66,13 +66,7 @@ fn service_end(port: u16, service: &str) -> &'static str {
 #[test]
 fn openrc_root_supervises_the_agent_marks_good_and_rolls_back_a_failed_check() {
     let d = scenario_dir("openrc");
-    let v1 = deb_image(Init::OpenRc, 1, true);
-    let v2 = deb_image(Init::OpenRc, 2, true);
-    let v3 = deb_image(Init::OpenRc, 3, false);
-    sign_chunked(&v2, 2);
-    sign_chunked(&v3, 3);
-    let disk = Disk::with_sizes(&d, &v1, "root-squashfs.img", SIZES);
-    let port = free_port();
+    let DebScenario { v2, v3, disk, port } = deb_scenario(&d, Init::OpenRc, SIZES);
 
     // v1: supervise-daemon runs the agent; Alpine's layout with the upper on tmpfs.
     let mut vm = Vm::start(&disk, "v1", &boot(port, ""));

@@ -24,13 +24,7 @@ fn boot(port: u16, extra: &str) -> Boot {
 #[test]
 fn systemd_root_notifies_marks_good_after_boot_complete_and_rolls_back_a_failed_check() {
     let d = scenario_dir("systemd");
-    let v1 = deb_image(Init::Systemd, 1, true);
-    let v2 = deb_image(Init::Systemd, 2, true);
-    let v3 = deb_image(Init::Systemd, 3, false);
-    sign_chunked(&v2, 2);
-    sign_chunked(&v3, 3);
-    let disk = Disk::with_sizes(&d, &v1, "root-squashfs.img", SIZES);
-    let port = free_port();
+    let DebScenario { v2, v3, disk, port } = deb_scenario(&d, Init::Systemd, SIZES);
 
     // v1: systemd runs the agent as a notify service with its watchdog.
     let mut vm = Vm::start(&disk, "v1", &boot(port, ""));
