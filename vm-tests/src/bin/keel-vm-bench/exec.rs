@@ -124,27 +124,6 @@ pub fn bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
     let mib = 64.0;
     let cp_mib = 24.0;
     let t_alone = in_guest("head -c 67108864 /dev/zero > /dev/null");
-    // The raw byte stream over the same transport, both ways: keel-rawstream in the guest
-    // (started by exec), the host on the hybrid socket, no protocol in between.
-    let raw = |args: &[&str]| {
-        let out = ctl()
-            .args(["exec", "--detach", "--", "keel-rawstream"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "rawstream: {out:?}");
-    };
-    let raw_out = |port: u32| -> f64 {
-        raw(&["send", &port.to_string(), "67108864"]);
-        let t = Instant::now();
-        let mut s = dev.connect(port);
-        let got = std::io::copy(&mut s, &mut std::io::sink()).unwrap();
-        assert_eq!(got, 64 << 20);
-        t.elapsed().as_secs_f64()
-    };
-    // The same writes through a pipe, relayed to a vsock socket by a second process: by
-    // read/write (the least an agent does per byte) or by splice (no user copy). What a
-    // pipe and a relay cost, with no protocol.
     // `script` in the guest, detached, serves `bytes` on vsock `port`: seconds to read them.
     let served = |script: &str, port: u32, bytes: u64| -> f64 {
         let out = ctl()
@@ -158,6 +137,18 @@ pub fn bench(runs: usize, v1: &std::path::Path, dir: &std::path::Path) {
         assert_eq!(got, bytes, "{script}");
         t.elapsed().as_secs_f64()
     };
+    // The raw byte stream over the same transport, both ways: keel-rawstream in the guest
+    // (started by exec), the host on the hybrid socket, no protocol in between.
+    let raw_out = |port: u32| -> f64 {
+        served(
+            &format!("keel-rawstream send {port} 67108864"),
+            port,
+            64 << 20,
+        )
+    };
+    // The same writes through a pipe, relayed to a vsock socket by a second process: by
+    // read/write (the least an agent does per byte) or by splice (no user copy). What a
+    // pipe and a relay cost, with no protocol.
     let relayed = |mode: &str, port: u32| -> f64 {
         let script = format!("keel-rawstream write 67108864 | keel-rawstream {mode} {port}");
         served(&script, port, 64 << 20)
